@@ -1,0 +1,119 @@
+//! `serve`: ingest and HTTP side by side, stopped together by SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{MemoryTier, OrderCache, RedisTier};
+use crate::configuration::{redacted, Settings};
+use crate::http::{self, AppState};
+use crate::ingest::{Ingest, IngestHealth};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::connect_lazy(
+        settings.service_options()?,
+        settings.database.max_connections,
+        Duration::from_millis(settings.database.connect_timeout_ms),
+    );
+    let redis = match &settings.redis.url {
+        Some(url) => {
+            let client = redis::Client::open(url.expose_secret()).context("REDIS_URL: not a Redis URL")?;
+            Some(RedisTier::start(client, settings.redis.ttl_secs, metrics.clone()))
+        }
+        None => None,
+    };
+    let cache = Arc::new(OrderCache::new(
+        MemoryTier::new(settings.cache.max_bytes),
+        redis,
+        store.clone(),
+        metrics.clone(),
+    ));
+    let health = Arc::new(IngestHealth::default());
+    let feed = http::Feed::default();
+    let ingest = Ingest::new(
+        &settings,
+        store.clone(),
+        cache.clone(),
+        metrics.clone(),
+        health.clone(),
+        feed.clone(),
+    )?;
+
+    let listener = TcpListener::bind(settings.http.addr)
+        .await
+        .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        %addr,
+        database = %redacted(&settings.database.url),
+        brokers = %settings.kafka.brokers,
+        topic = %settings.kafka.topic,
+        group = %settings.kafka.group_id,
+        redis = settings.redis.url.as_ref().map(redacted).unwrap_or_else(|| "disabled".into()),
+        "listening on http://{addr}"
+    );
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+
+    let warm = cache.clone();
+    let warmup_orders = settings.cache.warmup_orders;
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match warm.warm_up(warmup_orders).await {
+            Ok(()) => tracing::info!(
+                loaded = warm.warmup().state().loaded,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "warm-up done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "warm-up stopped; misses fall through to PostgreSQL"),
+        }
+    });
+
+    let state = AppState {
+        cache,
+        store,
+        metrics,
+        ingest: health,
+        feed,
+    };
+    let app = http::router(state, &settings.http);
+    let http_stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
+            .context("HTTP server")
+    });
+
+    let ingest_result = ingest.run(shutdown.clone()).await;
+    // Whatever stopped ingest stops the HTTP side too.
+    shutdown.cancel();
+    let http_result = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .map_err(|_| anyhow::anyhow!("HTTP server did not stop in time"))
+        .and_then(|joined| joined.context("HTTP server task")?);
+    ingest_result.and(http_result)
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+    }
+    shutdown.cancel();
+}

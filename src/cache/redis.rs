@@ -1,0 +1,146 @@
+//! The shared Redis tier. It is only ever a cache: when Redis is away, reads
+//! skip it and writes are dropped (and counted), so nothing waits on it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+
+use crate::telemetry::Metrics;
+
+const KEY_PREFIX: &str = "order-service:order:";
+/// Longest time a read may wait on Redis before it falls through to PostgreSQL.
+const READ_TIMEOUT: Duration = Duration::from_millis(50);
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Orders waiting to be written; beyond this Redis is behind and writes are dropped.
+const WRITE_QUEUE: usize = 64;
+
+pub struct RedisTier {
+    inner: Arc<Inner>,
+    writes: mpsc::Sender<Vec<(Box<str>, Bytes)>>,
+}
+
+struct Inner {
+    client: redis::Client,
+    connection: RwLock<Option<ConnectionManager>>,
+    up: AtomicBool,
+    ttl_secs: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisTier {
+    /// Starts the background writer and health probe. Does not wait for Redis.
+    pub fn start(client: redis::Client, ttl_secs: u64, metrics: Arc<Metrics>) -> Self {
+        let inner = Arc::new(Inner {
+            client,
+            connection: RwLock::new(None),
+            up: AtomicBool::new(false),
+            ttl_secs,
+            metrics,
+        });
+        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(probe(Arc::downgrade(&inner)));
+        tokio::spawn(write_loop(inner.clone(), queue));
+        Self { inner, writes }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// The order's JSON if Redis has it; `None` on a miss and whenever Redis is away.
+    pub async fn get(&self, uid: &str) -> Option<Bytes> {
+        let mut conn = self.inner.connection()?;
+        let key = format!("{KEY_PREFIX}{uid}");
+        let mut cmd = redis::cmd("GET");
+        let get = cmd.arg(&key).query_async::<Option<Vec<u8>>>(&mut conn);
+        match tokio::time::timeout(READ_TIMEOUT, get).await {
+            Ok(Ok(value)) => value.map(Bytes::from),
+            Ok(Err(e)) => {
+                self.inner.set_up(false, Some(&e.to_string()));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Queues orders to be written; never waits.
+    pub fn put(&self, orders: Vec<(Box<str>, Bytes)>) {
+        let count = orders.len() as u64;
+        if !self.is_up() || self.writes.try_send(orders).is_err() {
+            self.inner.metrics.redis_writes_dropped.inc_by(count);
+        }
+    }
+}
+
+impl Inner {
+    fn connection(&self) -> Option<ConnectionManager> {
+        if !self.up.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.connection.read().expect("lock is never poisoned").clone()
+    }
+
+    /// Logs once per change of state, never once per request.
+    fn set_up(&self, up: bool, error: Option<&str>) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("redis is reachable; the shared cache tier is in use");
+            } else {
+                tracing::warn!(error = error.unwrap_or("unknown"), "redis is unreachable; serving from memory and PostgreSQL");
+            }
+        }
+    }
+}
+
+async fn probe(inner: std::sync::Weak<Inner>) {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_millis(500))
+        .set_response_timeout(Duration::from_millis(500))
+        .set_number_of_retries(1);
+    let mut first = true;
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        let existing = inner.connection.read().expect("lock is never poisoned").clone();
+        let result = match existing {
+            Some(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
+            None => match inner.client.get_connection_manager_with_config(config.clone()).await {
+                Ok(conn) => {
+                    *inner.connection.write().expect("lock is never poisoned") = Some(conn);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => inner.set_up(true, None),
+            Err(e) if first => {
+                tracing::warn!(error = %e, "redis is unreachable; serving from memory and PostgreSQL");
+            }
+            Err(e) => inner.set_up(false, Some(&e.to_string())),
+        }
+        first = false;
+        drop(inner);
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+async fn write_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Vec<(Box<str>, Bytes)>>) {
+    while let Some(orders) = queue.recv().await {
+        let Some(mut conn) = inner.connection() else {
+            inner.metrics.redis_writes_dropped.inc_by(orders.len() as u64);
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for (uid, json) in &orders {
+            pipe.set_ex(format!("{KEY_PREFIX}{uid}"), json.as_ref(), inner.ttl_secs).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            inner.metrics.redis_writes_dropped.inc_by(orders.len() as u64);
+            inner.set_up(false, Some(&e.to_string()));
+        }
+    }
+}

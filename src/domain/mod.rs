@@ -1,0 +1,204 @@
+//! The order and the decision whether a message is one.
+
+mod order;
+mod order_uid;
+mod parse;
+mod rejection;
+pub mod rules;
+
+pub use order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
+pub use order_uid::{OrderUid, MAX_ORDER_UID_LEN};
+pub use parse::{parse_order, Limits};
+pub use rejection::{Problem, Rejection, Stage};
+
+/// The published sample order, valid under every rule.
+pub const SAMPLE_ORDER: &str = include_str!("sample_order.json");
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn sample() -> Value {
+        serde_json::from_str(SAMPLE_ORDER).unwrap()
+    }
+
+    fn parse_value(value: &Value) -> Result<Order, Rejection> {
+        parse_order(&serde_json::to_vec(value).unwrap(), &Limits::default())
+    }
+
+    /// Applies `edit` to the sample and returns the reasons it is rejected with.
+    fn reasons_after(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+        let mut order = sample();
+        edit(&mut order);
+        match parse_value(&order) {
+            Ok(_) => vec![],
+            Err(rejection) => {
+                assert_eq!(rejection.stage(), Stage::Validate);
+                rejection.reasons()
+            }
+        }
+    }
+
+    #[test]
+    fn the_sample_is_valid_and_round_trips() {
+        let order = parse_order(SAMPLE_ORDER.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(order.uid().as_str(), "b563feb7b2b84b6test");
+        let back: Value = serde_json::from_slice(&order.to_json()).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn each_rule_rejects_with_its_reason() {
+        type Edit = fn(&mut Value);
+        let cases: Vec<(Edit, &str)> = vec![
+            (|o| o["order_uid"] = json!(""), "order_uid: must not be empty"),
+            (|o| o["order_uid"] = json!("a/b"), "order_uid: contains '/'; only letters, digits, '_' and '-' are allowed"),
+            (|o| o["order_uid"] = json!("x".repeat(65)), "order_uid: is 65 characters long, the limit is 64"),
+            (|o| o["track_number"] = json!(""), "track_number: must not be empty"),
+            (|o| o["entry"] = json!(""), "entry: must not be empty"),
+            (|o| o["items"] = json!([]), "items: must not be empty"),
+            (|o| o["items"] = json!({}), "items: must be an array, found an object"),
+            (|o| o["items"][0]["track_number"] = json!("OTHER"), "items[0].track_number: is \"OTHER\", but the order's track_number is \"WBILMTESTTRACK\""),
+            (|o| o["delivery"]["phone"] = json!("89001234567"), "delivery.phone: \"89001234567\" is not an E.164 phone number (+ and 8 to 15 digits)"),
+            (|o| o["delivery"]["email"] = json!("test-at-gmail"), "delivery.email: \"test-at-gmail\" is not an email address"),
+            (|o| o["delivery"]["zip"] = json!("AB12"), "delivery.zip: must be decimal digits, found \"AB12\""),
+            (|o| o["delivery"]["name"] = json!(""), "delivery.name: must not be empty"),
+            (|o| o["delivery"]["city"] = json!(""), "delivery.city: must not be empty"),
+            (|o| o["delivery"]["address"] = json!(""), "delivery.address: must not be empty"),
+            (|o| o["payment"]["currency"] = json!("XYZ"), "payment.currency: \"XYZ\" is not an ISO 4217 code"),
+            (|o| o["payment"]["transaction"] = json!(""), "payment.transaction: must not be empty"),
+            (|o| o["payment"]["provider"] = json!(""), "payment.provider: must not be empty"),
+            (|o| o["payment"]["payment_dt"] = json!(0), "payment.payment_dt: must be a positive Unix time in seconds, found 0"),
+            (|o| o["payment"]["payment_dt"] = json!(1_637_907_727_000i64), "payment.payment_dt: 1637907727000 is after the year 3000; Unix time is in seconds, not milliseconds"),
+            (|o| o["locale"] = json!("en_US"), "locale: \"en_US\" is not a BCP 47 language tag"),
+            (|o| o["shardkey"] = json!("nine"), "shardkey: must be decimal digits, found \"nine\""),
+            (|o| o["oof_shard"] = json!("-1"), "oof_shard: must be decimal digits, found \"-1\""),
+            (|o| o["sm_id"] = json!(0), "sm_id: must be greater than 0, found 0"),
+            (|o| o["sm_id"] = json!(1.5), "sm_id: must be a whole number, found 1.5"),
+            (|o| o["sm_id"] = json!("99"), "sm_id: must be an integer, found a string"),
+            (|o| o["date_created"] = json!("26.11.2021"), "date_created: \"26.11.2021\" is not an RFC 3339 date-time such as 2021-11-26T06:22:19Z"),
+            (|o| o["customer_id"] = json!(""), "customer_id: must not be empty"),
+            (|o| o["delivery_service"] = json!(""), "delivery_service: must not be empty"),
+            (|o| o["items"][0]["sale"] = json!(101), "items[0].sale: must be between 0 and 100, found 101"),
+            (|o| o["items"][0]["chrt_id"] = json!(0), "items[0].chrt_id: must be greater than 0, found 0"),
+            (|o| o["items"][0]["nm_id"] = json!(-5), "items[0].nm_id: must be greater than 0, found -5"),
+            (|o| o["items"][0]["status"] = json!(1000), "items[0].status: must be between 0 and 999, found 1000"),
+            (|o| o["items"][0]["rid"] = json!(""), "items[0].rid: must not be empty"),
+            (|o| o["items"][0]["name"] = json!(""), "items[0].name: must not be empty"),
+            (|o| o["items"][0]["total_price"] = json!(400), "items[0].total_price: is 400, but price 453 less 30% sale is between 317 and 318"),
+            (|o| o["items"][0] = json!("item"), "items[0]: must be an object, found a string"),
+            (|o| { o["payment"]["goods_total"] = json!(300); o["payment"]["amount"] = json!(1800); }, "payment.goods_total: is 300, but the items' total_price values add up to 317"),
+            (|o| o["payment"]["amount"] = json!(1), "payment.amount: is 1, but goods_total + delivery_cost + custom_fee is 1817"),
+            (|o| o["delivery"]["city"] = json!("Kiryat\nMozkin"), "delivery.city: contains the control character U+000A"),
+            (|o| o["delivery"]["address"] = json!("x".repeat(1025)), "delivery.address: is 1025 characters long, the limit is 1024"),
+            (|o| o["delivery"] = json!(null), "delivery: must be an object, found null"),
+            (|o| { o.as_object_mut().unwrap().remove("locale"); }, "locale: is required"),
+            (|o| o["extra"] = json!(1), "extra: unknown field"),
+            (|o| o["payment"]["tip"] = json!(1), "payment.tip: unknown field"),
+            (|o| o["items"][0]["color"] = json!("red"), "items[0].color: unknown field"),
+            (|o| o["delivery"]["name"] = json!({"first": {"deeper": [1]}}), "delivery.name: must be a string, found an object"),
+        ];
+        for (edit, expected) in cases {
+            let reasons = reasons_after(edit);
+            assert_eq!(reasons, vec![expected.to_string()]);
+        }
+    }
+
+    #[test]
+    fn money_is_never_wrapped_or_rounded() {
+        let too_big: Value = serde_json::from_str("9223372036854775808").unwrap();
+        let reasons = reasons_after(|o| o["payment"]["amount"] = too_big);
+        assert_eq!(
+            reasons[0],
+            "payment.amount: 9223372036854775808 is larger than the largest allowed value 9223372036854775807"
+        );
+        let raw = SAMPLE_ORDER.replace("\"amount\": 1817", "\"amount\": 1e400");
+        let rejection = parse_order(raw.as_bytes(), &Limits::default()).unwrap_err();
+        assert_eq!(rejection.stage(), Stage::Parse, "{rejection}");
+        let reasons = reasons_after(|o| o["payment"]["custom_fee"] = json!(-1));
+        assert_eq!(reasons[0], "payment.custom_fee: must not be negative, found -1");
+    }
+
+    #[test]
+    fn empty_strings_allowed_where_the_model_allows_them() {
+        let reasons = reasons_after(|o| {
+            o["internal_signature"] = json!("");
+            o["payment"]["request_id"] = json!("");
+        });
+        assert!(reasons.is_empty(), "{reasons:?}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_not_just_the_first() {
+        let reasons = reasons_after(|o| {
+            o["order_uid"] = json!("");
+            o["delivery"]["email"] = json!("nope");
+            o["payment"]["currency"] = json!("XYZ");
+            o["items"][0]["sale"] = json!(-1);
+            o["bogus"] = json!(true);
+        });
+        assert_eq!(
+            reasons,
+            vec![
+                "order_uid: must not be empty",
+                "delivery.email: \"nope\" is not an email address",
+                "payment.currency: \"XYZ\" is not an ISO 4217 code",
+                "items[0].sale: must be between 0 and 100, found -1",
+                "bogus: unknown field",
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_parse_rejections() {
+        let limits = Limits::default();
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"", "message is empty"),
+            (b"  \n", "message is empty"),
+            (b"\xff\xfe{}", "not valid UTF-8 (first bad byte at 0)"),
+            (b"hello", "not JSON: expected value at line 1 column 1"),
+            (b"{\"order_uid\": \"a\"", "truncated JSON: input ends at line 1 column 17"),
+            (b"[1, 2]", "expected a JSON object, found an array"),
+            (b"42", "expected a JSON object, found a number"),
+            (b"null", "expected a JSON object, found null"),
+        ];
+        for (input, expected) in cases {
+            let rejection = parse_order(input, &limits).unwrap_err();
+            assert_eq!(rejection.stage(), Stage::Parse);
+            assert_eq!(rejection.to_string(), expected, "input {input:?}");
+        }
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let rejection = parse_order(deep.as_bytes(), &Limits { max_message_bytes: 1 << 20, ..limits }).unwrap_err();
+        assert_eq!(rejection.stage(), Stage::Parse);
+        assert!(rejection.to_string().contains("recursion limit"), "{rejection}");
+    }
+
+    #[test]
+    fn size_is_checked_before_parsing() {
+        let limits = Limits {
+            max_message_bytes: 100,
+            ..Limits::default()
+        };
+        let rejection = parse_order(SAMPLE_ORDER.as_bytes(), &limits).unwrap_err();
+        assert_eq!(rejection.stage(), Stage::TooLarge);
+        assert_eq!(
+            rejection.to_string(),
+            format!("message is {} bytes, the limit is 100", SAMPLE_ORDER.len())
+        );
+    }
+
+    #[test]
+    fn item_count_is_bounded() {
+        let limits = Limits {
+            max_items: 2,
+            ..Limits::default()
+        };
+        let mut order = sample();
+        let item = order["items"][0].clone();
+        order["items"] = json!([item.clone(), item.clone(), item]);
+        let rejection = parse_order(&serde_json::to_vec(&order).unwrap(), &limits).unwrap_err();
+        assert_eq!(rejection.reasons(), vec!["items: has 3 items, the limit is 2"]);
+    }
+}

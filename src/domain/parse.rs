@@ -1,0 +1,464 @@
+//! Raw bytes to a valid [`Order`] in one step, collecting every problem with its
+//! JSON path. The JSON is read into a tree once; each field is then taken out of
+//! its object, so whatever is left over is an unknown field.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
+use super::rejection::{Problem, Rejection, Stage};
+use super::rules::{self, RuleResult};
+use super::OrderUid;
+
+/// Bounds that keep one message from costing unbounded memory or time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Larger messages are rejected before they are read.
+    pub max_message_bytes: usize,
+    pub max_items: usize,
+    /// The longest text field, in characters.
+    pub max_string_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+            max_items: 1000,
+            max_string_chars: 1024,
+        }
+    }
+}
+
+/// Decides whether `bytes` is an order. Never panics, whatever the input.
+pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
+    if bytes.len() > limits.max_message_bytes {
+        return Err(Rejection::single(
+            Stage::TooLarge,
+            format!(
+                "message is {} bytes, the limit is {}",
+                bytes.len(),
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Rejection::single(Stage::Parse, "message is empty"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        Rejection::single(
+            Stage::Parse,
+            format!("not valid UTF-8 (first bad byte at {})", e.valid_up_to()),
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        let reason = if e.is_eof() {
+            format!("truncated JSON: input ends at line {} column {}", e.line(), e.column())
+        } else {
+            format!("not JSON: {e}")
+        };
+        Rejection::single(Stage::Parse, reason)
+    })?;
+    let Value::Object(map) = value else {
+        return Err(Rejection::single(
+            Stage::Parse,
+            format!("expected a JSON object, found {}", kind(&value)),
+        ));
+    };
+
+    let mut problems = Problems::default();
+    let document = read_order(Object::root(map), &mut problems, limits);
+    match document {
+        Some(document) if problems.0.is_empty() => Ok(Order::from_valid(document)),
+        _ => Err(Rejection::new(Stage::Validate, problems.0)),
+    }
+}
+
+// Every field is read before any `?`, so one bad field never hides another.
+fn read_order(mut o: Object, p: &mut Problems, l: &Limits) -> Option<OrderDocument> {
+    let order_uid = o.text(p, l, "order_uid").and_then(|v| {
+        OrderUid::parse(&v)
+            .map_err(|reason| p.add(o.path_of("order_uid"), reason))
+            .ok()
+    });
+    let track_number = o.text_with(p, l, "track_number", rules::non_empty);
+    let entry = o.text_with(p, l, "entry", rules::non_empty);
+    let delivery = o.object(p, "delivery").and_then(|d| read_delivery(d, p, l));
+    let payment = o.object(p, "payment").and_then(|d| read_payment(d, p, l));
+    let items = read_items(&mut o, p, l, track_number.as_deref());
+    let locale = o.text_with(p, l, "locale", rules::locale);
+    let internal_signature = o.text(p, l, "internal_signature");
+    let customer_id = o.text_with(p, l, "customer_id", rules::non_empty);
+    let delivery_service = o.text_with(p, l, "delivery_service", rules::non_empty);
+    let shardkey = o.text_with(p, l, "shardkey", rules::digits);
+    let sm_id = o.integer_with(p, "sm_id", rules::positive);
+    let date_created = o.text(p, l, "date_created").and_then(|v| {
+        Timestamp::parse(&v).or_else(|| {
+            p.add(
+                o.path_of("date_created"),
+                format!(
+                    "{} is not an RFC 3339 date-time such as 2021-11-26T06:22:19Z",
+                    rules::shown(&v)
+                ),
+            );
+            None
+        })
+    });
+    let oof_shard = o.text_with(p, l, "oof_shard", rules::digits);
+    o.finish(p);
+
+    if let (Some(payment), Some(items)) = (&payment, &items) {
+        check_money_adds_up(payment, items, p);
+    }
+
+    Some(OrderDocument {
+        order_uid: order_uid?,
+        track_number: track_number?,
+        entry: entry?,
+        delivery: delivery?,
+        payment: payment?,
+        items: items?,
+        locale: locale?,
+        internal_signature: internal_signature?,
+        customer_id: customer_id?,
+        delivery_service: delivery_service?,
+        shardkey: shardkey?,
+        sm_id: sm_id?,
+        date_created: date_created?,
+        oof_shard: oof_shard?,
+    })
+}
+
+fn read_delivery(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Delivery> {
+    let name = o.text_with(p, l, "name", rules::non_empty);
+    let phone = o.text_with(p, l, "phone", rules::e164);
+    let zip = o.text_with(p, l, "zip", rules::digits);
+    let city = o.text_with(p, l, "city", rules::non_empty);
+    let address = o.text_with(p, l, "address", rules::non_empty);
+    let region = o.text(p, l, "region");
+    let email = o.text_with(p, l, "email", rules::email);
+    o.finish(p);
+    Some(Delivery {
+        name: name?,
+        phone: phone?,
+        zip: zip?,
+        city: city?,
+        address: address?,
+        region: region?,
+        email: email?,
+    })
+}
+
+fn read_payment(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Payment> {
+    let transaction = o.text_with(p, l, "transaction", rules::non_empty);
+    let request_id = o.text(p, l, "request_id");
+    let currency = o.text_with(p, l, "currency", rules::currency);
+    let provider = o.text_with(p, l, "provider", rules::non_empty);
+    let amount = o.integer_with(p, "amount", rules::non_negative);
+    let payment_dt = o.integer_with(p, "payment_dt", rules::unix_time);
+    let bank = o.text(p, l, "bank");
+    let delivery_cost = o.integer_with(p, "delivery_cost", rules::non_negative);
+    let goods_total = o.integer_with(p, "goods_total", rules::non_negative);
+    let custom_fee = o.integer_with(p, "custom_fee", rules::non_negative);
+    o.finish(p);
+    Some(Payment {
+        transaction: transaction?,
+        request_id: request_id?,
+        currency: currency?,
+        provider: provider?,
+        amount: amount?,
+        payment_dt: payment_dt?,
+        bank: bank?,
+        delivery_cost: delivery_cost?,
+        goods_total: goods_total?,
+        custom_fee: custom_fee?,
+    })
+}
+
+fn read_items(
+    o: &mut Object,
+    p: &mut Problems,
+    l: &Limits,
+    order_track: Option<&str>,
+) -> Option<Vec<Item>> {
+    let (path, values) = o.array(p, "items")?;
+    if values.is_empty() {
+        p.add(path, "must not be empty");
+        return None;
+    }
+    if values.len() > l.max_items {
+        p.add(
+            path,
+            format!("has {} items, the limit is {}", values.len(), l.max_items),
+        );
+        return None;
+    }
+    let mut items = Vec::with_capacity(values.len());
+    let mut all_ok = true;
+    for (i, value) in values.into_iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let item = Object::nested(item_path.clone(), value, p).and_then(|o| read_item(o, p, l));
+        match item {
+            Some(item) => {
+                if let Some(track) = order_track.filter(|t| *t != item.track_number) {
+                    p.add(
+                        format!("{item_path}.track_number"),
+                        format!(
+                            "is {}, but the order's track_number is {}",
+                            rules::shown(&item.track_number),
+                            rules::shown(track)
+                        ),
+                    );
+                }
+                items.push(item);
+            }
+            None => all_ok = false,
+        }
+    }
+    all_ok.then_some(items)
+}
+
+fn read_item(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Item> {
+    let chrt_id = o.integer_with(p, "chrt_id", rules::positive);
+    let track_number = o.text_with(p, l, "track_number", rules::non_empty);
+    let price = o.integer_with(p, "price", rules::non_negative);
+    let rid = o.text_with(p, l, "rid", rules::non_empty);
+    let name = o.text_with(p, l, "name", rules::non_empty);
+    let sale = o.integer_with(p, "sale", rules::percent);
+    let size = o.text(p, l, "size");
+    let total_price = o.integer_with(p, "total_price", rules::non_negative);
+    let nm_id = o.integer_with(p, "nm_id", rules::positive);
+    let brand = o.text(p, l, "brand");
+    let status = o.integer_with(p, "status", rules::item_status);
+    if let (Some(price), Some(sale), Some(total)) = (price, sale, total_price) {
+        if let Err(reason) = rules::item_total(price, sale, total) {
+            p.add(o.path_of("total_price"), reason);
+        }
+    }
+    o.finish(p);
+    Some(Item {
+        chrt_id: chrt_id?,
+        track_number: track_number?,
+        price: price?,
+        rid: rid?,
+        name: name?,
+        sale: sale?,
+        size: size?,
+        total_price: total_price?,
+        nm_id: nm_id?,
+        brand: brand?,
+        status: status?,
+    })
+}
+
+/// `goods_total` is what the items cost, and `amount` is what was charged:
+/// goods, delivery and customs fee.
+fn check_money_adds_up(payment: &Payment, items: &[Item], p: &mut Problems) {
+    let items_total = items
+        .iter()
+        .try_fold(0i64, |sum, item| sum.checked_add(item.total_price));
+    match items_total {
+        Some(sum) if sum != payment.goods_total => p.add(
+            "payment.goods_total",
+            format!(
+                "is {}, but the items' total_price values add up to {sum}",
+                payment.goods_total
+            ),
+        ),
+        None => p.add("items", "the sum of total_price does not fit in 64 bits"),
+        Some(_) => {}
+    }
+    let charged = payment
+        .goods_total
+        .checked_add(payment.delivery_cost)
+        .and_then(|s| s.checked_add(payment.custom_fee));
+    match charged {
+        Some(sum) if sum != payment.amount => p.add(
+            "payment.amount",
+            format!(
+                "is {}, but goods_total + delivery_cost + custom_fee is {sum}",
+                payment.amount
+            ),
+        ),
+        None => p.add(
+            "payment.amount",
+            "goods_total + delivery_cost + custom_fee does not fit in 64 bits",
+        ),
+        Some(_) => {}
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// A JSON object whose fields are taken out one by one.
+struct Object {
+    path: String,
+    map: Map<String, Value>,
+}
+
+impl Object {
+    fn root(map: Map<String, Value>) -> Self {
+        Self {
+            path: String::new(),
+            map,
+        }
+    }
+
+    fn nested(path: String, value: Value, p: &mut Problems) -> Option<Self> {
+        match value {
+            Value::Object(map) => Some(Self { path, map }),
+            other => {
+                p.add(path, format!("must be an object, found {}", kind(&other)));
+                None
+            }
+        }
+    }
+
+    fn path_of(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    fn take(&mut self, p: &mut Problems, name: &str) -> Option<Value> {
+        let value = self.map.remove(name);
+        if value.is_none() {
+            p.add(self.path_of(name), "is required");
+        }
+        value
+    }
+
+    fn object(&mut self, p: &mut Problems, name: &str) -> Option<Object> {
+        let value = self.take(p, name)?;
+        Object::nested(self.path_of(name), value, p)
+    }
+
+    fn array(&mut self, p: &mut Problems, name: &str) -> Option<(String, Vec<Value>)> {
+        match self.take(p, name)? {
+            Value::Array(values) => Some((self.path_of(name), values)),
+            other => {
+                p.add(
+                    self.path_of(name),
+                    format!("must be an array, found {}", kind(&other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// A string within the length limit and free of control characters.
+    fn text(&mut self, p: &mut Problems, l: &Limits, name: &str) -> Option<String> {
+        let text = match self.take(p, name)? {
+            Value::String(text) => text,
+            other => {
+                p.add(
+                    self.path_of(name),
+                    format!("must be a string, found {}", kind(&other)),
+                );
+                return None;
+            }
+        };
+        let chars = text.chars().count();
+        if chars > l.max_string_chars {
+            p.add(
+                self.path_of(name),
+                format!("is {chars} characters long, the limit is {}", l.max_string_chars),
+            );
+            return None;
+        }
+        if let Some(c) = text.chars().find(|c| c.is_control()) {
+            p.add(
+                self.path_of(name),
+                format!("contains the control character U+{:04X}", u32::from(c)),
+            );
+            return None;
+        }
+        Some(text)
+    }
+
+    fn text_with(
+        &mut self,
+        p: &mut Problems,
+        l: &Limits,
+        name: &str,
+        rule: fn(&str) -> RuleResult,
+    ) -> Option<String> {
+        let text = self.text(p, l, name)?;
+        self.check(p, name, rule(&text)).then_some(text)
+    }
+
+    /// A JSON integer that fits in i64. Larger or fractional numbers are
+    /// rejected, never wrapped or rounded.
+    fn integer_with(
+        &mut self,
+        p: &mut Problems,
+        name: &str,
+        rule: fn(i64) -> RuleResult,
+    ) -> Option<i64> {
+        let value = match self.take(p, name)? {
+            Value::Number(n) => match n.as_i64() {
+                Some(v) => v,
+                None => {
+                    let reason = if n.is_u64() {
+                        format!("{n} is larger than the largest allowed value {}", i64::MAX)
+                    } else if n.as_f64().is_some_and(|f| f.fract() == 0.0) {
+                        format!("{n} is outside the 64-bit integer range")
+                    } else {
+                        format!("must be a whole number, found {n}")
+                    };
+                    p.add(self.path_of(name), reason);
+                    return None;
+                }
+            },
+            other => {
+                p.add(
+                    self.path_of(name),
+                    format!("must be an integer, found {}", kind(&other)),
+                );
+                return None;
+            }
+        };
+        self.check(p, name, rule(value)).then_some(value)
+    }
+
+    fn check(&self, p: &mut Problems, name: &str, result: RuleResult) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(reason) => {
+                p.add(self.path_of(name), reason);
+                false
+            }
+        }
+    }
+
+    /// Whatever was not taken is not part of the model.
+    fn finish(self, p: &mut Problems) {
+        for name in self.map.keys() {
+            p.add(self.path_of(name), "unknown field");
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

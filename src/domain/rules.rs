@@ -1,0 +1,214 @@
+//! The single-field rules of the order model. Each returns the reason a person
+//! reads when the value breaks it. `docs/validation.md` lists them all.
+
+use std::str::FromStr;
+
+/// The latest accepted `payment_dt`: 3000-01-01T00:00:00Z. Keeps obvious
+/// millisecond timestamps (13 digits) out without depending on the clock, so a
+/// replay decides exactly as the first delivery did.
+pub const MAX_UNIX_TIME: i64 = 32_503_680_000;
+
+pub type RuleResult = Result<(), String>;
+
+/// Shows a received value inside a reason without letting a huge value flood logs
+/// and dead-letter headers.
+pub fn shown(value: &str) -> String {
+    const MAX: usize = 40;
+    if value.chars().count() <= MAX {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(MAX).collect();
+        format!("{head:?}…")
+    }
+}
+
+pub fn non_empty(value: &str) -> RuleResult {
+    if value.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn digits(value: &str) -> RuleResult {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(format!("must be decimal digits, found {}", shown(value)))
+    }
+}
+
+/// E.164: a `+`, then 8 to 15 digits, the first not 0. The syntax is what a
+/// carrier needs; whether a number is assigned is not knowable offline.
+pub fn e164(value: &str) -> RuleResult {
+    let ok = value.strip_prefix('+').is_some_and(|digits| {
+        (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not an E.164 phone number (+ and 8 to 15 digits)",
+            shown(value)
+        ))
+    }
+}
+
+pub fn email(value: &str) -> RuleResult {
+    // `email_address` follows RFC 5322 / 5321; a display name ("A <a@b>") is not an address.
+    match email_address::EmailAddress::from_str(value) {
+        Ok(address) if address.as_str() == value && value.contains('.') => Ok(()),
+        _ => Err(format!("{} is not an email address", shown(value))),
+    }
+}
+
+pub fn currency(value: &str) -> RuleResult {
+    if iso_currency::Currency::from_code(value).is_some() {
+        Ok(())
+    } else {
+        Err(format!("{} is not an ISO 4217 code", shown(value)))
+    }
+}
+
+pub fn locale(value: &str) -> RuleResult {
+    match language_tags::LanguageTag::parse(value) {
+        Ok(tag) if tag.validate().is_ok() => Ok(()),
+        _ => Err(format!("{} is not a BCP 47 language tag", shown(value))),
+    }
+}
+
+pub fn non_negative(value: i64) -> RuleResult {
+    if value >= 0 {
+        Ok(())
+    } else {
+        Err(format!("must not be negative, found {value}"))
+    }
+}
+
+pub fn positive(value: i64) -> RuleResult {
+    if value > 0 {
+        Ok(())
+    } else {
+        Err(format!("must be greater than 0, found {value}"))
+    }
+}
+
+pub fn percent(value: i64) -> RuleResult {
+    if (0..=100).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be between 0 and 100, found {value}"))
+    }
+}
+
+pub fn unix_time(value: i64) -> RuleResult {
+    if value <= 0 {
+        Err(format!("must be a positive Unix time in seconds, found {value}"))
+    } else if value >= MAX_UNIX_TIME {
+        Err(format!(
+            "{value} is after the year 3000; Unix time is in seconds, not milliseconds"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn item_status(value: i64) -> RuleResult {
+    if (0..=999).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be between 0 and 999, found {value}"))
+    }
+}
+
+/// An item's total is its price less the sale percentage. Upstream systems
+/// round either way, so both the floor and the ceiling of the exact value pass.
+pub fn item_total(price: i64, sale: i64, total_price: i64) -> RuleResult {
+    let exact = i128::from(price) * i128::from(100 - sale);
+    let floor = exact.div_euclid(100);
+    let ceil = floor + i128::from(exact.rem_euclid(100) != 0);
+    if (floor..=ceil).contains(&i128::from(total_price)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "is {total_price}, but price {price} less {sale}% sale is {}",
+            if floor == ceil {
+                floor.to_string()
+            } else {
+                format!("between {floor} and {ceil}")
+            }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers() {
+        assert!(e164("+9720000000").is_ok());
+        assert!(e164("+14155552671").is_ok());
+        for bad in ["9720000000", "+0720000000", "+972-000-000", "+1234567", "+1234567890123456", ""] {
+            assert!(e164(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn email_addresses() {
+        assert!(email("test@gmail.com").is_ok());
+        assert!(email("first.last+tag@example.co.uk").is_ok());
+        for bad in ["test", "test@", "@gmail.com", "a b@c.d", "Test <t@gmail.com>", "t@localhost"] {
+            assert!(email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn currencies_and_locales() {
+        assert!(currency("USD").is_ok());
+        assert!(currency("RUB").is_ok());
+        assert_eq!(currency("XYZ").unwrap_err(), r#""XYZ" is not an ISO 4217 code"#);
+        assert!(currency("usd").is_err());
+        assert!(locale("en").is_ok());
+        assert!(locale("pt-BR").is_ok());
+        assert!(locale("zh-Hant-TW").is_ok());
+        assert!(locale("en_US").is_err());
+        assert!(locale("").is_err());
+    }
+
+    #[test]
+    fn item_totals_allow_either_rounding() {
+        assert!(item_total(453, 30, 317).is_ok());
+        assert!(item_total(453, 30, 318).is_ok());
+        assert!(item_total(1000, 0, 1000).is_ok());
+        assert!(item_total(1000, 100, 0).is_ok());
+        assert_eq!(
+            item_total(453, 30, 400).unwrap_err(),
+            "is 400, but price 453 less 30% sale is between 317 and 318"
+        );
+        assert_eq!(
+            item_total(1000, 10, 1).unwrap_err(),
+            "is 1, but price 1000 less 10% sale is 900"
+        );
+        assert!(item_total(i64::MAX, 0, i64::MAX).is_ok());
+    }
+
+    #[test]
+    fn times_and_ranges() {
+        assert!(unix_time(1_637_907_727).is_ok());
+        assert!(unix_time(0).is_err());
+        assert!(unix_time(1_637_907_727_000).is_err());
+        assert!(percent(0).is_ok() && percent(100).is_ok());
+        assert!(percent(101).is_err() && percent(-1).is_err());
+        assert!(digits("2639809").is_ok());
+        assert!(digits("26 398").is_err() && digits("").is_err());
+    }
+
+    #[test]
+    fn long_values_are_shortened_in_reasons() {
+        let reason = digits(&"x".repeat(5000)).unwrap_err();
+        assert!(reason.len() < 80, "{reason}");
+    }
+}

@@ -1,0 +1,42 @@
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// Errors a handler returns. The log gets the cause; the client gets a clean
+/// status and message, never SQL or internal detail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{reason}")]
+    BadRequest { reason: String, order_uid: Option<String> },
+    #[error("order not found")]
+    NotFound { order_uid: String },
+    #[error("storage unavailable")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            ApiError::BadRequest { reason, order_uid } => {
+                let mut body = json!({ "error": reason });
+                if let Some(uid) = order_uid {
+                    body["order_uid"] = json!(uid);
+                }
+                (StatusCode::BAD_REQUEST, body)
+            }
+            ApiError::NotFound { order_uid } => (
+                StatusCode::NOT_FOUND,
+                json!({ "error": "order not found", "order_uid": order_uid }),
+            ),
+            ApiError::Unavailable(e) => {
+                tracing::error!(error = %e, "storage error while serving a request");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "error": "storage unavailable, try again shortly" }),
+                )
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}

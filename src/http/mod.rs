@@ -1,0 +1,91 @@
+//! The HTTP API and web page.
+
+mod error;
+mod feed;
+mod health;
+mod orders;
+mod ui;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+
+pub use self::feed::Feed;
+use crate::cache::OrderCache;
+use crate::configuration::HttpSettings;
+use crate::ingest::IngestHealth;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// Requests carry no body worth more than this; everything here is a GET.
+const MAX_REQUEST_BODY: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<OrderCache>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub ingest: Arc<IngestHealth>,
+    pub feed: Feed,
+}
+
+pub fn router(state: AppState, settings: &HttpSettings) -> Router {
+    let security = [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ];
+    let mut router = Router::new()
+        .merge(orders::router())
+        .merge(health::router())
+        .merge(feed::router())
+        .merge(ui::router())
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), record))
+        .layer(CompressionLayer::new().gzip(true).br(true))
+        .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(settings.request_timeout_ms),
+        ))
+        .layer(GlobalConcurrencyLimitLayer::new(settings.max_concurrency));
+    for (name, value) in security {
+        router = router.layer(SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value)));
+    }
+    router.with_state(state)
+}
+
+/// Counts every request by route template (never the raw path, which would
+/// make one series per order) and status.
+async fn record(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics
+        .http_request_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .with_label_values(&[&route, response.status().as_str()])
+        .inc();
+    response
+}

@@ -1,0 +1,113 @@
+use std::collections::HashMap;
+use std::hash::Hasher;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::domain::OrderUid;
+
+const MAX_PAGE: i64 = 100;
+const DEFAULT_PAGE: i64 = 20;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/order/{order_uid}", get(order))
+        .route("/api/orders", get(recent))
+}
+
+/// The order as received. Orders never change, so the ETag is a hash of the
+/// bytes and caches may keep them.
+async fn order(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let uid = OrderUid::parse(&raw).map_err(|reason| ApiError::BadRequest {
+        reason: format!("invalid order_uid: {reason} (expected {})", OrderUid::RULE),
+        order_uid: Some(raw.chars().take(80).collect()),
+    })?;
+    let json = state
+        .cache
+        .get(&uid)
+        .await
+        .map_err(ApiError::Unavailable)?
+        .ok_or_else(|| ApiError::NotFound {
+            order_uid: uid.to_string(),
+        })?;
+    let etag = etag(&json);
+    let cache_control = HeaderValue::from_static("public, max-age=86400, immutable");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), (header::CACHE_CONTROL, cache_control.to_str().unwrap_or_default().to_owned())],
+        )
+            .into_response());
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header value")),
+            (header::CACHE_CONTROL, cache_control),
+        ],
+        json,
+    )
+        .into_response())
+}
+
+/// A strong validator: 64 bits of a fixed-key hash of the exact bytes served.
+fn etag(json: &[u8]) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(json);
+    format!("\"{:016x}\"", hasher.finish())
+}
+
+/// The most recently ingested orders as summaries, newest first. `before` is
+/// the `next_cursor` of the previous page.
+async fn recent(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bad = |reason: String| ApiError::BadRequest {
+        reason,
+        order_uid: None,
+    };
+    if let Some(unknown) = params.keys().find(|k| *k != "limit" && *k != "before") {
+        return Err(bad(format!("unknown parameter {unknown:?}; use limit and before")));
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| bad(format!("limit must be a whole number from 1 to {MAX_PAGE}")))?,
+    };
+    let before = match params.get("before") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad("before must be a next_cursor value from an earlier page".into()))?,
+        ),
+    };
+    let orders = state
+        .store
+        .recent_orders(limit, before)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    let next_cursor = (orders.len() as i64 == limit)
+        .then(|| orders.last().map(|o| o.ingest_seq.to_string()))
+        .flatten();
+    Ok(Json(json!({ "orders": orders, "next_cursor": next_cursor })))
+}

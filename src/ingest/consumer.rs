@@ -1,0 +1,77 @@
+//! The Kafka consumer. Its rebalance callback only signals; the ingest loop
+//! does the work (drop what it holds, load offsets, reposition).
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::configuration::KafkaSettings;
+
+pub type OrderConsumer = StreamConsumer<SignalingContext>;
+
+#[derive(Debug)]
+pub enum Rebalance {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+pub struct SignalingContext {
+    topic: String,
+    events: mpsc::UnboundedSender<Rebalance>,
+}
+
+impl ClientContext for SignalingContext {}
+
+impl ConsumerContext for SignalingContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        let event = match rebalance {
+            rdkafka::consumer::Rebalance::Assign(list) => Rebalance::Assigned(self.partitions(list)),
+            rdkafka::consumer::Rebalance::Revoke(list) => Rebalance::Revoked(self.partitions(list)),
+            rdkafka::consumer::Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        // The receiver lives as long as the loop; after it, nothing listens.
+        let _ = self.events.send(event);
+    }
+}
+
+impl SignalingContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+/// Joins the group on the orders topic, with auto-commit off: offsets live in PostgreSQL.
+pub fn subscribe(
+    kafka: &KafkaSettings,
+    max_message_bytes: usize,
+) -> anyhow::Result<(OrderConsumer, mpsc::UnboundedReceiver<Rebalance>)> {
+    let (events, receiver) = mpsc::unbounded_channel();
+    let context = SignalingContext {
+        topic: kafka.topic.clone(),
+        events,
+    };
+    let consumer: OrderConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        // A message over our limit must still be fetched, to be dead-lettered.
+        .set(
+            "fetch.message.max.bytes",
+            (max_message_bytes + 64 * 1024).max(1_048_576).to_string(),
+        )
+        .create_with_context(context)
+        .context("KAFKA_BROKERS: cannot create the consumer")?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[&kafka.topic])
+        .with_context(|| format!("KAFKA_TOPIC: cannot subscribe to {}", kafka.topic))?;
+    Ok((consumer, receiver))
+}

@@ -1,0 +1,15 @@
+//! order-service: takes orders off Kafka, keeps them in PostgreSQL and serves
+//! them over HTTP from a tiered cache.
+
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod configuration;
+pub mod documents;
+pub mod domain;
+pub mod http;
+pub mod ingest;
+pub mod producer;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

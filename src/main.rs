@@ -1,0 +1,49 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use order_service::cli::{Cli, Command};
+use order_service::{app, producer, store, telemetry, validate};
+
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    let settings = match cli.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Validate(args) = &cli.command {
+        return ExitCode::from(validate::run(args, &settings.validation));
+    }
+    telemetry::init(settings.log.format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve => app::serve(settings).await.map(|()| true),
+            Command::Migrate => {
+                let role = settings.service_role()?;
+                store::migrate(settings.migration_options()?, &role).await?;
+                tracing::info!(service_role = %role, "migrations applied");
+                Ok(true)
+            }
+            Command::Produce(args) => producer::run(*args, &settings.kafka).await,
+            Command::Validate(_) => unreachable!("handled before the runtime starts"),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

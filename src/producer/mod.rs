@@ -1,0 +1,400 @@
+//! `order-service produce`: orders to the orders topic at a chosen rate.
+
+mod generator;
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::stream::{FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub use self::generator::{Generator, InvalidKind};
+use crate::configuration::KafkaSettings;
+use crate::documents::for_each_document;
+
+#[derive(Debug, clap::Args)]
+pub struct ProduceArgs {
+    /// Orders per second; 0 sends as fast as the broker takes them
+    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    pub rate: f64,
+    /// Stop after this many messages [default: run until Ctrl-C]
+    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    pub count: Option<u64>,
+    /// Stop after this long, e.g. 30s, 5m, 1h
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Seed of the generator; the same seed sends the same orders
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub seed: u64,
+    /// Share of generated orders broken at field level (0.0 to 1.0), cycling through the kinds of rule
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = parse_share)]
+    pub invalid_rate: f64,
+    /// Number of non-JSON and truncated-JSON payloads, spread over the run
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub malformed: u64,
+    /// Share of messages that are exact re-sends of an earlier order (0.0 to 1.0)
+    #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = parse_share)]
+    pub duplicate_rate: f64,
+    /// Send the documents of a JSON array or NDJSON file instead of generated orders
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Also write every message to this NDJSON file
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Only write --output; send nothing
+    #[arg(long, requires = "output")]
+    pub dry_run: bool,
+    /// Most items in a generated order
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub max_items: usize,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("must be a number from 0.0 to 1.0".into()),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?} is not a duration like 30s, 5m or 1h")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// One message to send, and what kind it is for the summary.
+struct Outgoing {
+    key: Option<String>,
+    payload: Vec<u8>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Valid,
+    Invalid,
+    Malformed,
+    Duplicate,
+    File,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [Kind::Valid, Kind::Invalid, Kind::Malformed, Kind::Duplicate, Kind::File];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Valid => "valid",
+            Kind::Invalid => "invalid",
+            Kind::Malformed => "malformed",
+            Kind::Duplicate => "duplicate",
+            Kind::File => "file",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: [u64; 5],
+    delivered: [u64; 5],
+    failed: [u64; 5],
+}
+
+impl Tally {
+    fn total(counts: &[u64; 5]) -> u64 {
+        counts.iter().sum()
+    }
+
+    fn print(&self) {
+        eprintln!(
+            "sent {}, delivered {}, failed {}",
+            Self::total(&self.sent),
+            Self::total(&self.delivered),
+            Self::total(&self.failed)
+        );
+        for kind in Kind::ALL {
+            let i = kind as usize;
+            if self.sent[i] > 0 {
+                eprintln!(
+                    "  {:<10} sent {:>8}  delivered {:>8}  failed {:>6}",
+                    kind.name(),
+                    self.sent[i],
+                    self.delivered[i],
+                    self.failed[i]
+                );
+            }
+        }
+    }
+}
+
+/// Generates the messages of a run on a blocking thread (a file may be large)
+/// and hands them over through a bounded channel.
+fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> {
+    let (tx, rx) = mpsc::channel(4096);
+    let file = args.file.clone();
+    let (seed, max_items, invalid_rate, duplicate_rate, malformed) =
+        (args.seed, args.max_items, args.invalid_rate, args.duplicate_rate, args.malformed);
+    let limit = args.count;
+    tokio::task::spawn_blocking(move || {
+        if let Some(path) = file {
+            let result = std::fs::File::open(&path)
+                .with_context(|| format!("--file: cannot open {}", path.display()))
+                .and_then(|f| {
+                    let mut sent = 0u64;
+                    for_each_document(std::io::BufReader::new(f), |doc| {
+                        let key = serde_json::from_slice::<serde_json::Value>(doc)
+                            .ok()
+                            .and_then(|v| v.get("order_uid").and_then(|u| u.as_str()).map(str::to_owned));
+                        let message = Outgoing { key, payload: doc.to_vec(), kind: Kind::File };
+                        sent += 1;
+                        if tx.blocking_send(Ok(message)).is_err() || limit.is_some_and(|l| sent >= l) {
+                            return std::ops::ControlFlow::Break(());
+                        }
+                        std::ops::ControlFlow::Continue(())
+                    })
+                    .with_context(|| format!("--file: reading {}", path.display()))
+                });
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+            return;
+        }
+        let mut generator = Generator::new(seed, max_items);
+        let mut recent: VecDeque<(String, Vec<u8>)> = VecDeque::with_capacity(1000);
+        let (mut n, mut invalid_seq) = (0u64, 0usize);
+        // Malformed payloads are spread evenly over a counted run, or sent one every 100 otherwise.
+        let malformed_every = match limit {
+            Some(count) if malformed > 0 => (count / malformed).max(1),
+            _ => 100,
+        };
+        let mut malformed_left = malformed;
+        loop {
+            if limit.is_some_and(|l| n >= l) {
+                return;
+            }
+            n += 1;
+            let message = if malformed_left > 0 && n % malformed_every == 0 {
+                malformed_left -= 1;
+                Outgoing { key: None, payload: generator.malformed(), kind: Kind::Malformed }
+            } else if !recent.is_empty() && generator.chance(duplicate_rate) {
+                let (key, payload) = recent[n as usize % recent.len()].clone();
+                Outgoing { key: Some(key), payload, kind: Kind::Duplicate }
+            } else if generator.chance(invalid_rate) {
+                let kind = InvalidKind::ALL[invalid_seq % InvalidKind::ALL.len()];
+                invalid_seq += 1;
+                let order = generator.invalid(kind);
+                let key = order["order_uid"].as_str().map(str::to_owned);
+                Outgoing { key, payload: order.to_string().into_bytes(), kind: Kind::Invalid }
+            } else {
+                let order = generator.valid();
+                let key = order["order_uid"].as_str().unwrap_or_default().to_owned();
+                let payload = order.to_string().into_bytes();
+                if recent.len() == recent.capacity() {
+                    recent.pop_front();
+                }
+                recent.push_back((key.clone(), payload.clone()));
+                Outgoing { key: Some(key), payload, kind: Kind::Valid }
+            };
+            if tx.blocking_send(Ok(message)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Sends the run and prints a summary. Returns false if any delivery failed.
+pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<bool> {
+    let producer: Option<FutureProducer> = if args.dry_run {
+        None
+    } else {
+        Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", &kafka.brokers)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("compression.type", "lz4")
+                .set("linger.ms", "5")
+                .set("message.timeout.ms", "30000")
+                .set("queue.buffering.max.messages", "100000")
+                .create()
+                .context("KAFKA_BROKERS: cannot create the producer")?,
+        )
+    };
+    let mut output = match &args.output {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("--output: cannot create {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let progress = Progress::new(args.count);
+    let mut source = spawn_source(&args);
+    let mut tally = Tally::default();
+    let mut in_flight = FuturesUnordered::new();
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut n: u32 = 0;
+
+    'send: loop {
+        if let Some(interval) = interval {
+            let due = started + interval * n;
+            if due > Instant::now() {
+                tokio::select! {
+                    _ = &mut ctrl_c => break 'send,
+                    () = tokio::time::sleep_until(due) => {}
+                    Some(result) = in_flight.next(), if !in_flight.is_empty() => { settle(&mut tally, result); continue 'send; }
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let message = tokio::select! {
+            _ = &mut ctrl_c => break 'send,
+            message = source.recv() => match message {
+                Some(message) => message?,
+                None => break 'send,
+            },
+        };
+        n = n.saturating_add(1);
+        if let Some(out) = &mut output {
+            use std::io::Write;
+            out.write_all(&message.payload).and_then(|()| out.write_all(b"\n")).context("--output: write failed")?;
+        }
+        tally.sent[message.kind as usize] += 1;
+        progress.tick(Tally::total(&tally.sent));
+        let Some(producer) = &producer else {
+            tally.delivered[message.kind as usize] += 1;
+            continue;
+        };
+        loop {
+            let mut record = FutureRecord::<str, [u8]>::to(&kafka.topic).payload(&message.payload);
+            if let Some(key) = &message.key {
+                record = record.key(key.as_str());
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    let kind = message.kind;
+                    in_flight.push(async move { (kind, delivery.await) });
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if let Some(result) = in_flight.next().await {
+                        settle(&mut tally, result);
+                    }
+                }
+                Err((e, _)) => {
+                    tracing::error!(error = %e, "cannot queue a message");
+                    tally.failed[message.kind as usize] += 1;
+                    break;
+                }
+            }
+        }
+    }
+
+    // Whatever is in flight is delivered (or fails) before the summary.
+    while let Some(result) = in_flight.next().await {
+        settle(&mut tally, result);
+    }
+    if let Some(producer) = &producer {
+        producer.flush(Duration::from_secs(30)).ok();
+    }
+    if let Some(mut out) = output {
+        use std::io::Write;
+        out.flush().context("--output: write failed")?;
+    }
+    progress.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    tally.print();
+    eprintln!(
+        "in {elapsed:.1} s ({:.0} messages/s)",
+        Tally::total(&tally.sent) as f64 / elapsed.max(0.001)
+    );
+    Ok(Tally::total(&tally.failed) == 0)
+}
+
+type DeliveryResult = Result<rdkafka::producer::future_producer::Delivery, (KafkaError, rdkafka::message::OwnedMessage)>;
+
+fn settle(tally: &mut Tally, (kind, result): (Kind, Result<DeliveryResult, futures::channel::oneshot::Canceled>)) {
+    match result {
+        Ok(Ok(_)) => tally.delivered[kind as usize] += 1,
+        Ok(Err((e, _))) => {
+            tracing::warn!(error = %e, "delivery failed");
+            tally.failed[kind as usize] += 1;
+        }
+        Err(_) => tally.failed[kind as usize] += 1,
+    }
+}
+
+/// A bar on a terminal, a line every few seconds otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    last_line: std::cell::Cell<Instant>,
+}
+
+impl Progress {
+    fn new(count: Option<u64>) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = match count {
+                Some(n) => ProgressBar::new(n),
+                None => ProgressBar::new_spinner(),
+            };
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {wide_bar} {pos}/{len} sent, {per_sec}, {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Self { bar, last_line: std::cell::Cell::new(Instant::now()) }
+    }
+
+    fn tick(&self, sent: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(sent),
+            None if self.last_line.get().elapsed() >= Duration::from_secs(5) => {
+                self.last_line.set(Instant::now());
+                eprintln!("sent {sent}");
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_shares_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_share("0.25").is_ok());
+        assert!(parse_share("1.5").is_err());
+    }
+}

@@ -1,0 +1,80 @@
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use serde::Serialize;
+
+use super::Store;
+
+/// One line of the recent-orders list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OrderSummary {
+    #[serde(skip)]
+    pub ingest_seq: i64,
+    pub order_uid: String,
+    pub date_created: DateTime<Utc>,
+    pub customer_id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub item_count: i64,
+}
+
+/// An order's canonical JSON as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredDocument {
+    pub order_uid: String,
+    pub document: String,
+}
+
+impl Store {
+    pub async fn order_document(&self, uid: &str) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT document FROM orders WHERE order_uid = $1")
+            .bind(uid)
+            .fetch_optional(self.pool())
+            .await
+    }
+
+    /// The most recently ingested orders, newest first, before the `before`
+    /// cursor (an ingest sequence number) when given.
+    pub async fn recent_orders(&self, limit: i64, before: Option<i64>) -> Result<Vec<OrderSummary>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT o.ingest_seq, o.order_uid, o.date_created, o.customer_id, p.amount, p.currency::text AS currency,
+                    (SELECT count(*) FROM items i WHERE i.order_uid = o.order_uid) AS item_count
+             FROM orders o JOIN payments p USING (order_uid)
+             WHERE $1::bigint IS NULL OR o.ingest_seq < $1
+             ORDER BY o.ingest_seq DESC
+             LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+    }
+
+    /// The `limit` most recently ingested documents, newest first, as a stream
+    /// so memory stays bounded however many are read.
+    pub fn recent_documents(&self, limit: i64) -> BoxStream<'_, Result<StoredDocument, sqlx::Error>> {
+        sqlx::query_as("SELECT order_uid, document FROM orders ORDER BY ingest_seq DESC LIMIT $1")
+            .bind(limit)
+            .fetch(self.pool())
+    }
+
+    /// The stored next offset of each of `partitions` that has one.
+    pub async fn load_offsets(
+        &self,
+        group_id: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, i64>, sqlx::Error> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM consumer_offsets
+             WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
+        )
+        .bind(group_id)
+        .bind(topic)
+        .bind(partitions)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+}

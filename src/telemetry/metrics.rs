@@ -1,0 +1,150 @@
+//! Prometheus metrics. Each application owns its registry, so several instances
+//! in one process (as in tests) keep their counts apart.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_consumed: IntCounter,
+    pub orders_stored: IntCounter,
+    pub duplicates: IntCounter,
+    pub dead_letters: IntCounterVec,
+    pub batch_size: Histogram,
+    pub batch_commit_seconds: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub consumer_paused: IntGauge,
+    pub db_pool_in_use: IntGauge,
+    pub cache_requests: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub warmup_loaded: IntGauge,
+    pub redis_writes_dropped: IntCounter,
+    pub http_requests: IntCounterVec,
+    pub http_request_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            messages_consumed: IntCounter::new(
+                "orders_messages_consumed_total",
+                "Messages read from the orders topic.",
+            )
+            .unwrap(),
+            orders_stored: IntCounter::new("orders_stored_total", "Orders written to PostgreSQL.").unwrap(),
+            duplicates: IntCounter::new(
+                "orders_duplicates_total",
+                "Messages whose order was already stored with identical content.",
+            )
+            .unwrap(),
+            dead_letters: IntCounterVec::new(
+                Opts::new("orders_dead_letters_total", "Messages sent to the dead-letter topic."),
+                &["stage"],
+            )
+            .unwrap(),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("ingest_batch_messages", "Messages per database batch.")
+                    .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0]),
+            )
+            .unwrap(),
+            batch_commit_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ingest_batch_commit_duration_seconds",
+                    "Time to write and commit one batch, dead letters included.",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .unwrap(),
+            consumer_lag: IntGaugeVec::new(
+                Opts::new("ingest_consumer_lag_messages", "Messages behind the high watermark, per partition."),
+                &["partition"],
+            )
+            .unwrap(),
+            consumer_paused: IntGauge::new(
+                "ingest_consumer_paused",
+                "1 while fetching is paused because PostgreSQL or the dead-letter topic is unavailable.",
+            )
+            .unwrap(),
+            db_pool_in_use: IntGauge::new("db_pool_connections_in_use", "PostgreSQL connections checked out.")
+                .unwrap(),
+            cache_requests: IntCounterVec::new(
+                Opts::new("cache_requests_total", "Order lookups per cache tier and result."),
+                &["tier", "result"],
+            )
+            .unwrap(),
+            cache_entries: IntGauge::new("cache_entries", "Orders in the in-process cache.").unwrap(),
+            cache_bytes: IntGauge::new("cache_bytes", "Bytes held by the in-process cache.").unwrap(),
+            warmup_loaded: IntGauge::new(
+                "cache_warmup_loaded_orders",
+                "Orders loaded into the in-process cache by the start-up warm-up.",
+            )
+            .unwrap(),
+            redis_writes_dropped: IntCounter::new(
+                "cache_redis_writes_dropped_total",
+                "Orders not written to Redis because it was unavailable or behind.",
+            )
+            .unwrap(),
+            http_requests: IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests by route and status."),
+                &["route", "status"],
+            )
+            .unwrap(),
+            http_request_seconds: HistogramVec::new(
+                HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route.").buckets(
+                    vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
+                ),
+                &["route"],
+            )
+            .unwrap(),
+            registry,
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new("order_service_build_info", "Always 1; the labels say which build runs."),
+            &["version"],
+        )
+        .unwrap();
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.messages_consumed.clone()),
+            Box::new(m.orders_stored.clone()),
+            Box::new(m.duplicates.clone()),
+            Box::new(m.dead_letters.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.batch_commit_seconds.clone()),
+            Box::new(m.consumer_lag.clone()),
+            Box::new(m.consumer_paused.clone()),
+            Box::new(m.db_pool_in_use.clone()),
+            Box::new(m.cache_requests.clone()),
+            Box::new(m.cache_entries.clone()),
+            Box::new(m.cache_bytes.clone()),
+            Box::new(m.warmup_loaded.clone()),
+            Box::new(m.redis_writes_dropped.clone()),
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_request_seconds.clone()),
+            Box::new(build_info),
+        ];
+        for collector in collectors {
+            m.registry.register(collector).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into memory cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
