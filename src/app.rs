@@ -24,8 +24,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     );
     let redis = match &settings.redis.url {
         Some(url) => {
-            let client = redis::Client::open(url.expose_secret()).context("REDIS_URL: not a Redis URL")?;
-            Some(RedisTier::start(client, settings.redis.ttl_secs, metrics.clone()))
+            let client =
+                redis::Client::open(url.expose_secret()).context("REDIS_URL: not a Redis URL")?;
+            Some(RedisTier::start(
+                client,
+                settings.redis.ttl_secs,
+                metrics.clone(),
+            ))
         }
         None => None,
     };
@@ -73,7 +78,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "warm-up done"
             ),
-            Err(e) => tracing::warn!(error = %e, "warm-up stopped; misses fall through to PostgreSQL"),
+            Err(e) => {
+                tracing::warn!(error = %e, "warm-up stopped; misses fall through to PostgreSQL")
+            }
         }
     });
 

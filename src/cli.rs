@@ -56,79 +56,220 @@ pub struct ValidateArgs {
 #[derive(Debug, Default, Args)]
 pub struct SettingsArgs {
     /// PostgreSQL URL of the service role [default: postgres://order_service@127.0.0.1:5432/orders]
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true, help_heading = "Database", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Database",
+        value_name = "URL"
+    )]
     pub database_url: Option<String>,
     /// PostgreSQL URL of the owner role, used by `migrate` [default: postgres://order_owner@127.0.0.1:5432/orders]
-    #[arg(long, global = true, env = "MIGRATION_DATABASE_URL", hide_env_values = true, help_heading = "Database", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "MIGRATION_DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Database",
+        value_name = "URL"
+    )]
     pub migration_database_url: Option<String>,
     /// Role that `migrate` grants read and write access to [default: the user in DATABASE_URL]
-    #[arg(long, global = true, env = "DATABASE_SERVICE_ROLE", help_heading = "Database", value_name = "ROLE")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_SERVICE_ROLE",
+        help_heading = "Database",
+        value_name = "ROLE"
+    )]
     pub database_service_role: Option<String>,
     /// Connections in the service's pool [default: 8]
-    #[arg(long, global = true, env = "DATABASE_MAX_CONNECTIONS", help_heading = "Database", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_MAX_CONNECTIONS",
+        help_heading = "Database",
+        value_name = "N"
+    )]
     pub database_max_connections: Option<u32>,
 
     /// Kafka bootstrap servers, comma-separated host:port [default: 127.0.0.1:9092]
-    #[arg(long, global = true, env = "KAFKA_BROKERS", help_heading = "Kafka", value_name = "LIST")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BROKERS",
+        help_heading = "Kafka",
+        value_name = "LIST"
+    )]
     pub kafka_brokers: Option<String>,
     /// Topic the orders arrive on [default: orders]
-    #[arg(long, global = true, env = "KAFKA_TOPIC", help_heading = "Kafka", value_name = "TOPIC")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_TOPIC",
+        help_heading = "Kafka",
+        value_name = "TOPIC"
+    )]
     pub kafka_topic: Option<String>,
     /// Topic rejected messages go to, with the reasons in headers [default: orders.dlq]
-    #[arg(long, global = true, env = "KAFKA_DLQ_TOPIC", help_heading = "Kafka", value_name = "TOPIC")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_DLQ_TOPIC",
+        help_heading = "Kafka",
+        value_name = "TOPIC"
+    )]
     pub kafka_dlq_topic: Option<String>,
     /// Consumer group; instances in one group share the partitions [default: order-service]
-    #[arg(long, global = true, env = "KAFKA_GROUP_ID", help_heading = "Kafka", value_name = "GROUP")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_GROUP_ID",
+        help_heading = "Kafka",
+        value_name = "GROUP"
+    )]
     pub kafka_group_id: Option<String>,
 
     /// Messages per database transaction, at most [default: 2000]
-    #[arg(long, global = true, env = "INGEST_BATCH_SIZE", help_heading = "Ingest", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "INGEST_BATCH_SIZE",
+        help_heading = "Ingest",
+        value_name = "N"
+    )]
     pub ingest_batch_size: Option<usize>,
     /// Longest wait before a partial batch is written, in ms [default: 20]
-    #[arg(long, global = true, env = "INGEST_BATCH_LINGER_MS", help_heading = "Ingest", value_name = "MS")]
+    #[arg(
+        long,
+        global = true,
+        env = "INGEST_BATCH_LINGER_MS",
+        help_heading = "Ingest",
+        value_name = "MS"
+    )]
     pub ingest_batch_linger_ms: Option<u64>,
     /// Longest pause between retries while PostgreSQL is unreachable, in ms [default: 5000]
-    #[arg(long, global = true, env = "INGEST_MAX_BACKOFF_MS", help_heading = "Ingest", value_name = "MS")]
+    #[arg(
+        long,
+        global = true,
+        env = "INGEST_MAX_BACKOFF_MS",
+        help_heading = "Ingest",
+        value_name = "MS"
+    )]
     pub ingest_max_backoff_ms: Option<u64>,
     /// Time allowed on SIGTERM/SIGINT to finish the batch in hand and leave the group, in ms [default: 10000]
-    #[arg(long, global = true, env = "SHUTDOWN_TIMEOUT_MS", help_heading = "Ingest", value_name = "MS")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHUTDOWN_TIMEOUT_MS",
+        help_heading = "Ingest",
+        value_name = "MS"
+    )]
     pub shutdown_timeout_ms: Option<u64>,
 
     /// Messages larger than this are dead-lettered unread, in bytes [default: 1048576]
-    #[arg(long, global = true, env = "MAX_MESSAGE_BYTES", help_heading = "Validation", value_name = "BYTES")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_MESSAGE_BYTES",
+        help_heading = "Validation",
+        value_name = "BYTES"
+    )]
     pub max_message_bytes: Option<usize>,
     /// Most items in one order [default: 1000]
-    #[arg(long, global = true, env = "MAX_ITEMS", help_heading = "Validation", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_ITEMS",
+        help_heading = "Validation",
+        value_name = "N"
+    )]
     pub max_items: Option<usize>,
     /// Longest text field, in characters [default: 1024]
-    #[arg(long, global = true, env = "MAX_STRING_CHARS", help_heading = "Validation", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "MAX_STRING_CHARS",
+        help_heading = "Validation",
+        value_name = "N"
+    )]
     pub max_string_chars: Option<usize>,
 
     /// Redis URL of the shared cache tier; unset means no Redis tier
-    #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true, help_heading = "Cache", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        help_heading = "Cache",
+        value_name = "URL"
+    )]
     pub redis_url: Option<String>,
     /// How long orders stay in Redis, in seconds [default: 604800]
-    #[arg(long, global = true, env = "REDIS_TTL_SECS", help_heading = "Cache", value_name = "SECS")]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_TTL_SECS",
+        help_heading = "Cache",
+        value_name = "SECS"
+    )]
     pub redis_ttl_secs: Option<u64>,
     /// Memory budget of the in-process cache, in bytes [default: 268435456]
-    #[arg(long, global = true, env = "CACHE_MAX_BYTES", help_heading = "Cache", value_name = "BYTES")]
+    #[arg(
+        long,
+        global = true,
+        env = "CACHE_MAX_BYTES",
+        help_heading = "Cache",
+        value_name = "BYTES"
+    )]
     pub cache_max_bytes: Option<u64>,
     /// Most recent orders loaded into the in-process cache at start [default: 100000]
-    #[arg(long, global = true, env = "CACHE_WARMUP_ORDERS", help_heading = "Cache", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "CACHE_WARMUP_ORDERS",
+        help_heading = "Cache",
+        value_name = "N"
+    )]
     pub cache_warmup_orders: Option<u64>,
 
     /// Address the HTTP server listens on [default: 127.0.0.1:8080]
-    #[arg(long, global = true, env = "HTTP_ADDR", help_heading = "HTTP", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        global = true,
+        env = "HTTP_ADDR",
+        help_heading = "HTTP",
+        value_name = "HOST:PORT"
+    )]
     pub http_addr: Option<std::net::SocketAddr>,
     /// Time allowed for one request, in ms [default: 5000]
-    #[arg(long, global = true, env = "HTTP_REQUEST_TIMEOUT_MS", help_heading = "HTTP", value_name = "MS")]
+    #[arg(
+        long,
+        global = true,
+        env = "HTTP_REQUEST_TIMEOUT_MS",
+        help_heading = "HTTP",
+        value_name = "MS"
+    )]
     pub http_request_timeout_ms: Option<u64>,
     /// Requests handled at once; more wait [default: 4096]
-    #[arg(long, global = true, env = "HTTP_MAX_CONCURRENCY", help_heading = "HTTP", value_name = "N")]
+    #[arg(
+        long,
+        global = true,
+        env = "HTTP_MAX_CONCURRENCY",
+        help_heading = "HTTP",
+        value_name = "N"
+    )]
     pub http_max_concurrency: Option<usize>,
 
     /// Log format; the level is set with RUST_LOG (e.g. info, order_service=debug) [default: auto]
-    #[arg(long, global = true, env = "LOG_FORMAT", help_heading = "Logging", value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        help_heading = "Logging",
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<LogFormat>,
 }
 
@@ -141,9 +282,18 @@ impl SettingsArgs {
             }
         }
         set(&mut s.database.url, self.database_url.map(Into::into));
-        set(&mut s.database.migration_url, self.migration_database_url.map(Into::into));
-        set(&mut s.database.service_role, self.database_service_role.map(Some));
-        set(&mut s.database.max_connections, self.database_max_connections);
+        set(
+            &mut s.database.migration_url,
+            self.migration_database_url.map(Into::into),
+        );
+        set(
+            &mut s.database.service_role,
+            self.database_service_role.map(Some),
+        );
+        set(
+            &mut s.database.max_connections,
+            self.database_max_connections,
+        );
         set(&mut s.kafka.brokers, self.kafka_brokers);
         set(&mut s.kafka.topic, self.kafka_topic);
         set(&mut s.kafka.dlq_topic, self.kafka_dlq_topic);

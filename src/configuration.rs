@@ -195,9 +195,15 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("REDIS_URL: not a Redis URL ({e})"))?;
         }
         positive("INGEST_BATCH_SIZE", self.ingest.batch_size as u64)?;
-        positive("DATABASE_MAX_CONNECTIONS", u64::from(self.database.max_connections))?;
+        positive(
+            "DATABASE_MAX_CONNECTIONS",
+            u64::from(self.database.max_connections),
+        )?;
         positive("HTTP_MAX_CONCURRENCY", self.http.max_concurrency as u64)?;
-        positive("MAX_MESSAGE_BYTES", self.validation.max_message_bytes as u64)?;
+        positive(
+            "MAX_MESSAGE_BYTES",
+            self.validation.max_message_bytes as u64,
+        )?;
         positive("MAX_ITEMS", self.validation.max_items as u64)?;
         positive("MAX_STRING_CHARS", self.validation.max_string_chars as u64)?;
         for (name, value) in [
@@ -243,7 +249,8 @@ fn pg_options(name: &str, url: &SecretString) -> anyhow::Result<PgConnectOptions
         anyhow::bail!("{name}: must be a postgres:// URL");
     }
     // The parse error may quote the URL, password included, so it is not shown.
-    PgConnectOptions::from_str(url).map_err(|_| anyhow::anyhow!("{name}: not a valid PostgreSQL URL"))
+    PgConnectOptions::from_str(url)
+        .map_err(|_| anyhow::anyhow!("{name}: not a valid PostgreSQL URL"))
 }
 
 fn positive(name: &str, value: u64) -> anyhow::Result<()> {
@@ -289,7 +296,10 @@ mod tests {
     fn unknown_key_is_named() {
         let f = file("[kafka]\ntopik = \"x\"\n");
         let err = Settings::load(Some(f.path())).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("unknown field `topik`"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("unknown field `topik`"),
+            "{err}"
+        );
         assert!(!err.contains('\n'), "one line: {err}");
     }
 
@@ -297,7 +307,10 @@ mod tests {
     fn wrong_type_is_named() {
         let f = file("[ingest]\nbatch_size = \"many\"\n");
         let err = Settings::load(Some(f.path())).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("invalid type"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("invalid type"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -34,22 +34,44 @@ pub fn for_each_document<R: BufRead>(
         None => Ok(()),
         Some(b'[') => {
             let mut de = serde_json::Deserializer::from_reader(reader);
-            de.deserialize_seq(EachElement(&mut each))
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("JSON array: {e}")))
+            de.deserialize_seq(EachElement(&mut each)).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("JSON array: {e}"))
+            })
         }
         Some(_) => {
-            let mut line = Vec::new();
+            let (mut line, mut pending) = (Vec::new(), Vec::new());
             loop {
                 line.clear();
                 if reader.read_until(b'\n', &mut line)? == 0 {
+                    // An unfinished pretty-printed document is still a document, to be judged.
+                    if !pending.is_empty() {
+                        let _ = each(pending.trim_ascii());
+                    }
                     return Ok(());
                 }
                 let trimmed = line.trim_ascii();
-                if trimmed.is_empty() {
-                    continue;
+                if pending.is_empty() {
+                    if trimmed.is_empty() {
+                        continue;
+                    }
+                    // A line that is just "{" opens a pretty-printed object; NDJSON never has one.
+                    if trimmed != b"{" {
+                        if each(trimmed).is_break() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
                 }
-                if each(trimmed).is_break() {
-                    return Ok(());
+                pending.extend_from_slice(&line);
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&pending) {
+                    Err(e) if e.is_eof() => continue,
+                    _ => {
+                        let done = each(pending.trim_ascii()).is_break();
+                        pending.clear();
+                        if done {
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }
@@ -90,9 +112,18 @@ mod tests {
 
     #[test]
     fn reads_arrays_and_ndjson() {
-        assert_eq!(collect(" [ {\"a\":1}, {\"b\": [2]} ] ").unwrap(), vec!["{\"a\":1}", "{\"b\": [2]}"]);
-        assert_eq!(collect("{\"a\":1}\n\n{\"b\":2}\nnot json\n").unwrap(), vec!["{\"a\":1}", "{\"b\":2}", "not json"]);
+        assert_eq!(
+            collect(" [ {\"a\":1}, {\"b\": [2]} ] ").unwrap(),
+            vec!["{\"a\":1}", "{\"b\": [2]}"]
+        );
+        assert_eq!(
+            collect("{\"a\":1}\n\n{\"b\":2}\nnot json\n").unwrap(),
+            vec!["{\"a\":1}", "{\"b\":2}", "not json"]
+        );
         assert!(collect("").unwrap().is_empty());
+        let pretty = "{\n  \"a\": 1,\n  \"b\": {\"c\": 2}\n}\n{\n\"d\": 3\n}\n";
+        assert_eq!(collect(pretty).unwrap().len(), 2);
+        assert_eq!(collect("{\n \"cut\": ").unwrap(), vec!["{\n \"cut\":"]);
         assert!(collect("[{\"a\":1}, oops]").is_err());
     }
 }

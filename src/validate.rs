@@ -31,7 +31,8 @@ pub fn run(args: &ValidateArgs, limits: &Limits) -> u8 {
             Ok(order) => {
                 valid += 1;
                 if args.json {
-                    json!({ "position": position, "valid": true, "order_uid": order.uid() }).to_string()
+                    json!({ "position": position, "valid": true, "order_uid": order.uid() })
+                        .to_string()
                 } else {
                     format!("#{position} ok {}", order.uid())
                 }

@@ -51,7 +51,12 @@ impl WarmupProgress {
 }
 
 impl OrderCache {
-    pub fn new(memory: MemoryTier, redis: Option<RedisTier>, store: Store, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        memory: MemoryTier,
+        redis: Option<RedisTier>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             memory,
             redis,
@@ -104,7 +109,9 @@ impl OrderCache {
     /// stopping early when the memory budget is full.
     pub async fn warm_up(&self, limit: u64) -> Result<(), sqlx::Error> {
         self.warmup.target.store(limit, Ordering::Relaxed);
-        let mut rows = self.store.recent_documents(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut rows = self
+            .store
+            .recent_documents(i64::try_from(limit).unwrap_or(i64::MAX));
         let mut loaded = 0u64;
         while let Some(row) = rows.try_next().await? {
             let size = (row.order_uid.len() + row.document.len()) as u64;
@@ -112,7 +119,8 @@ impl OrderCache {
                 tracing::info!(loaded, "memory cache budget reached; warm-up stops early");
                 break;
             }
-            self.memory.insert(&row.order_uid, Bytes::from(row.document));
+            self.memory
+                .insert(&row.order_uid, Bytes::from(row.document));
             loaded += 1;
             if loaded % 10_000 == 0 {
                 self.warmup.loaded.store(loaded, Ordering::Relaxed);
@@ -140,6 +148,9 @@ impl OrderCache {
     }
 
     fn count(&self, tier: &str, result: &str) {
-        self.metrics.cache_requests.with_label_values(&[tier, result]).inc();
+        self.metrics
+            .cache_requests
+            .with_label_values(&[tier, result])
+            .inc();
     }
 }

@@ -81,7 +81,10 @@ impl Inner {
         if !self.up.load(Ordering::Relaxed) {
             return None;
         }
-        self.connection.read().expect("lock is never poisoned").clone()
+        self.connection
+            .read()
+            .expect("lock is never poisoned")
+            .clone()
     }
 
     /// Logs once per change of state, never once per request.
@@ -90,7 +93,10 @@ impl Inner {
             if up {
                 tracing::info!("redis is reachable; the shared cache tier is in use");
             } else {
-                tracing::warn!(error = error.unwrap_or("unknown"), "redis is unreachable; serving from memory and PostgreSQL");
+                tracing::warn!(
+                    error = error.unwrap_or("unknown"),
+                    "redis is unreachable; serving from memory and PostgreSQL"
+                );
             }
         }
     }
@@ -104,10 +110,18 @@ async fn probe(inner: std::sync::Weak<Inner>) {
     let mut first = true;
     loop {
         let Some(inner) = inner.upgrade() else { return };
-        let existing = inner.connection.read().expect("lock is never poisoned").clone();
+        let existing = inner
+            .connection
+            .read()
+            .expect("lock is never poisoned")
+            .clone();
         let result = match existing {
             Some(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
-            None => match inner.client.get_connection_manager_with_config(config.clone()).await {
+            None => match inner
+                .client
+                .get_connection_manager_with_config(config.clone())
+                .await
+            {
                 Ok(conn) => {
                     *inner.connection.write().expect("lock is never poisoned") = Some(conn);
                     Ok(())
@@ -131,15 +145,22 @@ async fn probe(inner: std::sync::Weak<Inner>) {
 async fn write_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Vec<(Box<str>, Bytes)>>) {
     while let Some(orders) = queue.recv().await {
         let Some(mut conn) = inner.connection() else {
-            inner.metrics.redis_writes_dropped.inc_by(orders.len() as u64);
+            inner
+                .metrics
+                .redis_writes_dropped
+                .inc_by(orders.len() as u64);
             continue;
         };
         let mut pipe = redis::pipe();
         for (uid, json) in &orders {
-            pipe.set_ex(format!("{KEY_PREFIX}{uid}"), json.as_ref(), inner.ttl_secs).ignore();
+            pipe.set_ex(format!("{KEY_PREFIX}{uid}"), json.as_ref(), inner.ttl_secs)
+                .ignore();
         }
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            inner.metrics.redis_writes_dropped.inc_by(orders.len() as u64);
+            inner
+                .metrics
+                .redis_writes_dropped
+                .inc_by(orders.len() as u64);
             inner.set_up(false, Some(&e.to_string()));
         }
     }

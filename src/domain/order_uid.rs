@@ -70,11 +70,24 @@ mod tests {
         for (input, reason) in [
             ("", "must not be empty"),
             (&"x".repeat(65), "is 65 characters long, the limit is 64"),
-            ("../etc/passwd", "contains '.'; only letters, digits, '_' and '-' are allowed"),
-            ("a b", "contains ' '; only letters, digits, '_' and '-' are allowed"),
-            ("zé", "contains 'é'; only letters, digits, '_' and '-' are allowed"),
+            (
+                "../etc/passwd",
+                "contains '.'; only letters, digits, '_' and '-' are allowed",
+            ),
+            (
+                "a b",
+                "contains ' '; only letters, digits, '_' and '-' are allowed",
+            ),
+            (
+                "zé",
+                "contains 'é'; only letters, digits, '_' and '-' are allowed",
+            ),
         ] {
-            assert_eq!(OrderUid::parse(input).unwrap_err(), reason, "input {input:?}");
+            assert_eq!(
+                OrderUid::parse(input).unwrap_err(),
+                reason,
+                "input {input:?}"
+            );
         }
     }
 }

@@ -54,7 +54,11 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
     })?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         let reason = if e.is_eof() {
-            format!("truncated JSON: input ends at line {} column {}", e.line(), e.column())
+            format!(
+                "truncated JSON: input ends at line {} column {}",
+                e.line(),
+                e.column()
+            )
         } else {
             format!("not JSON: {e}")
         };
@@ -375,7 +379,10 @@ impl Object {
         if chars > l.max_string_chars {
             p.add(
                 self.path_of(name),
-                format!("is {chars} characters long, the limit is {}", l.max_string_chars),
+                format!(
+                    "is {chars} characters long, the limit is {}",
+                    l.max_string_chars
+                ),
             );
             return None;
         }

@@ -8,7 +8,10 @@ use serde_json::json;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{reason}")]
-    BadRequest { reason: String, order_uid: Option<String> },
+    BadRequest {
+        reason: String,
+        order_uid: Option<String>,
+    },
     #[error("order not found")]
     NotFound { order_uid: String },
     #[error("storage unavailable")]

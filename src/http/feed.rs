@@ -54,12 +54,19 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/orders/stream", get(stream))
 }
 
-async fn stream(State(state): State<AppState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn stream(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.feed.sender.subscribe();
     let events = futures::stream::unfold(receiver, |mut receiver| async move {
         loop {
             match receiver.recv().await {
-                Ok(summary) => return Some((Ok(Event::default().event("order").data(&*summary)), receiver)),
+                Ok(summary) => {
+                    return Some((
+                        Ok(Event::default().event("order").data(&*summary)),
+                        receiver,
+                    ))
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

@@ -14,7 +14,10 @@ const OPENAPI: &str = include_str!("openapi.json");
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
@@ -48,7 +51,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         },
         "warmup": state.cache.warmup().state(),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body))
 }
 
@@ -58,9 +65,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     m.cache_entries.set(memory.entries() as i64);
     m.cache_bytes.set(memory.bytes() as i64);
     let pool = state.store.pool();
-    m.db_pool_in_use.set(i64::from(pool.size()) - pool.num_idle() as i64);
+    m.db_pool_in_use
+        .set(i64::from(pool.size()) - pool.num_idle() as i64);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         m.render(),
     )
 }

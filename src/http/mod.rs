@@ -55,7 +55,10 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(health::router())
         .merge(feed::router())
         .merge(ui::router())
-        .layer(middleware::from_fn_with_state(state.metrics.clone(), record))
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            record,
+        ))
         .layer(CompressionLayer::new().gzip(true).br(true))
         .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
         .layer(TimeoutLayer::with_status_code(
@@ -64,7 +67,10 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         ))
         .layer(GlobalConcurrencyLimitLayer::new(settings.max_concurrency));
     for (name, value) in security {
-        router = router.layer(SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value)));
+        router = router.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ));
     }
     router.with_state(state)
 }

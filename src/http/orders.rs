@@ -49,14 +49,26 @@ async fn order(
     {
         return Ok((
             StatusCode::NOT_MODIFIED,
-            [(header::ETAG, etag), (header::CACHE_CONTROL, cache_control.to_str().unwrap_or_default().to_owned())],
+            [
+                (header::ETAG, etag),
+                (
+                    header::CACHE_CONTROL,
+                    cache_control.to_str().unwrap_or_default().to_owned(),
+                ),
+            ],
         )
             .into_response());
     }
     Ok((
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header value")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::ETAG,
+                HeaderValue::from_str(&etag).expect("hex is a valid header value"),
+            ),
             (header::CACHE_CONTROL, cache_control),
         ],
         json,
@@ -82,7 +94,9 @@ async fn recent(
         order_uid: None,
     };
     if let Some(unknown) = params.keys().find(|k| *k != "limit" && *k != "before") {
-        return Err(bad(format!("unknown parameter {unknown:?}; use limit and before")));
+        return Err(bad(format!(
+            "unknown parameter {unknown:?}; use limit and before"
+        )));
     }
     let limit = match params.get("limit") {
         None => DEFAULT_PAGE,
@@ -94,12 +108,9 @@ async fn recent(
     };
     let before = match params.get("before") {
         None => None,
-        Some(v) => Some(
-            v.parse::<i64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad("before must be a next_cursor value from an earlier page".into()))?,
-        ),
+        Some(v) => Some(v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            bad("before must be a next_cursor value from an earlier page".into())
+        })?),
     };
     let orders = state
         .store
@@ -109,5 +120,7 @@ async fn recent(
     let next_cursor = (orders.len() as i64 == limit)
         .then(|| orders.last().map(|o| o.ingest_seq.to_string()))
         .flatten();
-    Ok(Json(json!({ "orders": orders, "next_cursor": next_cursor })))
+    Ok(Json(
+        json!({ "orders": orders, "next_cursor": next_cursor }),
+    ))
 }

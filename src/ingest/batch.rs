@@ -25,7 +25,14 @@ pub struct Batch {
 
 impl Batch {
     /// Decides one message and adds it.
-    pub fn push(&mut self, key: Option<&[u8]>, payload: &[u8], partition: i32, offset: i64, limits: &Limits) {
+    pub fn push(
+        &mut self,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        partition: i32,
+        offset: i64,
+        limits: &Limits,
+    ) {
         match parse_order(payload, limits) {
             Ok(order) => {
                 let json = Bytes::from(order.to_json());

@@ -24,9 +24,15 @@ pub struct SignalingContext {
 impl ClientContext for SignalingContext {}
 
 impl ConsumerContext for SignalingContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
         let event = match rebalance {
-            rdkafka::consumer::Rebalance::Assign(list) => Rebalance::Assigned(self.partitions(list)),
+            rdkafka::consumer::Rebalance::Assign(list) => {
+                Rebalance::Assigned(self.partitions(list))
+            }
             rdkafka::consumer::Rebalance::Revoke(list) => Rebalance::Revoked(self.partitions(list)),
             rdkafka::consumer::Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "rebalance error");

@@ -42,7 +42,12 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, topic: &str, source_topic: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        source_topic: &str,
+        max_message_bytes: usize,
+    ) -> anyhow::Result<Self> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
@@ -50,7 +55,10 @@ impl DeadLetters {
             .set("linger.ms", "2")
             .set("compression.type", "lz4")
             // Room for the largest message we accept plus its headers.
-            .set("message.max.bytes", (max_message_bytes + 64 * 1024).max(1_000_000).to_string())
+            .set(
+                "message.max.bytes",
+                (max_message_bytes + 64 * 1024).max(1_000_000).to_string(),
+            )
             .set("message.timeout.ms", "15000")
             .create()
             .context("KAFKA_BROKERS: cannot create the dead-letter producer")?;
@@ -83,7 +91,10 @@ impl DeadLetters {
         }
         let more;
         if letter.reasons.len() > MAX_REASON_HEADERS {
-            more = format!("… and {} more problems", letter.reasons.len() - MAX_REASON_HEADERS);
+            more = format!(
+                "… and {} more problems",
+                letter.reasons.len() - MAX_REASON_HEADERS
+            );
             headers = headers.insert(header_value(header::REASON, &more));
         }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
@@ -101,5 +112,8 @@ impl DeadLetters {
 }
 
 fn header_value<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header { key, value: Some(value) }
+    Header {
+        key,
+        value: Some(value),
+    }
 }

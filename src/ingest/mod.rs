@@ -76,7 +76,8 @@ impl Ingest {
         health: Arc<IngestHealth>,
         feed: Feed,
     ) -> anyhow::Result<Self> {
-        let (consumer, events) = consumer::subscribe(&settings.kafka, settings.validation.max_message_bytes)?;
+        let (consumer, events) =
+            consumer::subscribe(&settings.kafka, settings.validation.max_message_bytes)?;
         let dead_letters = DeadLetters::new(
             &settings.kafka.brokers,
             &settings.kafka.dlq_topic,
@@ -159,12 +160,17 @@ impl Ingest {
             if !self.batch.is_empty() {
                 let batch = std::mem::take(&mut self.batch);
                 if self.commit_batch(batch).await.is_err() {
-                    tracing::warn!("the batch in hand could not be committed; it will be consumed again");
+                    tracing::warn!(
+                        "the batch in hand could not be committed; it will be consumed again"
+                    );
                 }
             }
         };
         if tokio::time::timeout(bound, finish).await.is_err() {
-            tracing::warn!(?bound, "shutdown bound reached; uncommitted messages will be consumed again");
+            tracing::warn!(
+                ?bound,
+                "shutdown bound reached; uncommitted messages will be consumed again"
+            );
         }
         self.consumer.unsubscribe();
         tracing::info!("ingest stopped");
@@ -186,8 +192,18 @@ impl Ingest {
                 _ => None,
             };
             if let Some(target) = target {
-                tracing::info!(partition, offset, ?target, "moving to the position stored in PostgreSQL");
-                if let Err(e) = self.consumer.seek(&self.settings.kafka.topic, partition, target, Duration::from_secs(5)) {
+                tracing::info!(
+                    partition,
+                    offset,
+                    ?target,
+                    "moving to the position stored in PostgreSQL"
+                );
+                if let Err(e) = self.consumer.seek(
+                    &self.settings.kafka.topic,
+                    partition,
+                    target,
+                    Duration::from_secs(5),
+                ) {
                     tracing::warn!(partition, error = %e, "seek failed; will retry on the next message");
                     state.positioned = false;
                 }
@@ -207,7 +223,10 @@ impl Ingest {
                 tracing::info!(partitions = ?revoked, "partitions revoked");
                 for p in &revoked {
                     self.partitions.remove(p);
-                    self.metrics.consumer_lag.remove_label_values(&[&p.to_string()]).ok();
+                    self.metrics
+                        .consumer_lag
+                        .remove_label_values(&[&p.to_string()])
+                        .ok();
                 }
                 self.unloaded.retain(|p| !revoked.contains(p));
                 self.batch.drop_partitions(&revoked);
@@ -232,7 +251,11 @@ impl Ingest {
         }
         let stored = self
             .store
-            .load_offsets(&self.settings.kafka.group_id, &self.settings.kafka.topic, &self.unloaded)
+            .load_offsets(
+                &self.settings.kafka.group_id,
+                &self.settings.kafka.topic,
+                &self.unloaded,
+            )
             .await
             .context("reading stored offsets")?;
         for p in self.unloaded.drain(..) {
@@ -267,10 +290,16 @@ impl Ingest {
     /// Pauses fetching and schedules a retry with capped exponential backoff.
     fn stall(&mut self, error: anyhow::Error) {
         let max = Duration::from_millis(self.settings.ingest.max_backoff_ms);
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), max.max(Duration::from_millis(100)));
+        self.backoff = (self.backoff * 2).clamp(
+            Duration::from_millis(100),
+            max.max(Duration::from_millis(100)),
+        );
         self.retry_at = Some(Instant::now() + self.backoff);
         if !self.health.paused.swap(true, Ordering::Relaxed) {
-            tracing::error!(error = format!("{error:#}"), "ingest paused; retrying until it succeeds");
+            tracing::error!(
+                error = format!("{error:#}"),
+                "ingest paused; retrying until it succeeds"
+            );
             self.metrics.consumer_paused.set(1);
             if let Ok(assignment) = self.consumer.assignment() {
                 self.consumer.pause(&assignment).ok();
@@ -308,7 +337,9 @@ impl Ingest {
         match self.try_commit(&mut batch, true).await {
             Ok(stored) => {
                 self.metrics.batch_size.observe(batch.len() as f64);
-                self.metrics.batch_commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .batch_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.cache.stored(stored);
                 self.commit_to_kafka(&batch);
                 Ok(())
@@ -318,7 +349,11 @@ impl Ingest {
     }
 
     /// Returns the newly stored orders for the cache.
-    async fn try_commit(&mut self, batch: &mut Batch, isolate_refusals: bool) -> Result<Vec<(Box<str>, bytes::Bytes)>, anyhow::Error> {
+    async fn try_commit(
+        &mut self,
+        batch: &mut Batch,
+        isolate_refusals: bool,
+    ) -> Result<Vec<(Box<str>, bytes::Bytes)>, anyhow::Error> {
         let rejected: Vec<DeadLetter> = batch.rejected.clone();
         self.send_dead_letters(batch, &rejected).await?;
 
@@ -351,22 +386,32 @@ impl Ingest {
                     partition: m.partition,
                     offset: m.offset,
                     stage: "conflict",
-                    reasons: vec!["conflict: order_uid already stored with different content".into()],
+                    reasons: vec![
+                        "conflict: order_uid already stored with different content".into()
+                    ],
                 }
             })
             .collect();
         self.send_dead_letters(batch, &conflicts).await?;
         let saved = async {
-            tx.save_offsets(&self.settings.kafka.group_id, &topic, &batch.offsets()).await?;
+            tx.save_offsets(&self.settings.kafka.group_id, &topic, &batch.offsets())
+                .await?;
             tx.commit().await
         };
         if let Err(e) = saved.await {
             return Err(anyhow::Error::new(e).context("committing the batch"));
         }
-        self.metrics.orders_stored.inc_by(outcome.stored.len() as u64);
-        self.metrics.duplicates.inc_by(outcome.duplicates.len() as u64);
+        self.metrics
+            .orders_stored
+            .inc_by(outcome.stored.len() as u64);
+        self.metrics
+            .duplicates
+            .inc_by(outcome.duplicates.len() as u64);
         for letter in batch.rejected.iter().chain(&conflicts) {
-            self.metrics.dead_letters.with_label_values(&[letter.stage]).inc();
+            self.metrics
+                .dead_letters
+                .with_label_values(&[letter.stage])
+                .inc();
         }
         for &i in &outcome.duplicates {
             let m = &batch.valid[i];
@@ -390,7 +435,10 @@ impl Ingest {
         batch: &mut Batch,
         cause: anyhow::Error,
     ) -> Result<Vec<(Box<str>, bytes::Bytes)>, anyhow::Error> {
-        tracing::warn!(error = format!("{cause:#}"), "batch refused by PostgreSQL; writing its orders one by one");
+        tracing::warn!(
+            error = format!("{cause:#}"),
+            "batch refused by PostgreSQL; writing its orders one by one"
+        );
         let valid = std::mem::take(&mut batch.valid);
         let mut refused = Vec::new();
         let mut kept = Vec::with_capacity(valid.len());
@@ -436,7 +484,11 @@ impl Ingest {
     }
 
     /// Sends the letters not yet acknowledged and waits for the broker.
-    async fn send_dead_letters(&self, batch: &mut Batch, letters: &[DeadLetter]) -> Result<(), anyhow::Error> {
+    async fn send_dead_letters(
+        &self,
+        batch: &mut Batch,
+        letters: &[DeadLetter],
+    ) -> Result<(), anyhow::Error> {
         let pending: Vec<&DeadLetter> = letters
             .iter()
             .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)))
@@ -474,8 +526,12 @@ impl Ingest {
     fn commit_to_kafka(&self, batch: &Batch) {
         let mut list = TopicPartitionList::new();
         for o in batch.offsets() {
-            list.add_partition_offset(&self.settings.kafka.topic, o.partition, Offset::Offset(o.next_offset))
-                .ok();
+            list.add_partition_offset(
+                &self.settings.kafka.topic,
+                o.partition,
+                Offset::Offset(o.next_offset),
+            )
+            .ok();
         }
         if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
             tracing::debug!(error = %e, "kafka offset commit failed; PostgreSQL holds the offsets");

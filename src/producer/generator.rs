@@ -8,17 +8,40 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-const CURRENCIES: &[&str] = &["USD", "EUR", "RUB", "KZT", "GBP", "BRL", "TRY", "AMD", "BYN", "UZS"];
-const LOCALES: &[&str] = &["en", "ru", "de", "fr", "es", "pt-BR", "zh-Hans", "tr", "kk", "en-GB"];
+const CURRENCIES: &[&str] = &[
+    "USD", "EUR", "RUB", "KZT", "GBP", "BRL", "TRY", "AMD", "BYN", "UZS",
+];
+const LOCALES: &[&str] = &[
+    "en", "ru", "de", "fr", "es", "pt-BR", "zh-Hans", "tr", "kk", "en-GB",
+];
 const PROVIDERS: &[&str] = &["wbpay", "stripe", "adyen", "paypal", "sbp"];
 const BANKS: &[&str] = &["alpha", "sber", "tinkoff", "vtb", "raiffeisen", "kaspi"];
 const SERVICES: &[&str] = &["meest", "cdek", "dhl", "boxberry", "russianpost", "dpd"];
 const PRODUCTS: &[&str] = &[
-    "Mascaras", "Sneakers", "T-shirt", "Backpack", "Headphones", "Kettle", "Notebook", "Desk lamp",
-    "Yoga mat", "Phone case", "Water bottle", "Sunglasses", "Scarf", "Board game", "Coffee beans",
+    "Mascaras",
+    "Sneakers",
+    "T-shirt",
+    "Backpack",
+    "Headphones",
+    "Kettle",
+    "Notebook",
+    "Desk lamp",
+    "Yoga mat",
+    "Phone case",
+    "Water bottle",
+    "Sunglasses",
+    "Scarf",
+    "Board game",
+    "Coffee beans",
 ];
 const SIZES: &[&str] = &["0", "XS", "S", "M", "L", "XL", "42", "44", "one size"];
-const EMAIL_DOMAINS: &[&str] = &["gmail.com", "mail.ru", "yandex.ru", "outlook.com", "example.org"];
+const EMAIL_DOMAINS: &[&str] = &[
+    "gmail.com",
+    "mail.ru",
+    "yandex.ru",
+    "outlook.com",
+    "example.org",
+];
 
 /// The ways an order is broken on purpose; each breaks exactly one rule, and
 /// `field` is the path the rejection names.
@@ -88,7 +111,8 @@ impl InvalidKind {
                 o["items"] = json!([]);
                 o["payment"]["goods_total"] = json!(0);
                 let p = &o["payment"];
-                let amount = p["delivery_cost"].as_i64().unwrap_or(0) + p["custom_fee"].as_i64().unwrap_or(0);
+                let amount = p["delivery_cost"].as_i64().unwrap_or(0)
+                    + p["custom_fee"].as_i64().unwrap_or(0);
                 o["payment"]["amount"] = json!(amount);
             }
             InvalidKind::Email => o["delivery"]["email"] = json!("not-an-email"),
@@ -131,10 +155,14 @@ impl Generator {
     /// An order that passes every rule.
     pub fn valid(&mut self) -> Value {
         let rng = &mut self.rng;
-        let uid: String = (0..20).map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)])).collect();
+        let uid: String = (0..20)
+            .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+            .collect();
         let track: String = format!(
             "WB{}",
-            (0..10).map(|_| char::from(rng.random_range(b'A'..=b'Z'))).collect::<String>()
+            (0..10)
+                .map(|_| char::from(rng.random_range(b'A'..=b'Z')))
+                .collect::<String>()
         );
         let first: String = FirstName().fake_with_rng(rng);
         let last: String = LastName().fake_with_rng(rng);
@@ -176,7 +204,11 @@ impl Generator {
             })
             .collect();
         let delivery_cost: i64 = [0, 300, 500, 1000, 1500][rng.random_range(0..5)];
-        let custom_fee: i64 = if rng.random_bool(0.2) { rng.random_range(1..500) } else { 0 };
+        let custom_fee: i64 = if rng.random_bool(0.2) {
+            rng.random_range(1..500)
+        } else {
+            0
+        };
         let created = 1_600_000_000 + rng.random_range(0..200_000_000i64);
         let date_created = chrono::DateTime::from_timestamp(created, 0)
             .expect("a time within range")
@@ -269,10 +301,14 @@ mod tests {
         let mut generator = Generator::new(7, 1000);
         for kind in InvalidKind::ALL {
             let order = generator.invalid(kind);
-            let rejection = parse_order(&serde_json::to_vec(&order).unwrap(), &Limits::default()).unwrap_err();
+            let rejection =
+                parse_order(&serde_json::to_vec(&order).unwrap(), &Limits::default()).unwrap_err();
             let reasons = rejection.reasons();
             assert_eq!(reasons.len(), 1, "{kind:?}: {reasons:?}");
-            assert!(reasons[0].starts_with(&format!("{}: ", kind.field())), "{kind:?}: {reasons:?}");
+            assert!(
+                reasons[0].starts_with(&format!("{}: ", kind.field())),
+                "{kind:?}: {reasons:?}"
+            );
         }
     }
 
@@ -287,8 +323,18 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_orders() {
-        let a: Vec<Value> = (0..3).map({ let mut g = Generator::new(9, 1000); move |_| g.valid() }).collect();
-        let b: Vec<Value> = (0..3).map({ let mut g = Generator::new(9, 1000); move |_| g.valid() }).collect();
+        let a: Vec<Value> = (0..3)
+            .map({
+                let mut g = Generator::new(9, 1000);
+                move |_| g.valid()
+            })
+            .collect();
+        let b: Vec<Value> = (0..3)
+            .map({
+                let mut g = Generator::new(9, 1000);
+                move |_| g.valid()
+            })
+            .collect();
         assert_eq!(a, b);
     }
 }

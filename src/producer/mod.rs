@@ -65,8 +65,13 @@ fn parse_share(s: &str) -> Result<f64, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
+    let (number, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -94,7 +99,13 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [Kind::Valid, Kind::Invalid, Kind::Malformed, Kind::Duplicate, Kind::File];
+    const ALL: [Kind; 5] = [
+        Kind::Valid,
+        Kind::Invalid,
+        Kind::Malformed,
+        Kind::Duplicate,
+        Kind::File,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -146,8 +157,13 @@ impl Tally {
 fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> {
     let (tx, rx) = mpsc::channel(4096);
     let file = args.file.clone();
-    let (seed, max_items, invalid_rate, duplicate_rate, malformed) =
-        (args.seed, args.max_items, args.invalid_rate, args.duplicate_rate, args.malformed);
+    let (seed, max_items, invalid_rate, duplicate_rate, malformed) = (
+        args.seed,
+        args.max_items,
+        args.invalid_rate,
+        args.duplicate_rate,
+        args.malformed,
+    );
     let limit = args.count;
     tokio::task::spawn_blocking(move || {
         if let Some(path) = file {
@@ -158,10 +174,20 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
                     for_each_document(std::io::BufReader::new(f), |doc| {
                         let key = serde_json::from_slice::<serde_json::Value>(doc)
                             .ok()
-                            .and_then(|v| v.get("order_uid").and_then(|u| u.as_str()).map(str::to_owned));
-                        let message = Outgoing { key, payload: doc.to_vec(), kind: Kind::File };
+                            .and_then(|v| {
+                                v.get("order_uid")
+                                    .and_then(|u| u.as_str())
+                                    .map(str::to_owned)
+                            });
+                        let message = Outgoing {
+                            key,
+                            payload: doc.to_vec(),
+                            kind: Kind::File,
+                        };
                         sent += 1;
-                        if tx.blocking_send(Ok(message)).is_err() || limit.is_some_and(|l| sent >= l) {
+                        if tx.blocking_send(Ok(message)).is_err()
+                            || limit.is_some_and(|l| sent >= l)
+                        {
                             return std::ops::ControlFlow::Break(());
                         }
                         std::ops::ControlFlow::Continue(())
@@ -189,16 +215,28 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
             n += 1;
             let message = if malformed_left > 0 && n % malformed_every == 0 {
                 malformed_left -= 1;
-                Outgoing { key: None, payload: generator.malformed(), kind: Kind::Malformed }
+                Outgoing {
+                    key: None,
+                    payload: generator.malformed(),
+                    kind: Kind::Malformed,
+                }
             } else if !recent.is_empty() && generator.chance(duplicate_rate) {
                 let (key, payload) = recent[n as usize % recent.len()].clone();
-                Outgoing { key: Some(key), payload, kind: Kind::Duplicate }
+                Outgoing {
+                    key: Some(key),
+                    payload,
+                    kind: Kind::Duplicate,
+                }
             } else if generator.chance(invalid_rate) {
                 let kind = InvalidKind::ALL[invalid_seq % InvalidKind::ALL.len()];
                 invalid_seq += 1;
                 let order = generator.invalid(kind);
                 let key = order["order_uid"].as_str().map(str::to_owned);
-                Outgoing { key, payload: order.to_string().into_bytes(), kind: Kind::Invalid }
+                Outgoing {
+                    key,
+                    payload: order.to_string().into_bytes(),
+                    kind: Kind::Invalid,
+                }
             } else {
                 let order = generator.valid();
                 let key = order["order_uid"].as_str().unwrap_or_default().to_owned();
@@ -207,7 +245,11 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
                     recent.pop_front();
                 }
                 recent.push_back((key.clone(), payload.clone()));
-                Outgoing { key: Some(key), payload, kind: Kind::Valid }
+                Outgoing {
+                    key: Some(key),
+                    payload,
+                    kind: Kind::Valid,
+                }
             };
             if tx.blocking_send(Ok(message)).is_err() {
                 return;
@@ -237,7 +279,8 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     };
     let mut output = match &args.output {
         Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("--output: cannot create {}", path.display()))?,
+            std::fs::File::create(path)
+                .with_context(|| format!("--output: cannot create {}", path.display()))?,
         )),
         None => None,
     };
@@ -276,7 +319,9 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         n = n.saturating_add(1);
         if let Some(out) = &mut output {
             use std::io::Write;
-            out.write_all(&message.payload).and_then(|()| out.write_all(b"\n")).context("--output: write failed")?;
+            out.write_all(&message.payload)
+                .and_then(|()| out.write_all(b"\n"))
+                .context("--output: write failed")?;
         }
         tally.sent[message.kind as usize] += 1;
         progress.tick(Tally::total(&tally.sent));
@@ -330,9 +375,18 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     Ok(Tally::total(&tally.failed) == 0)
 }
 
-type DeliveryResult = Result<rdkafka::producer::future_producer::Delivery, (KafkaError, rdkafka::message::OwnedMessage)>;
+type DeliveryResult = Result<
+    rdkafka::producer::future_producer::Delivery,
+    (KafkaError, rdkafka::message::OwnedMessage),
+>;
 
-fn settle(tally: &mut Tally, (kind, result): (Kind, Result<DeliveryResult, futures::channel::oneshot::Canceled>)) {
+fn settle(
+    tally: &mut Tally,
+    (kind, result): (
+        Kind,
+        Result<DeliveryResult, futures::channel::oneshot::Canceled>,
+    ),
+) {
     match result {
         Ok(Ok(_)) => tally.delivered[kind as usize] += 1,
         Ok(Err((e, _))) => {
@@ -357,12 +411,17 @@ impl Progress {
                 None => ProgressBar::new_spinner(),
             };
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {wide_bar} {pos}/{len} sent, {per_sec}, {elapsed}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{spinner} {wide_bar} {pos}/{len} sent, {per_sec}, {elapsed}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar
         });
-        Self { bar, last_line: std::cell::Cell::new(Instant::now()) }
+        Self {
+            bar,
+            last_line: std::cell::Cell::new(Instant::now()),
+        }
     }
 
     fn tick(&self, sent: u64) {

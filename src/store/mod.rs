@@ -21,7 +21,11 @@ pub struct Store {
 impl Store {
     /// Connects lazily, so the service starts (and reports not-ready) while
     /// PostgreSQL is still down.
-    pub fn connect_lazy(options: PgConnectOptions, max_connections: u32, timeout: Duration) -> Self {
+    pub fn connect_lazy(
+        options: PgConnectOptions,
+        max_connections: u32,
+        timeout: Duration,
+    ) -> Self {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(timeout)
@@ -45,14 +49,18 @@ impl Store {
 /// Errors that retrying can fix: the database or the network is away.
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-            true
-        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 40: transaction rollback (serialization,
             // deadlock); 53: insufficient resources; 57P: operator intervention
             // (shutdown, restart).
-            code.starts_with("08") || code.starts_with("40") || code.starts_with("53") || code.starts_with("57P")
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P")
         }),
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         _ => false,

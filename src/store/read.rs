@@ -36,7 +36,11 @@ impl Store {
 
     /// The most recently ingested orders, newest first, before the `before`
     /// cursor (an ingest sequence number) when given.
-    pub async fn recent_orders(&self, limit: i64, before: Option<i64>) -> Result<Vec<OrderSummary>, sqlx::Error> {
+    pub async fn recent_orders(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<OrderSummary>, sqlx::Error> {
         sqlx::query_as(
             "SELECT o.ingest_seq, o.order_uid, o.date_created, o.customer_id, p.amount, p.currency::text AS currency,
                     (SELECT count(*) FROM items i WHERE i.order_uid = o.order_uid) AS item_count
@@ -53,7 +57,10 @@ impl Store {
 
     /// The `limit` most recently ingested documents, newest first, as a stream
     /// so memory stays bounded however many are read.
-    pub fn recent_documents(&self, limit: i64) -> BoxStream<'_, Result<StoredDocument, sqlx::Error>> {
+    pub fn recent_documents(
+        &self,
+        limit: i64,
+    ) -> BoxStream<'_, Result<StoredDocument, sqlx::Error>> {
         sqlx::query_as("SELECT order_uid, document FROM orders ORDER BY ingest_seq DESC LIMIT $1")
             .bind(limit)
             .fetch(self.pool())

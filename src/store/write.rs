@@ -51,12 +51,21 @@ impl Store {
 impl BatchTx {
     /// Inserts the orders that are new and classifies the rest by comparing
     /// their JSON with what is stored (or with an earlier copy in the batch).
-    pub async fn insert_orders(&mut self, topic: &str, batch: &[Incoming]) -> Result<InsertOutcome, sqlx::Error> {
+    pub async fn insert_orders(
+        &mut self,
+        topic: &str,
+        batch: &[Incoming],
+    ) -> Result<InsertOutcome, sqlx::Error> {
         let mut first_by_uid: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
         let firsts: Vec<usize> = batch
             .iter()
             .enumerate()
-            .filter(|(i, incoming)| *first_by_uid.entry(incoming.order.uid().as_str()).or_insert(*i) == *i)
+            .filter(|(i, incoming)| {
+                *first_by_uid
+                    .entry(incoming.order.uid().as_str())
+                    .or_insert(*i)
+                    == *i
+            })
             .map(|(i, _)| i)
             .collect();
 
@@ -157,7 +166,11 @@ impl BatchTx {
             .collect())
     }
 
-    async fn insert_children(&mut self, batch: &[Incoming], rows: &[usize]) -> Result<(), sqlx::Error> {
+    async fn insert_children(
+        &mut self,
+        batch: &[Incoming],
+        rows: &[usize],
+    ) -> Result<(), sqlx::Error> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -298,10 +311,12 @@ impl OrderColumns {
         self.delivery_service.push(o.delivery_service.clone());
         self.shardkey.push(o.shardkey.clone());
         self.sm_id.push(o.sm_id);
-        self.date_created.push(o.date_created.at().with_timezone(&Utc));
+        self.date_created
+            .push(o.date_created.at().with_timezone(&Utc));
         self.oof_shard.push(o.oof_shard.clone());
         // Canonical JSON is built by serde_json and is always UTF-8.
-        self.document.push(String::from_utf8_lossy(&incoming.json).into_owned());
+        self.document
+            .push(String::from_utf8_lossy(&incoming.json).into_owned());
         self.partition.push(incoming.partition);
         self.offset.push(incoming.offset);
     }

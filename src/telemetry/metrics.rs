@@ -2,8 +2,8 @@
 //! in one process (as in tests) keep their counts apart.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -103,11 +103,16 @@ impl Metrics {
             registry,
         };
         let build_info = IntGaugeVec::new(
-            Opts::new("order_service_build_info", "Always 1; the labels say which build runs."),
+            Opts::new(
+                "order_service_build_info",
+                "Always 1; the labels say which build runs.",
+            ),
             &["version"],
         )
         .unwrap();
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.messages_consumed.clone()),
             Box::new(m.orders_stored.clone()),
@@ -128,7 +133,9 @@ impl Metrics {
             Box::new(build_info),
         ];
         for collector in collectors {
-            m.registry.register(collector).expect("metric names are unique");
+            m.registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         m
     }
