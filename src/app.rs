@@ -29,6 +29,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             Some(RedisTier::start(
                 client,
                 settings.redis.ttl_secs,
+                &settings.redis.key_prefix,
                 metrics.clone(),
             ))
         }

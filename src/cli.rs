@@ -215,6 +215,15 @@ pub struct SettingsArgs {
         value_name = "SECS"
     )]
     pub redis_ttl_secs: Option<u64>,
+    /// Prefix of every Redis key, so deployments can share one Redis [default: order-service:]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_KEY_PREFIX",
+        help_heading = "Cache",
+        value_name = "PREFIX"
+    )]
+    pub redis_key_prefix: Option<String>,
     /// Memory budget of the in-process cache, in bytes [default: 268435456]
     #[arg(
         long,
@@ -305,8 +314,14 @@ impl SettingsArgs {
         set(&mut s.validation.max_message_bytes, self.max_message_bytes);
         set(&mut s.validation.max_items, self.max_items);
         set(&mut s.validation.max_string_chars, self.max_string_chars);
-        set(&mut s.redis.url, self.redis_url.map(|url| Some(url.into())));
+        // An empty REDIS_URL means no Redis tier, like an unset one.
+        set(
+            &mut s.redis.url,
+            self.redis_url
+                .map(|url| (!url.is_empty()).then(|| url.into())),
+        );
         set(&mut s.redis.ttl_secs, self.redis_ttl_secs);
+        set(&mut s.redis.key_prefix, self.redis_key_prefix);
         set(&mut s.cache.max_bytes, self.cache_max_bytes);
         set(&mut s.cache.warmup_orders, self.cache_warmup_orders);
         set(&mut s.http.addr, self.http_addr);

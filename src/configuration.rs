@@ -102,6 +102,8 @@ pub struct RedisSettings {
     /// Unset: no Redis tier.
     pub url: Option<SecretString>,
     pub ttl_secs: u64,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub key_prefix: String,
 }
 
 impl Default for RedisSettings {
@@ -109,6 +111,7 @@ impl Default for RedisSettings {
         Self {
             url: None,
             ttl_secs: 7 * 24 * 3600,
+            key_prefix: "order-service:".into(),
         }
     }
 }

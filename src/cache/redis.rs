@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 
 use crate::telemetry::Metrics;
 
-const KEY_PREFIX: &str = "order-service:order:";
 /// Longest time a read may wait on Redis before it falls through to PostgreSQL.
 const READ_TIMEOUT: Duration = Duration::from_millis(50);
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,17 +27,24 @@ struct Inner {
     connection: RwLock<Option<ConnectionManager>>,
     up: AtomicBool,
     ttl_secs: u64,
+    key_prefix: String,
     metrics: Arc<Metrics>,
 }
 
 impl RedisTier {
     /// Starts the background writer and health probe. Does not wait for Redis.
-    pub fn start(client: redis::Client, ttl_secs: u64, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        client: redis::Client,
+        ttl_secs: u64,
+        key_prefix: &str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let inner = Arc::new(Inner {
             client,
             connection: RwLock::new(None),
             up: AtomicBool::new(false),
             ttl_secs,
+            key_prefix: format!("{key_prefix}order:"),
             metrics,
         });
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -54,7 +60,7 @@ impl RedisTier {
     /// The order's JSON if Redis has it; `None` on a miss and whenever Redis is away.
     pub async fn get(&self, uid: &str) -> Option<Bytes> {
         let mut conn = self.inner.connection()?;
-        let key = format!("{KEY_PREFIX}{uid}");
+        let key = format!("{}{uid}", self.inner.key_prefix);
         let mut cmd = redis::cmd("GET");
         let get = cmd.arg(&key).query_async::<Option<Vec<u8>>>(&mut conn);
         match tokio::time::timeout(READ_TIMEOUT, get).await {
@@ -153,8 +159,12 @@ async fn write_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Vec<(Box<str>, 
         };
         let mut pipe = redis::pipe();
         for (uid, json) in &orders {
-            pipe.set_ex(format!("{KEY_PREFIX}{uid}"), json.as_ref(), inner.ttl_secs)
-                .ignore();
+            pipe.set_ex(
+                format!("{}{uid}", inner.key_prefix),
+                json.as_ref(),
+                inner.ttl_secs,
+            )
+            .ignore();
         }
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             inner

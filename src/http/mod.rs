@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::compression::CompressionLayer;
@@ -55,6 +55,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(health::router())
         .merge(feed::router())
         .merge(ui::router())
+        .fallback(no_route)
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
             record,
@@ -73,6 +74,15 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         ));
     }
     router.with_state(state)
+}
+
+/// Anything not routed: a JSON 404, marked so it is told apart from "no such order".
+async fn no_route() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        [("x-route", "none")],
+        axum::Json(serde_json::json!({ "error": "no such route; see /openapi.json" })),
+    )
 }
 
 /// Counts every request by route template (never the raw path, which would

@@ -10,9 +10,18 @@ use super::dead_letter::DeadLetter;
 use crate::domain::{parse_order, Limits};
 use crate::store::{Incoming, PartitionOffset};
 
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 pub struct Batch {
     pub valid: Vec<Incoming>,
+    /// The key and bytes each valid order arrived with, by the same index, so a
+    /// later refusal (conflict, store) dead-letters exactly what was received.
+    pub valid_sources: Vec<Source>,
     pub rejected: Vec<DeadLetter>,
     /// The next offset to consume per partition once this batch is committed.
     next_offsets: BTreeMap<i32, i64>,
@@ -41,6 +50,10 @@ impl Batch {
                     json,
                     partition,
                     offset,
+                });
+                self.valid_sources.push(Source {
+                    key: key.map(<[u8]>::to_vec),
+                    payload: payload.to_vec(),
                 });
             }
             Err(rejection) => self.rejected.push(DeadLetter {
@@ -78,6 +91,14 @@ impl Batch {
     /// Forgets everything from partitions this consumer no longer owns; their
     /// new owner starts from the offsets stored in PostgreSQL.
     pub fn drop_partitions(&mut self, revoked: &[i32]) {
+        let keep: Vec<bool> = self
+            .valid
+            .iter()
+            .map(|m| !revoked.contains(&m.partition))
+            .collect();
+        let mut flags = keep.iter();
+        self.valid_sources
+            .retain(|_| *flags.next().unwrap_or(&true));
         self.valid.retain(|m| !revoked.contains(&m.partition));
         self.rejected.retain(|m| !revoked.contains(&m.partition));
         self.acknowledged.retain(|(p, _)| !revoked.contains(p));
@@ -87,6 +108,25 @@ impl Batch {
         self.messages = self.valid.len() + self.rejected.len();
         if self.messages == 0 {
             self.first_at = None;
+        }
+    }
+}
+
+impl DeadLetter {
+    /// A valid order refused later on: dead-lettered with the bytes it came with.
+    pub fn refused(
+        incoming: &Incoming,
+        source: &Source,
+        stage: &'static str,
+        reason: String,
+    ) -> Self {
+        DeadLetter {
+            key: source.key.clone(),
+            payload: source.payload.clone(),
+            partition: incoming.partition,
+            offset: incoming.offset,
+            stage,
+            reasons: vec![reason],
         }
     }
 }

@@ -70,6 +70,9 @@ pub fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
+        // A crashed instance's partitions move to the others after this long.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
         // A message over our limit must still be fetched, to be dead-lettered.
         .set(
             "fetch.message.max.bytes",

@@ -43,7 +43,7 @@ pub struct IngestHealth {
 struct PartitionState {
     /// `None`: nothing stored yet, so the partition starts at its beginning.
     next: Option<i64>,
-    /// Whether the consumer's position was checked against `next` yet.
+    /// Whether the consumer was moved to `next`; until then its messages are dropped.
     positioned: bool,
 }
 
@@ -65,6 +65,8 @@ pub struct Ingest {
     stalled: Option<Batch>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// When to try again to seek partitions that could not be positioned yet.
+    reposition_at: Option<Instant>,
 }
 
 impl Ingest {
@@ -100,6 +102,7 @@ impl Ingest {
             stalled: None,
             backoff: Duration::ZERO,
             retry_at: None,
+            reposition_at: None,
         })
     }
 
@@ -118,6 +121,9 @@ impl Ingest {
                 Some(event) = self.events.recv() => self.on_rebalance(event).await,
                 () = sleep_until(self.retry_at.unwrap_or_else(far_future)), if self.retry_at.is_some() => {
                     self.retry().await;
+                }
+                () = sleep_until(self.reposition_at.unwrap_or_else(far_future)), if self.reposition_at.is_some() => {
+                    self.reposition();
                 }
                 () = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() && self.stalled.is_none() => {
                     self.flush_current().await;
@@ -177,44 +183,46 @@ impl Ingest {
         Ok(())
     }
 
-    /// Whether a fetched message is new to this consumer. Seeks the partition
-    /// to its stored offset the first time one of its messages shows up.
+    /// Whether a fetched message is new to this consumer: its partition is
+    /// ours, positioned at the stored offset, and the message is not below it.
     fn accept(&mut self, partition: i32, offset: i64) -> bool {
-        let Some(state) = self.partitions.get_mut(&partition) else {
-            // Not (or no longer, or not yet) ours with known offsets.
-            return false;
-        };
-        if !state.positioned {
-            state.positioned = true;
-            let target = match state.next {
-                Some(next) if offset != next => Some(Offset::Offset(next)),
-                None if offset != 0 => Some(Offset::Beginning),
-                _ => None,
-            };
-            if let Some(target) = target {
-                tracing::info!(
-                    partition,
-                    offset,
-                    ?target,
-                    "moving to the position stored in PostgreSQL"
-                );
-                if let Err(e) = self.consumer.seek(
-                    &self.settings.kafka.topic,
-                    partition,
-                    target,
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(partition, error = %e, "seek failed; will retry on the next message");
-                    state.positioned = false;
+        match self.partitions.get_mut(&partition) {
+            Some(state) if state.positioned && state.next.is_none_or(|next| offset >= next) => {
+                state.next = Some(offset + 1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Seeks every newly assigned partition to the offset stored in PostgreSQL
+    /// (or its beginning if none is). A seek right after an assignment can fail
+    /// until the fetcher has started; those are retried shortly.
+    fn reposition(&mut self) {
+        let mut pending = false;
+        for (&partition, state) in self.partitions.iter_mut().filter(|(_, s)| !s.positioned) {
+            let target = state.next.map_or(Offset::Beginning, Offset::Offset);
+            match self.consumer.seek(
+                &self.settings.kafka.topic,
+                partition,
+                target,
+                Duration::from_secs(1),
+            ) {
+                Ok(()) => {
+                    tracing::debug!(
+                        partition,
+                        ?target,
+                        "positioned at the offset stored in PostgreSQL"
+                    );
+                    state.positioned = true;
                 }
-                return false;
+                Err(e) => {
+                    tracing::debug!(partition, error = %e, "seek not possible yet; retrying");
+                    pending = true;
+                }
             }
         }
-        if state.next.is_some_and(|next| offset < next) {
-            return false;
-        }
-        state.next = Some(offset + 1);
-        true
+        self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
     }
 
     async fn on_rebalance(&mut self, event: Rebalance) {
@@ -267,6 +275,7 @@ impl Ingest {
                 },
             );
         }
+        self.reposition();
         Ok(())
     }
 
@@ -379,17 +388,12 @@ impl Ingest {
             .conflicts
             .iter()
             .map(|&i| {
-                let m = &batch.valid[i];
-                DeadLetter {
-                    key: Some(m.order.uid().as_str().as_bytes().to_vec()),
-                    payload: m.json.to_vec(),
-                    partition: m.partition,
-                    offset: m.offset,
-                    stage: "conflict",
-                    reasons: vec![
-                        "conflict: order_uid already stored with different content".into()
-                    ],
-                }
+                DeadLetter::refused(
+                    &batch.valid[i],
+                    &batch.valid_sources[i],
+                    "conflict",
+                    "conflict: order_uid already stored with different content".into(),
+                )
             })
             .collect();
         self.send_dead_letters(batch, &conflicts).await?;
@@ -439,23 +443,20 @@ impl Ingest {
             error = format!("{cause:#}"),
             "batch refused by PostgreSQL; writing its orders one by one"
         );
-        let valid = std::mem::take(&mut batch.valid);
+        // Try each order alone (rolled back); refusals are marked, the rest kept.
         let mut refused = Vec::new();
-        let mut kept = Vec::with_capacity(valid.len());
-        for incoming in valid {
-            let single = std::slice::from_ref(&incoming);
+        for i in 0..batch.valid.len() {
+            let single = std::slice::from_ref(&batch.valid[i]);
             let result = async {
                 let mut tx = self.store.begin().await?;
                 tx.insert_orders(&self.settings.kafka.topic, single).await?;
-                // Nothing is committed here: the batch commit below writes it with the offsets.
                 drop(tx);
                 Ok::<_, sqlx::Error>(())
             }
             .await;
             match result {
-                Ok(()) => kept.push(incoming),
+                Ok(()) => {}
                 Err(e) if is_transient(&e) => {
-                    batch.valid = kept.into_iter().chain(std::iter::once(incoming)).collect();
                     return Err(anyhow::Error::new(e).context("writing orders to PostgreSQL"));
                 }
                 Err(e) => {
@@ -466,20 +467,20 @@ impl Ingest {
                         ),
                         _ => "store: database refused the order".to_owned(),
                     };
+                    let incoming = &batch.valid[i];
                     tracing::warn!(partition = incoming.partition, offset = incoming.offset, order_uid = %incoming.order.uid(), %reason, "order dead-lettered");
-                    refused.push(DeadLetter {
-                        key: Some(incoming.order.uid().as_str().as_bytes().to_vec()),
-                        payload: incoming.json.to_vec(),
-                        partition: incoming.partition,
-                        offset: incoming.offset,
-                        stage: "store",
-                        reasons: vec![reason],
-                    });
+                    refused.push((
+                        i,
+                        DeadLetter::refused(incoming, &batch.valid_sources[i], "store", reason),
+                    ));
                 }
             }
         }
-        batch.valid = kept;
-        batch.rejected.extend(refused);
+        for (i, letter) in refused.into_iter().rev() {
+            batch.valid.remove(i);
+            batch.valid_sources.remove(i);
+            batch.rejected.push(letter);
+        }
         Box::pin(self.try_commit(batch, false)).await
     }
 
@@ -538,6 +539,8 @@ impl Ingest {
         }
     }
 }
+
+const REPOSITION_RETRY: Duration = Duration::from_millis(50);
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)

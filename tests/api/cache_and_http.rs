@@ -1,0 +1,468 @@
+use std::time::Duration;
+
+use rand::distr::{Alphanumeric, SampleString};
+use reqwest::header;
+
+use crate::helpers::{
+    generated_orders, produce_orders, redis_url, sample_with_uid, Service, TcpProxy, TestEnv,
+};
+
+const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
+
+fn prefix() -> String {
+    format!("test-{}:", Alphanumeric.sample_string(&mut rand::rng(), 10))
+}
+
+async fn counter(service: &Service, tier: &str, result: &str) -> f64 {
+    service
+        .metric(&format!(
+            "cache_requests_total{{result=\"{result}\",tier=\"{tier}\"}}"
+        ))
+        .await
+}
+
+#[tokio::test]
+async fn order_route_statuses_headers_and_encodings() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let order = sample_with_uid("http-route-1");
+    env.produce(&[(Some("http-route-1"), order.to_string().as_bytes())])
+        .await;
+    let body = service
+        .wait_for_order("http-route-1", Duration::from_secs(30))
+        .await;
+    assert_eq!(body, order);
+
+    let ok = service.get("/order/http-route-1").await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()[header::CONTENT_TYPE], "application/json");
+    let etag = ok.headers()[header::ETAG].to_str().unwrap().to_owned();
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"'),
+        "strong ETag: {etag}"
+    );
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        assert_eq!(ok.headers()[name], value);
+    }
+    assert!(ok.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+
+    let not_modified = service
+        .client
+        .get(service.url("/order/http-route-1"))
+        .header(header::IF_NONE_MATCH, &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), 304);
+    assert!(not_modified.bytes().await.unwrap().is_empty());
+
+    let head = service
+        .client
+        .head(service.url("/order/http-route-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()[header::ETAG].to_str().unwrap(), etag);
+
+    let gzip = service
+        .client
+        .get(service.url("/order/http-route-1"))
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gzip.headers()[header::CONTENT_ENCODING], "gzip");
+    let br = service
+        .client
+        .get(service.url("/order/http-route-1"))
+        .header(header::ACCEPT_ENCODING, "br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(br.headers()[header::CONTENT_ENCODING], "br");
+
+    let missing = service.get("/order/no-such-order").await;
+    assert_eq!(missing.status(), 404);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "order not found", "order_uid": "no-such-order"})
+    );
+
+    // An invalid id never reaches a store: the lookup counters do not move.
+    let lookups =
+        counter(&service, "memory", "miss").await + counter(&service, "memory", "hit").await;
+    for bad in [
+        "bad.id",
+        "%3Cscript%3E",
+        &"x".repeat(65),
+        "..%2F..%2Fetc%2Fpasswd",
+    ] {
+        let response = service.get(&format!("/order/{bad}")).await;
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid order_uid: "),
+            "{body}"
+        );
+    }
+    let after =
+        counter(&service, "memory", "miss").await + counter(&service, "memory", "hit").await;
+    assert_eq!(lookups, after);
+}
+
+#[tokio::test]
+async fn recent_orders_page_by_cursor_and_reject_bad_parameters() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(61, 25);
+    produce_orders(&env, &orders).await;
+    let service = env.spawn();
+    env.wait_for_count(COUNT_ORDERS, 25, Duration::from_secs(30))
+        .await;
+
+    let first: serde_json::Value = service
+        .get("/api/orders?limit=10")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["orders"].as_array().unwrap().len(), 10);
+    let summary = &first["orders"][0];
+    for field in [
+        "order_uid",
+        "date_created",
+        "customer_id",
+        "amount",
+        "currency",
+        "item_count",
+    ] {
+        assert!(!summary[field].is_null(), "{field} in {summary}");
+    }
+    let mut seen: Vec<String> = Vec::new();
+    let mut page = first;
+    loop {
+        seen.extend(
+            page["orders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["order_uid"].as_str().unwrap().to_owned()),
+        );
+        let Some(cursor) = page["next_cursor"].as_str() else {
+            break;
+        };
+        page = service
+            .get(&format!("/api/orders?limit=10&before={cursor}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen.len(), 25);
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 25, "pages do not overlap");
+
+    for (query, reason) in [
+        ("limit=0", "limit must be a whole number from 1 to 100"),
+        ("limit=101", "limit must be a whole number from 1 to 100"),
+        ("limit=ten", "limit must be a whole number from 1 to 100"),
+        (
+            "before=abc",
+            "before must be a next_cursor value from an earlier page",
+        ),
+        (
+            "sort=asc",
+            "unknown parameter \"sort\"; use limit and before",
+        ),
+    ] {
+        let response = service.get(&format!("/api/orders?{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], reason);
+    }
+}
+
+#[tokio::test]
+async fn operational_routes_and_the_openapi_document() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+
+    assert_eq!(service.get("/healthz").await.status(), 200);
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["postgres"], "up");
+    assert_eq!(ready["checks"]["kafka_assignment"], "assigned");
+    assert_eq!(ready["checks"]["redis"], "disabled");
+    assert_eq!(ready["warmup"]["done"], true);
+    let metrics = service.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("order_service_build_info{version=\""),
+        "{metrics}"
+    );
+    let page = service.get("/").await;
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<script src=\"/assets/app.js\""));
+
+    let doc: serde_json::Value = service.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let text = doc.to_string();
+    for reference in text.split("\"$ref\":\"#/").skip(1) {
+        let pointer = format!("/{}", &reference[..reference.find('"').unwrap()]);
+        assert!(doc.pointer(&pointer).is_some(), "unresolved $ref {pointer}");
+    }
+    // Every documented operation exists (the fallback answers anything else)...
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, operations) in paths {
+        let concrete = path.replace("{order_uid}", "no-such-order");
+        for (method, operation) in operations.as_object().unwrap() {
+            assert!(
+                operation["responses"].is_object(),
+                "{method} {path} documents its responses"
+            );
+            if path.ends_with("/stream") {
+                continue;
+            }
+            let request = service.client.request(
+                method.to_uppercase().parse().unwrap(),
+                service.url(&concrete),
+            );
+            let response = request.send().await.unwrap();
+            assert_ne!(
+                response
+                    .headers()
+                    .get("x-route")
+                    .map(|v| v.to_str().unwrap()),
+                Some("none"),
+                "{method} {path}"
+            );
+            let status = response.status().as_str().to_owned();
+            assert!(
+                operation["responses"].get(&status).is_some(),
+                "{method} {path} answered undocumented {status}"
+            );
+        }
+    }
+    // ...and nothing else does.
+    let fallback = service.get("/orders").await;
+    assert_eq!(fallback.status(), 404);
+    assert_eq!(fallback.headers()["x-route"], "none");
+    let routes = [
+        "/order/{order_uid}",
+        "/api/orders",
+        "/api/orders/stream",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/",
+        "/orders/{order_uid}",
+        "/assets/app.js",
+        "/assets/app.css",
+    ];
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut expected = routes.to_vec();
+    documented.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(documented, expected);
+}
+
+/// Memory, then Redis, then PostgreSQL: each tier answers when the ones above
+/// it cannot, and fills them on the way back.
+#[tokio::test]
+async fn reads_fall_through_the_tiers() {
+    let env = TestEnv::new().await;
+    let key_prefix = prefix();
+    let redis = [
+        ("REDIS_URL", redis_url()),
+        ("REDIS_KEY_PREFIX", key_prefix.clone()),
+    ];
+    let orders = generated_orders(71, 30);
+    // A memory budget of a few orders: most are evicted from memory but stay in Redis.
+    let small: Vec<(&str, &str)> = redis
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain([("CACHE_MAX_BYTES", "20000"), ("CACHE_WARMUP_ORDERS", "0")])
+        .collect();
+    let service = env.spawn_with(&small);
+    service.wait_ready().await;
+    wait_redis_up(&service).await;
+    produce_orders(&env, &orders).await;
+    env.wait_for_count(COUNT_ORDERS, 30, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // Redis writes are asynchronous.
+
+    // Some orders were evicted from memory; Redis answers for them and
+    // memory is filled on the way back.
+    let mut from_redis = None;
+    for (uid, bytes) in &orders {
+        let body: serde_json::Value = service
+            .get(&format!("/order/{uid}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            body,
+            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
+        );
+        if counter(&service, "redis", "hit").await == 1.0 {
+            from_redis = Some(uid);
+            break;
+        }
+    }
+    let uid = from_redis.expect("an order evicted from memory is served by Redis");
+    assert_eq!(counter(&service, "postgres", "hit").await, 0.0);
+    let memory_hits = counter(&service, "memory", "hit").await;
+    assert_eq!(service.get(&format!("/order/{uid}")).await.status(), 200);
+    assert_eq!(
+        counter(&service, "memory", "hit").await,
+        memory_hits + 1.0,
+        "filled L1 on the way back"
+    );
+    assert!(service.terminate().success());
+
+    // Both caches cold (a new Redis prefix, no warm-up): PostgreSQL answers.
+    let cold = env.spawn_with(&[
+        ("REDIS_URL", &redis_url()),
+        ("REDIS_KEY_PREFIX", &prefix()),
+        ("CACHE_WARMUP_ORDERS", "0"),
+    ]);
+    cold.wait_ready().await;
+    wait_redis_up(&cold).await;
+    let body: serde_json::Value = cold
+        .get(&format!("/order/{}", orders[1].0))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body,
+        serde_json::from_slice::<serde_json::Value>(&orders[1].1).unwrap()
+    );
+    assert_eq!(counter(&cold, "memory", "miss").await, 1.0);
+    assert_eq!(counter(&cold, "redis", "miss").await, 1.0);
+    assert_eq!(counter(&cold, "postgres", "hit").await, 1.0);
+    let missing = cold.get("/order/not-anywhere").await;
+    assert_eq!(missing.status(), 404);
+    assert_eq!(counter(&cold, "postgres", "miss").await, 1.0);
+}
+
+/// After a restart, the most recent orders are served from memory at once.
+#[tokio::test]
+async fn warm_up_loads_the_most_recent_orders() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(81, 40);
+    produce_orders(&env, &orders).await;
+    let first = env.spawn();
+    env.wait_for_count(COUNT_ORDERS, 40, Duration::from_secs(30))
+        .await;
+    assert!(first.terminate().success());
+
+    let service = env.spawn_with(&[("CACHE_WARMUP_ORDERS", "25")]);
+    service.wait_ready().await;
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        ready["warmup"],
+        serde_json::json!({"target": 25, "loaded": 25, "done": true})
+    );
+    assert_eq!(service.metric("cache_warmup_loaded_orders").await, 25.0);
+    assert_eq!(service.metric("cache_entries").await, 25.0);
+    let recent: Vec<String> =
+        sqlx::query_scalar("SELECT order_uid FROM orders ORDER BY ingest_seq DESC LIMIT 25")
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    for uid in &recent {
+        assert_eq!(service.get(&format!("/order/{uid}")).await.status(), 200);
+    }
+    assert_eq!(counter(&service, "memory", "hit").await, 25.0);
+    assert_eq!(counter(&service, "postgres", "hit").await, 0.0);
+}
+
+/// Redis going away fails no request; readiness shows it; it comes back by itself.
+#[tokio::test]
+async fn redis_outage_fails_no_request() {
+    let env = TestEnv::new().await;
+    let redis_addr = url::Url::parse(&redis_url()).unwrap();
+    let proxy = TcpProxy::start(format!(
+        "{}:{}",
+        redis_addr.host_str().unwrap(),
+        redis_addr.port().unwrap_or(6379)
+    ))
+    .await;
+    let service = env.spawn_with(&[
+        ("REDIS_URL", &format!("redis://127.0.0.1:{}/", proxy.port)),
+        ("REDIS_KEY_PREFIX", &prefix()),
+        ("CACHE_MAX_BYTES", "4000"),
+    ]);
+    service.wait_ready().await;
+    wait_redis_up(&service).await;
+    let orders = generated_orders(91, 10);
+    produce_orders(&env, &orders).await;
+    env.wait_for_count(COUNT_ORDERS, 10, Duration::from_secs(30))
+        .await;
+
+    proxy.cut();
+    for (uid, bytes) in &orders {
+        let response = service.get(&format!("/order/{uid}")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.json::<serde_json::Value>().await.unwrap(),
+            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+        if ready["checks"]["redis"] == "down" {
+            assert_eq!(
+                ready["status"], "ready",
+                "Redis never makes the service unready"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis outage never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.restore();
+    wait_redis_up(&service).await;
+    let logs = service.log_text();
+    assert_eq!(logs.matches("redis is unreachable").count(), 1, "{logs}");
+}
+
+async fn wait_redis_up(service: &Service) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+        if ready["checks"]["redis"] == "up" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never up: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

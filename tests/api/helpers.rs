@@ -1,0 +1,496 @@
+//! Each test gets its own database, topics and consumer group, and runs the
+//! real `order-service` binary against the real PostgreSQL, Redis and broker.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::distr::{Alphanumeric, SampleString};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub const SAMPLE: &str = include_str!("../../src/domain/sample_order.json");
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn brokers() -> String {
+    var("TEST_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+pub fn redis_url() -> String {
+    var("TEST_REDIS_URL", "redis://127.0.0.1:6379/")
+}
+
+/// A database, an orders topic, a dead-letter topic and a group of its own.
+pub struct TestEnv {
+    pub name: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    owner: PgConnectOptions,
+    pub service_url: String,
+    /// Connected as the owner role, for assertions.
+    pub db: PgPool,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with_partitions(4).await
+    }
+
+    pub async fn with_partitions(partitions: i32) -> Self {
+        let suffix = Alphanumeric
+            .sample_string(&mut rand::rng(), 10)
+            .to_lowercase();
+        let name = format!("test_{suffix}");
+        let admin = PgConnectOptions::from_str(&var(
+            "TEST_DATABASE_URL",
+            "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
+        ))
+        .expect("TEST_DATABASE_URL is a PostgreSQL URL");
+        let mut conn = admin.connect().await.expect("connect as the owner role");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        let owner = admin.clone().database(&name);
+        let role = var("TEST_SERVICE_ROLE", "order_service");
+        order_service::store::migrate(owner.clone(), &role)
+            .await
+            .expect("migrations apply");
+        let service_url = format!(
+            "postgres://{role}:{}@{}:{}/{name}",
+            var("TEST_SERVICE_PASSWORD", "order_service_local"),
+            admin.get_host(),
+            admin.get_port()
+        );
+        let db = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(owner.clone())
+            .await
+            .unwrap();
+        let env = Self {
+            topic: format!("orders-{suffix}"),
+            dlq_topic: format!("orders-{suffix}.dlq"),
+            group: format!("group-{suffix}"),
+            name,
+            owner,
+            service_url,
+            db,
+        };
+        env.create_topics(partitions).await;
+        env
+    }
+
+    async fn create_topics(&self, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .unwrap();
+        let topics = [
+            NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(1)),
+        ];
+        for result in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.expect("topic created");
+        }
+    }
+
+    /// Settings for a service instance of this test, as environment variables.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", self.service_url.clone()),
+            ("KAFKA_BROKERS", brokers()),
+            ("KAFKA_TOPIC", self.topic.clone()),
+            ("KAFKA_DLQ_TOPIC", self.dlq_topic.clone()),
+            ("KAFKA_GROUP_ID", self.group.clone()),
+            ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("LOG_FORMAT", "json".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    pub fn spawn(&self) -> Service {
+        Service::spawn(self.service_env())
+    }
+
+    pub fn spawn_with(&self, extra: &[(&str, &str)]) -> Service {
+        let mut env = self.service_env();
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        Service::spawn(env)
+    }
+
+    pub async fn produce(&self, messages: &[(Option<&str>, &[u8])]) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .unwrap();
+        let sends = messages.iter().map(|(key, payload)| {
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(*payload);
+            if let Some(key) = key {
+                record = record.key(*key);
+            }
+            producer.send(record, Duration::from_secs(10))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.expect("message delivered");
+        }
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
+    }
+
+    /// Waits until `sql` returns `expected`, and fails with the last value if it never does.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self.count(sql).await;
+            if n == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{sql}: {n}, expected {expected}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads the dead-letter topic until `expected` letters arrived (or the time is up).
+    pub fn dead_letters(&self, expected: usize, within: Duration) -> Vec<DeadLetter> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", format!("{}-reader", self.group))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.dlq_topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&list).unwrap();
+        let mut letters = Vec::new();
+        let deadline = Instant::now() + within;
+        while letters.len() < expected && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for header in h.iter() {
+                        let value =
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned();
+                        headers
+                            .entry(header.key.to_owned())
+                            .or_default()
+                            .push(value);
+                    }
+                }
+                letters.push(DeadLetter {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+        // Anything beyond `expected` shows up too, so an exact count can be asserted.
+        while let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            letters.push(DeadLetter {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers: HashMap::new(),
+            });
+        }
+        letters
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let (owner, name) = (self.owner.clone(), self.name.clone());
+        // Drop runs outside any runtime, so cleanup gets a small one of its own.
+        // Topics stay until the suite ends: the local broker mishandles a topic
+        // deleted while other producers are active (see scripts/stack test).
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = owner.database("postgres").connect().await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, Vec<String>>,
+}
+
+impl DeadLetter {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map_or("", String::as_str)
+    }
+
+    pub fn reasons(&self) -> &[String] {
+        self.headers.get("dlq-reason").map_or(&[], Vec::as_slice)
+    }
+}
+
+/// A running `order-service serve` process.
+pub struct Service {
+    child: Child,
+    pub addr: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::Client,
+}
+
+impl Service {
+    pub fn spawn(env: Vec<(String, String)>) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .arg("serve")
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start order-service");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(addr) = v.get("addr").and_then(|a| a.as_str()) {
+                        let _ = addr_tx.send(addr.to_owned());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "service did not start; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Self {
+            child,
+            addr,
+            logs,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Waits until the service is ready (PostgreSQL up, partitions assigned).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service never became ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `GET /order/{uid}` answers 200 and returns the body.
+    pub async fn wait_for_order(&self, uid: &str, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let r = self.get(&format!("/order/{uid}")).await;
+            if r.status() == 200 {
+                return r.json().await.unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "order {uid} never appeared:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// SIGTERM, and the exit status once it stops.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// SIGKILL: a crash, no chance to finish anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sample order with another id (and matching transaction).
+pub fn sample_with_uid(uid: &str) -> serde_json::Value {
+    let mut order: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    order["order_uid"] = uid.into();
+    order["payment"]["transaction"] = uid.into();
+    order
+}
+
+/// A TCP proxy in front of PostgreSQL or Redis that a test can cut and
+/// restore, to play an outage without touching the servers other tests use.
+pub struct TcpProxy {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*watch.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut watch = watch.clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up }
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl TestEnv {
+    /// The service URL routed through `proxy`.
+    pub fn service_url_via(&self, proxy: &TcpProxy) -> String {
+        let url = url::Url::parse(&self.service_url).unwrap();
+        let mut via = url.clone();
+        via.set_host(Some("127.0.0.1")).unwrap();
+        via.set_port(Some(proxy.port)).unwrap();
+        via.to_string()
+    }
+
+    pub fn postgres_addr(&self) -> String {
+        format!("{}:{}", self.owner.get_host(), self.owner.get_port())
+    }
+}
+
+/// `n` valid generated orders, as (uid, bytes).
+pub fn generated_orders(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut generator = order_service::producer::Generator::new(seed, 5);
+    (0..n)
+        .map(|_| {
+            let order = generator.valid();
+            (
+                order["order_uid"].as_str().unwrap().to_owned(),
+                order.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+pub async fn produce_orders(env: &TestEnv, orders: &[(String, Vec<u8>)]) {
+    let messages: Vec<(Option<&str>, &[u8])> = orders
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_slice()))
+        .collect();
+    for chunk in messages.chunks(5000) {
+        env.produce(chunk).await;
+    }
+}

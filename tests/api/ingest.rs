@@ -1,0 +1,363 @@
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use order_service::producer::{Generator, InvalidKind};
+
+use crate::helpers::{generated_orders, produce_orders, sample_with_uid, TcpProxy, TestEnv};
+
+const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
+
+/// Every kind of message at once: each ends stored, absorbed as a duplicate,
+/// or in the dead-letter topic with its reason and origin.
+#[tokio::test]
+async fn every_message_is_stored_absorbed_or_dead_lettered() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[("MAX_MESSAGE_BYTES", "8192")]);
+    service.wait_ready().await;
+
+    let valid = generated_orders(11, 20);
+    let mut generator = Generator::new(12, 5);
+    let invalid: Vec<(InvalidKind, Vec<u8>)> = InvalidKind::ALL
+        .iter()
+        .map(|&kind| (kind, generator.invalid(kind).to_string().into_bytes()))
+        .collect();
+    let malformed: Vec<(&[u8], &str)> = vec![
+        (b"", "message is empty"),
+        (
+            b"\xc3\x28 not utf-8",
+            "not valid UTF-8 (first bad byte at 0)",
+        ),
+        (
+            b"hello, world",
+            "not JSON: expected value at line 1 column 1",
+        ),
+        (
+            b"{\"order_uid\": \"abc\"",
+            "truncated JSON: input ends at line 1 column 19",
+        ),
+        (b"[1, 2, 3]", "expected a JSON object, found an array"),
+    ];
+    let too_large = vec![b' '; 9000];
+    let mut conflicting = serde_json::from_slice::<serde_json::Value>(&valid[0].1).unwrap();
+    conflicting["customer_id"] = "someone-else".into();
+    let conflicting = conflicting.to_string().into_bytes();
+
+    produce_orders(&env, &valid).await;
+    env.wait_for_count(COUNT_ORDERS, 20, Duration::from_secs(30))
+        .await;
+    let mut rest: Vec<(Option<&str>, &[u8])> = Vec::new();
+    for (uid, bytes) in &valid[..3] {
+        rest.push((Some(uid), bytes));
+    }
+    for (_, bytes) in &invalid {
+        rest.push((Some("invalid-key"), bytes));
+    }
+    for (bytes, _) in &malformed {
+        rest.push((None, bytes));
+    }
+    rest.push((Some("big"), &too_large));
+    rest.push((Some(valid[0].0.as_str()), &conflicting));
+    env.produce(&rest).await;
+
+    let letters = env.dead_letters(22, Duration::from_secs(30));
+    assert_eq!(letters.len(), 22, "{letters:#?}");
+    assert_eq!(env.count(COUNT_ORDERS).await, 20);
+    assert_eq!(env.count("SELECT count(*) FROM deliveries").await, 20);
+    assert_eq!(env.count("SELECT count(*) FROM payments").await, 20);
+
+    let by_stage = letters
+        .iter()
+        .fold(HashMap::new(), |mut m: HashMap<&str, usize>, l| {
+            *m.entry(l.header("dlq-stage")).or_default() += 1;
+            m
+        });
+    assert_eq!(
+        by_stage,
+        HashMap::from([
+            ("validate", 15),
+            ("parse", 5),
+            ("too_large", 1),
+            ("conflict", 1)
+        ])
+    );
+    for letter in &letters {
+        assert_eq!(letter.header("dlq-source-topic"), env.topic);
+        assert!(letter.header("dlq-source-partition").parse::<i32>().is_ok());
+        assert!(letter.header("dlq-source-offset").parse::<i64>().is_ok());
+        assert!(chrono::DateTime::parse_from_rfc3339(letter.header("dlq-time")).is_ok());
+        assert!(!letter.reasons().is_empty());
+    }
+    for (kind, bytes) in &invalid {
+        let letter = letters
+            .iter()
+            .find(|l| &l.payload == bytes)
+            .expect("dead letter with the original bytes");
+        assert_eq!(letter.key.as_deref(), Some("invalid-key"));
+        assert_eq!(letter.reasons().len(), 1);
+        assert!(
+            letter.reasons()[0].starts_with(&format!("{}: ", kind.field())),
+            "{kind:?}: {:?}",
+            letter.reasons()
+        );
+    }
+    for (bytes, reason) in &malformed {
+        let letter = letters
+            .iter()
+            .find(|l| l.payload == *bytes)
+            .expect("malformed dead letter");
+        assert_eq!(letter.reasons(), [reason.to_string()]);
+        assert_eq!(letter.key, None);
+    }
+    let big = letters
+        .iter()
+        .find(|l| l.header("dlq-stage") == "too_large")
+        .unwrap();
+    assert_eq!(big.reasons(), ["message is 9000 bytes, the limit is 8192"]);
+    assert_eq!(big.payload.len(), 9000);
+    let conflict = letters
+        .iter()
+        .find(|l| l.header("dlq-stage") == "conflict")
+        .unwrap();
+    assert_eq!(
+        conflict.payload, conflicting,
+        "the original bytes, not a re-serialization"
+    );
+    assert_eq!(conflict.key.as_deref(), Some(valid[0].0.as_str()));
+    assert_eq!(
+        conflict.reasons(),
+        ["conflict: order_uid already stored with different content"]
+    );
+
+    // The stored order was not overwritten by the conflicting one.
+    let served = service
+        .wait_for_order(&valid[0].0, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        served,
+        serde_json::from_slice::<serde_json::Value>(&valid[0].1).unwrap()
+    );
+
+    assert_eq!(service.metric("orders_stored_total").await, 20.0);
+    assert_eq!(service.metric("orders_duplicates_total").await, 3.0);
+    assert_eq!(
+        service.metric("orders_messages_consumed_total").await,
+        20.0 + 3.0 + 15.0 + 5.0 + 1.0 + 1.0
+    );
+    assert_eq!(
+        service
+            .metric("orders_dead_letters_total{stage=\"validate\"}")
+            .await,
+        15.0
+    );
+}
+
+/// Offsets live in PostgreSQL: when the stored offsets are wound back, the
+/// whole topic is delivered again and nothing is stored twice.
+#[tokio::test]
+async fn redelivered_orders_are_absorbed_as_duplicates() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(21, 50);
+    produce_orders(&env, &orders).await;
+    let service = env.spawn();
+    env.wait_for_count(COUNT_ORDERS, 50, Duration::from_secs(30))
+        .await;
+    assert!(service.terminate().success());
+
+    sqlx::query("UPDATE consumer_offsets SET next_offset = 0")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let service = env.spawn();
+    service.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while service.metric("orders_duplicates_total").await < 50.0 {
+        assert!(
+            Instant::now() < deadline,
+            "redelivery not absorbed:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(service.metric("orders_duplicates_total").await, 50.0);
+    assert_eq!(service.metric("orders_stored_total").await, 0.0);
+    assert_eq!(env.count(COUNT_ORDERS).await, 50);
+    assert_eq!(
+        env.count("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+            .await,
+        50
+    );
+    assert!(env.dead_letters(0, Duration::from_secs(1)).is_empty());
+}
+
+/// kill -9 in the middle of a stream, then restart: every order exactly once.
+#[tokio::test]
+async fn a_crash_mid_stream_loses_and_doubles_nothing() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(31, 3000);
+    produce_orders(&env, &orders).await;
+    let service = env.spawn_with(&[("INGEST_BATCH_SIZE", "100")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.count(COUNT_ORDERS).await < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "ingest never started:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.kill();
+    let stored_at_crash = env.count(COUNT_ORDERS).await;
+    assert!(
+        stored_at_crash < 3000,
+        "the crash came too late to prove anything"
+    );
+
+    let _service = env.spawn_with(&[("INGEST_BATCH_SIZE", "100")]);
+    env.wait_for_count(COUNT_ORDERS, 3000, Duration::from_secs(60))
+        .await;
+    let expected_items: i64 = orders
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_slice::<serde_json::Value>(b).unwrap()["items"]
+                .as_array()
+                .unwrap()
+                .len() as i64
+        })
+        .sum();
+    assert_eq!(
+        env.count("SELECT count(*) FROM items").await,
+        expected_items
+    );
+    assert_eq!(
+        env.count("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+            .await,
+        3000
+    );
+    assert!(env.dead_letters(0, Duration::from_secs(1)).is_empty());
+}
+
+/// Two instances share the partitions; one joins mid-stream, then the first
+/// leaves. Every order is stored exactly once and either instance serves any.
+#[tokio::test]
+async fn two_consumers_share_a_group_through_rebalances() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(41, 1200);
+    let first = env.spawn();
+    first.wait_ready().await;
+    produce_orders(&env, &orders[..400]).await;
+    let second = env.spawn();
+    produce_orders(&env, &orders[400..800]).await;
+    second.wait_ready().await;
+    env.wait_for_count(COUNT_ORDERS, 800, Duration::from_secs(60))
+        .await;
+    assert!(first.terminate().success());
+    produce_orders(&env, &orders[800..]).await;
+    env.wait_for_count(COUNT_ORDERS, 1200, Duration::from_secs(60))
+        .await;
+
+    assert!(
+        second.log_text().contains("partitions assigned"),
+        "the second instance never got partitions"
+    );
+    // The survivor serves orders it did not ingest.
+    for (uid, bytes) in orders.iter().step_by(97) {
+        let served = second.wait_for_order(uid, Duration::from_secs(5)).await;
+        assert_eq!(
+            served,
+            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
+        );
+    }
+    assert_eq!(
+        env.count("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+            .await,
+        1200
+    );
+    assert!(env.dead_letters(0, Duration::from_secs(1)).is_empty());
+}
+
+/// PostgreSQL goes away mid-stream: ingest pauses, reports not ready, and
+/// resumes by itself when it returns, with exact counts.
+#[tokio::test]
+async fn a_database_outage_pauses_ingest_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("INGEST_MAX_BACKOFF_MS", "500"),
+        ("CACHE_WARMUP_ORDERS", "0"),
+    ]);
+    service.wait_ready().await;
+    let orders = generated_orders(51, 400);
+    produce_orders(&env, &orders[..200]).await;
+    env.wait_for_count(COUNT_ORDERS, 200, Duration::from_secs(30))
+        .await;
+
+    proxy.cut();
+    produce_orders(&env, &orders[200..]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = service.get("/readyz").await;
+        if ready.status() == 503 {
+            let body: serde_json::Value = ready.json().await.unwrap();
+            assert_eq!(body["checks"]["postgres"], "down");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.count(COUNT_ORDERS).await,
+        200,
+        "nothing is written while the database is away"
+    );
+    assert_eq!(service.metric("ingest_consumer_paused").await, 1.0);
+
+    proxy.restore();
+    env.wait_for_count(COUNT_ORDERS, 400, Duration::from_secs(30))
+        .await;
+    service.wait_ready().await;
+    assert_eq!(
+        env.count("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+            .await,
+        400
+    );
+    assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("ingest paused").count(),
+        1,
+        "logged once per state change:\n{logs}"
+    );
+    assert!(env.dead_letters(0, Duration::from_secs(1)).is_empty());
+}
+
+/// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
+#[tokio::test]
+async fn sigterm_commits_and_exits_cleanly() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[
+        ("INGEST_BATCH_LINGER_MS", "60000"),
+        ("INGEST_BATCH_SIZE", "100000"),
+    ]);
+    service.wait_ready().await;
+    let uid = "graceful-1";
+    let order = sample_with_uid(uid).to_string();
+    env.produce(&[(Some(uid), order.as_bytes())]).await;
+    // The batch waits for its linger; only shutdown writes it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while service.metric("orders_messages_consumed_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "message never consumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.count(COUNT_ORDERS).await, 0);
+    let started = Instant::now();
+    let status = service.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(env.count(COUNT_ORDERS).await, 1);
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real binary, PostgreSQL, Redis and broker.
+
+mod cache_and_http;
+mod helpers;
+mod ingest;
+mod skeleton;
