@@ -25,7 +25,7 @@ fn var(name: &str, default: &str) -> String {
 }
 
 pub fn brokers() -> String {
-    var("TEST_KAFKA_BROKERS", "127.0.0.1:9092")
+    var("TEST_KAFKA_BROKERS", "127.0.0.1:19092")
 }
 
 pub fn redis_url() -> String {
@@ -228,8 +228,8 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let (owner, name) = (self.owner.clone(), self.name.clone());
         // Drop runs outside any runtime, so cleanup gets a small one of its own.
-        // Topics stay until the suite ends: the local broker mishandles a topic
-        // deleted while other producers are active (see scripts/stack test).
+        // Topics stay: the suite's broker and its storage are removed after the
+        // run (see scripts/stack test).
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
