@@ -77,8 +77,24 @@ pub fn currency(value: &str) -> RuleResult {
 }
 
 pub fn locale(value: &str) -> RuleResult {
+    // Orders use a handful of locales; remembering the valid ones saves a full
+    // BCP 47 parse per message. Bounded, so hostile input cannot grow it.
+    const REMEMBERED: usize = 256;
+    thread_local! {
+        static VALID: std::cell::RefCell<std::collections::HashSet<Box<str>>> = Default::default();
+    }
+    if VALID.with_borrow(|valid| valid.contains(value)) {
+        return Ok(());
+    }
     match language_tags::LanguageTag::parse(value) {
-        Ok(tag) if tag.validate().is_ok() => Ok(()),
+        Ok(tag) if tag.validate().is_ok() => {
+            VALID.with_borrow_mut(|valid| {
+                if valid.len() < REMEMBERED {
+                    valid.insert(value.into());
+                }
+            });
+            Ok(())
+        }
         _ => Err(format!("{} is not a BCP 47 language tag", shown(value))),
     }
 }

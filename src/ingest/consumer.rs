@@ -1,12 +1,16 @@
 //! The Kafka consumer. Its rebalance callback only signals; the ingest loop
 //! does the work (drop what it holds, load offsets, reposition).
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::configuration::KafkaSettings;
+use crate::telemetry::Metrics;
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
 
@@ -19,9 +23,26 @@ pub enum Rebalance {
 pub struct SignalingContext {
     topic: String,
     events: mpsc::UnboundedSender<Rebalance>,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for SignalingContext {}
+impl ClientContext for SignalingContext {
+    /// librdkafka's periodic statistics carry the lag of each assigned partition.
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        for (id, partition) in &topic.partitions {
+            // -1 is librdkafka's "not assigned here" partition; a negative lag is unknown.
+            if *id >= 0 && partition.consumer_lag >= 0 {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&id.to_string()])
+                    .set(partition.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SignalingContext {
     fn post_rebalance(
@@ -57,11 +78,13 @@ impl SignalingContext {
 pub fn subscribe(
     kafka: &KafkaSettings,
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<(OrderConsumer, mpsc::UnboundedReceiver<Rebalance>)> {
     let (events, receiver) = mpsc::unbounded_channel();
     let context = SignalingContext {
         topic: kafka.topic.clone(),
         events,
+        metrics,
     };
     let consumer: OrderConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
@@ -73,6 +96,7 @@ pub fn subscribe(
         // A crashed instance's partitions move to the others after this long.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
+        .set("statistics.interval.ms", "5000")
         // A message over our limit must still be fetched, to be dead-lettered.
         .set(
             "fetch.message.max.bytes",

@@ -78,8 +78,11 @@ impl Ingest {
         health: Arc<IngestHealth>,
         feed: Feed,
     ) -> anyhow::Result<Self> {
-        let (consumer, events) =
-            consumer::subscribe(&settings.kafka, settings.validation.max_message_bytes)?;
+        let (consumer, events) = consumer::subscribe(
+            &settings.kafka,
+            settings.validation.max_message_bytes,
+            metrics.clone(),
+        )?;
         let dead_letters = DeadLetters::new(
             &settings.kafka.brokers,
             &settings.kafka.dlq_topic,
