@@ -92,7 +92,7 @@ pub fn subscribe(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", "10")
         // A crashed instance's partitions move to the others after this long.
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")

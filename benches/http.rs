@@ -1,0 +1,272 @@
+//! HTTP benchmark, run by `scripts/stack bench http`. With N orders cached
+//! (BENCH_HTTP_ORDERS, default 100000): wrk with random keys against
+//! `GET /order/{uid}`, and in the same run nginx serving one of the same JSON
+//! documents as a static file with the same wrk settings; then latency at half
+//! the measured maximum rate, resident memory against cached bytes, and the
+//! warm-up rate from PostgreSQL.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use order_service::domain::{parse_order, Limits};
+use order_service::producer::Generator;
+use order_service::store::{Incoming, Store};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::ConnectOptions;
+
+const WRK_ARGS: [&str; 5] = ["-t2", "-c64", "-d10s", "--latency", "--timeout=2s"];
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+struct Wrk {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
+    let mut cmd = Command::new("wrk");
+    cmd.args(WRK_ARGS);
+    if let Some(script) = script {
+        cmd.arg("-s").arg(script);
+    }
+    let out = cmd.arg(url).output().expect("wrk runs (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> f64 {
+        let line = text.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in {text}"));
+        let value = line.trim_start()[prefix.len()..].split_whitespace().next().unwrap();
+        parse_ms(value)
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no rate in {text}"));
+    Wrk { requests_per_sec: rps, p50_ms: field("50%"), p99_ms: field("99%") }
+}
+
+/// wrk prints latencies as 812.00us, 1.20ms or 2.01s.
+fn parse_ms(value: &str) -> f64 {
+    if let Some(v) = value.strip_suffix("us") {
+        v.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(v) = value.strip_suffix("ms") {
+        v.parse().unwrap()
+    } else if let Some(v) = value.strip_suffix('s') {
+        v.parse::<f64>().unwrap() * 1000.0
+    } else {
+        value.parse().unwrap()
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+fn start_service(db_url: &str, warmup: u64) -> (Child, String, std::sync::mpsc::Receiver<u64>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("serve")
+        .env_clear()
+        .envs([
+            ("DATABASE_URL", db_url),
+            // No broker is needed to serve; the consumer keeps retrying quietly.
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("HTTP_ADDR", "127.0.0.1:0"),
+            ("LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,rdkafka=off,order_service::ingest=off"),
+            ("CACHE_WARMUP_ORDERS", &warmup.to_string()),
+            ("CACHE_MAX_BYTES", &(4u64 << 30).to_string()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (warm_tx, warm_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if let Some(addr) = v["addr"].as_str() {
+                let _ = addr_tx.send(addr.to_owned());
+            }
+            if v["message"] == "warm-up done" {
+                let _ = warm_tx.send(v["elapsed_ms"].as_u64().unwrap_or(0));
+            }
+        }
+    });
+    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("service starts");
+    (child, addr, warm_rx)
+}
+
+/// Requests at a fixed total rate from many connections; returns (p50, p99) in ms.
+async fn paced_latency(addr: &str, uids: &[String], rate: f64, seconds: u64) -> (f64, f64) {
+    let workers = 32usize;
+    let per_worker = Duration::from_secs_f64(workers as f64 / rate);
+    let total = (rate * seconds as f64) as usize / workers;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = reqwest::Client::new();
+        let urls: Vec<String> =
+            (0..total).map(|i| format!("http://{addr}/order/{}", uids[(i * workers + w * 7919) % uids.len()])).collect();
+        tasks.push(tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + per_worker.mul_f64(w as f64 / workers as f64);
+            let mut latencies = Vec::with_capacity(urls.len());
+            for (i, url) in urls.iter().enumerate() {
+                let due = start + per_worker * i as u32;
+                tokio::time::sleep_until(due).await;
+                // Latency counts from when the request was due, so a stalled
+                // server is not hidden by a stalled client (coordinated omission).
+                let response = client.get(url).send().await.unwrap();
+                let _ = response.bytes().await.unwrap();
+                latencies.push(due.elapsed().as_secs_f64() * 1000.0);
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(f64::total_cmp);
+    (all[all.len() / 2], all[all.len() * 99 / 100])
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: u64 = var("BENCH_HTTP_ORDERS", "100000").parse().unwrap();
+    let admin = PgConnectOptions::from_str(&var(
+        "TEST_DATABASE_URL",
+        "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
+    ))
+    .unwrap();
+    let role = var("TEST_SERVICE_ROLE", "order_service");
+    let name = format!("bench_http_{}", std::process::id());
+    let mut conn = admin.connect().await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    let owner = admin.clone().database(&name);
+    order_service::store::migrate(owner.clone(), &role).await.unwrap();
+    let store = Store::from_pool(PgPoolOptions::new().max_connections(2).connect_with(owner).await.unwrap());
+
+    // Load N orders through the service's own write path, 2000 per transaction.
+    let mut generator = Generator::new(7, 5);
+    let mut uids = Vec::with_capacity(n as usize);
+    let mut sample_json = Vec::new();
+    let started = Instant::now();
+    let mut loaded = 0u64;
+    while loaded < n {
+        let batch: Vec<Incoming> = (0..(n - loaded).min(2000))
+            .map(|i| {
+                let bytes = generator.valid().to_string();
+                let order = parse_order(bytes.as_bytes(), &Limits::default()).unwrap();
+                let json = bytes::Bytes::from(order.to_json());
+                Incoming { order, json, partition: 0, offset: (loaded + i) as i64 }
+            })
+            .collect();
+        uids.extend(batch.iter().map(|m| m.order.uid().to_string()));
+        if sample_json.is_empty() {
+            sample_json = batch[0].json.to_vec();
+        }
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_orders("bench", &batch).await.unwrap();
+        tx.commit().await.unwrap();
+        loaded += batch.len() as u64;
+    }
+    println!("http benchmark: {n} orders loaded in {:.1} s", started.elapsed().as_secs_f64());
+
+    let url = format!(
+        "postgres://{role}:{}@{}:{}/{name}",
+        var("TEST_SERVICE_PASSWORD", "order_service_local"),
+        admin.get_host(),
+        admin.get_port()
+    );
+    let (mut service, addr, warm_rx) = start_service(&url, n);
+    let warm_ms = warm_rx.recv_timeout(Duration::from_secs(600)).expect("warm-up finishes");
+    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    let metric = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).unwrap().parse().unwrap()
+    };
+    let cached_bytes = metric("cache_bytes");
+    let rss = rss_bytes(service.id()) as f64;
+    println!(
+        "  warm-up: {n} orders in {warm_ms} ms = {:.0} orders/s   (target >= 100000/s at 1M)",
+        n as f64 / (warm_ms.max(1) as f64 / 1000.0)
+    );
+    println!(
+        "  memory: RSS {:.0} MiB, cached {:.0} MiB ({} entries); RSS / (1.5 x cached + 64 MiB) = {:.2}   (target <= 1)",
+        rss / 1048576.0,
+        cached_bytes / 1048576.0,
+        metric("cache_entries"),
+        rss / (1.5 * cached_bytes + 64.0 * 1048576.0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let uid_file = dir.path().join("uids.txt");
+    std::fs::write(&uid_file, uids.join("\n")).unwrap();
+    let script = dir.path().join("random.lua");
+    std::fs::File::create(&script)
+        .unwrap()
+        .write_all(
+            format!(
+                "local uids = {{}}\nfor line in io.lines(\"{}\") do uids[#uids + 1] = line end\n\
+                 math.randomseed(os.time())\n\
+                 request = function() return wrk.format(\"GET\", \"/order/\" .. uids[math.random(#uids)]) end\n",
+                uid_file.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::fs::write(dir.path().join("order.json"), &sample_json).unwrap();
+    let nginx_conf = dir.path().join("nginx.conf");
+    std::fs::write(
+        &nginx_conf,
+        format!(
+            "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\ndaemon off;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; default_type application/json; sendfile on; tcp_nopush on; keepalive_requests 1000000;\n\
+             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+             server {{ listen 127.0.0.1:18081; root {dir}; }} }}\n",
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut nginx = Command::new("nginx").arg("-c").arg(&nginx_conf).spawn().expect("nginx runs (apt-get install nginx-light)");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let ours = wrk(&format!("http://{addr}"), Some(&script));
+    let theirs = wrk("http://127.0.0.1:18081/order.json", None);
+    println!("  wrk {} against each, same run:", WRK_ARGS.join(" "));
+    println!(
+        "    order-service GET /order/{{random uid}}  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+        ours.requests_per_sec, ours.p50_ms, ours.p99_ms
+    );
+    println!(
+        "    nginx static file (same JSON)          {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+        theirs.requests_per_sec, theirs.p50_ms, theirs.p99_ms
+    );
+    println!("    ratio order-service / nginx = {:.2}   (target >= 1.0)", ours.requests_per_sec / theirs.requests_per_sec);
+    let half = ours.requests_per_sec / 2.0;
+    let (p50, p99) = paced_latency(&addr, &uids, half, 10).await;
+    println!("  at half the maximum rate ({half:.0} req/s, paced): p50 {p50:.2} ms  p99 {p99:.2} ms   (target p99 <= 2 ms)");
+
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+    let _ = service.kill();
+    let _ = service.wait();
+    store.pool().close().await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+}

@@ -1,0 +1,397 @@
+//! Ingest benchmark, run by `scripts/stack bench ingest`. In one run, on the same
+//! orders: (a) the service's ingest rate, first to last stored order; (b) a
+//! consumer that only reads the topic; (c) raw PostgreSQL COPY of the same rows
+//! into the same schema. Then produce-to-visible latency at a steady rate.
+//!
+//! BENCH_ORDERS (default 100000), BENCH_LATENCY_RATE (1000/s), BENCH_LATENCY_SECS (10).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use order_service::domain::{parse_order, Limits, OrderDocument};
+use order_service::producer::Generator;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn number(name: &str, default: u64) -> u64 {
+    var(name, &default.to_string()).parse().expect("a number")
+}
+
+struct Bench {
+    brokers: String,
+    admin: PgConnectOptions,
+    role: String,
+    password: String,
+    suffix: String,
+}
+
+impl Bench {
+    async fn database(&self, name: &str) -> (PgPool, String) {
+        let name = format!("bench_{}_{name}", self.suffix);
+        let mut conn = self.admin.connect().await.expect("connect as the owner role");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        let owner = self.admin.clone().database(&name);
+        order_service::store::migrate(owner.clone(), &self.role).await.unwrap();
+        let pool = PgPoolOptions::new().max_connections(2).connect_with(owner).await.unwrap();
+        let url = format!(
+            "postgres://{}:{}@{}:{}/{name}",
+            self.role,
+            self.password,
+            self.admin.get_host(),
+            self.admin.get_port()
+        );
+        (pool, url)
+    }
+
+    async fn drop_databases(&self) {
+        let mut conn = self.admin.connect().await.unwrap();
+        for name in ["service", "copy", "latency"] {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS bench_{}_{name} WITH (FORCE)", self.suffix))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+
+    async fn topic(&self, name: &str) -> String {
+        let topic = format!("bench-{}-{name}", self.suffix);
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let dlq = format!("{topic}.dlq");
+        let topics = [
+            NewTopic::new(&topic, 4, TopicReplication::Fixed(1)),
+            NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+        ];
+        for r in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
+            r.unwrap();
+        }
+        topic
+    }
+
+    fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "10")
+            .create()
+            .unwrap()
+    }
+
+    fn service(&self, topic: &str, db_url: &str) -> (Child, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .arg("serve")
+            .env_clear()
+            .envs([
+                ("DATABASE_URL", db_url),
+                ("KAFKA_BROKERS", &self.brokers),
+                ("KAFKA_TOPIC", topic),
+                ("KAFKA_DLQ_TOPIC", &format!("{topic}.dlq")),
+                ("KAFKA_GROUP_ID", &format!("{topic}-service")),
+                ("HTTP_ADDR", "127.0.0.1:0"),
+                ("LOG_FORMAT", "json"),
+                ("RUST_LOG", "warn,order_service::app=info"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if let Some(addr) = v["addr"].as_str() {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("service starts");
+        (child, addr)
+    }
+}
+
+async fn produce_all(producer: &FutureProducer, topic: &str, orders: &[(String, Vec<u8>)]) {
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    for (uid, bytes) in orders {
+        in_flight.push(producer.send(FutureRecord::to(topic).key(uid).payload(bytes), Duration::from_secs(30)));
+        if in_flight.len() >= 10_000 {
+            in_flight.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        r.unwrap();
+    }
+}
+
+/// (b) A consumer that only reads: the broker's delivery ceiling.
+async fn consume_only(brokers: &str, topic: &str, n: usize) -> f64 {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut first = None;
+    let mut bytes = 0usize;
+    for _ in 0..n {
+        let m = consumer.recv().await.unwrap();
+        first.get_or_insert_with(Instant::now);
+        bytes += rdkafka::Message::payload(&m).map_or(0, <[u8]>::len);
+    }
+    std::hint::black_box(bytes);
+    n as f64 / first.unwrap().elapsed().as_secs_f64()
+}
+
+fn csv(fields: &[&str]) -> String {
+    let mut line = String::new();
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        line.push('"');
+        line.push_str(&f.replace('"', "\"\""));
+        line.push('"');
+    }
+    line.push('\n');
+    line
+}
+
+/// (c) Raw COPY of the same rows into the same schema: PostgreSQL's ceiling.
+async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 {
+    let (mut orders, mut deliveries, mut payments, mut items) = (String::new(), String::new(), String::new(), String::new());
+    for (i, (o, json)) in documents.iter().enumerate() {
+        let (d, p) = (&o.delivery, &o.payment);
+        orders += &csv(&[
+            o.order_uid.as_str(), &o.track_number, &o.entry, &o.locale, &o.internal_signature, &o.customer_id,
+            &o.delivery_service, &o.shardkey, &o.sm_id.to_string(), o.date_created.as_str(), &o.oof_shard, json,
+            "bench", &(i % 4).to_string(), &i.to_string(),
+        ]);
+        deliveries += &csv(&[o.order_uid.as_str(), &d.name, &d.phone, &d.zip, &d.city, &d.address, &d.region, &d.email]);
+        payments += &csv(&[
+            o.order_uid.as_str(), &p.transaction, &p.request_id, &p.currency, &p.provider, &p.amount.to_string(),
+            &p.payment_dt.to_string(), &p.bank, &p.delivery_cost.to_string(), &p.goods_total.to_string(),
+            &p.custom_fee.to_string(),
+        ]);
+        for (n, it) in o.items.iter().enumerate() {
+            items += &csv(&[
+                o.order_uid.as_str(), &n.to_string(), &it.chrt_id.to_string(), &it.track_number, &it.price.to_string(),
+                &it.rid, &it.name, &it.sale.to_string(), &it.size, &it.total_price.to_string(), &it.nm_id.to_string(),
+                &it.brand, &it.status.to_string(),
+            ]);
+        }
+    }
+    let started = Instant::now();
+    let mut tx = pool.begin().await.unwrap();
+    for (table, columns, data) in [
+        ("orders", "order_uid, track_number, entry, locale, internal_signature, customer_id, delivery_service, shardkey, sm_id, date_created, oof_shard, document, source_topic, source_partition, source_offset", &orders),
+        ("deliveries", "order_uid, name, phone, zip, city, address, region, email", &deliveries),
+        ("payments", "order_uid, transaction, request_id, currency, provider, amount, payment_dt, bank, delivery_cost, goods_total, custom_fee", &payments),
+        ("items", "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, total_price, nm_id, brand, status", &items),
+    ] {
+        let mut copy = tx
+            .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"))
+            .await
+            .unwrap();
+        copy.send(data.as_bytes()).await.unwrap();
+        copy.finish().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    documents.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// (a) The service, from the first stored order to the last.
+async fn service_rate(bench: &Bench, topic: &str, n: i64) -> f64 {
+    let (pool, url) = bench.database("service").await;
+    let (mut child, _) = bench.service(topic, &url);
+    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders").fetch_one(&pool).await.unwrap() };
+    while count().await == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = Instant::now();
+    let deadline = first + Duration::from_secs(600);
+    while count().await < n {
+        assert!(Instant::now() < deadline, "ingest did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = n as f64 / first.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    rate
+}
+
+/// Produce-to-visible: from the send of an order to the moment the service
+/// announces it stored and cached (its Server-Sent Event).
+async fn latency(bench: &Bench, rate: u64, seconds: u64) -> (f64, f64, f64, usize) {
+    let topic = bench.topic("latency").await;
+    let (_, url) = bench.database("latency").await;
+    let (mut child, addr) = bench.service(&topic, &url);
+    let client = reqwest::Client::new();
+    while client.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = client.get(format!("http://{addr}/api/orders/stream")).send().await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    tokio::spawn(async move {
+        let mut stream = response.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            let now = Instant::now();
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let event: String = buffer.drain(..end + 2).collect();
+                if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
+                        let _ = seen_tx.send((v["order_uid"].as_str().unwrap_or_default().to_owned(), now));
+                    }
+                }
+            }
+        }
+    });
+    let producer = bench.producer_low_latency();
+    let mut generator = Generator::new(99, 5);
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let total = rate * seconds;
+    let mut deliveries = futures::stream::FuturesUnordered::new();
+    let mut acks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        let order = generator.valid();
+        let uid = order["order_uid"].as_str().unwrap().to_owned();
+        let bytes = order.to_string();
+        sent.insert(uid.clone(), Instant::now());
+        let delivery = producer
+            .send_result(FutureRecord::to(&topic).key(&uid).payload(&bytes))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        let sent_at = Instant::now();
+        deliveries.push(async move {
+            let r = delivery.await;
+            (r, sent_at.elapsed())
+        });
+        while let std::task::Poll::Ready(Some((r, took))) = futures::poll!(deliveries.next()) {
+            r.unwrap().unwrap();
+            acks.push(took.as_secs_f64() * 1000.0);
+        }
+    }
+    while let Some((r, took)) = deliveries.next().await {
+        r.unwrap().unwrap();
+        acks.push(took.as_secs_f64() * 1000.0);
+    }
+    acks.sort_by(f64::total_cmp);
+    println!(
+        "  broker acknowledgement of the produce: p50 {:.1} ms   p99 {:.1} ms",
+        acks[acks.len() / 2],
+        acks[acks.len() * 99 / 100]
+    );
+    let mut latencies = Vec::with_capacity(total as usize);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.len() < total as usize && Instant::now() < deadline {
+        if let Ok(Some((uid, at))) = tokio::time::timeout(Duration::from_secs(1), seen_rx.recv()).await {
+            if let Some(sent_at) = sent.get(&uid) {
+                latencies.push(at.duration_since(*sent_at).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    (pct(0.5), pct(0.99), *latencies.last().unwrap(), latencies.len())
+}
+
+impl Bench {
+    fn producer_low_latency(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", var("BENCH_PRODUCER_LINGER_MS", "1").as_str())
+            .create()
+            .unwrap()
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` asks benchmarks to name themselves.
+    }
+    let n = number("BENCH_ORDERS", 100_000) as usize;
+    let bench = Bench {
+        brokers: var("TEST_KAFKA_BROKERS", "127.0.0.1:19092"),
+        admin: PgConnectOptions::from_str(&var(
+            "TEST_DATABASE_URL",
+            "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
+        ))
+        .unwrap(),
+        role: var("TEST_SERVICE_ROLE", "order_service"),
+        password: var("TEST_SERVICE_PASSWORD", "order_service_local"),
+        suffix: format!("{}", std::process::id()),
+    };
+
+    if n > 0 {
+        throughput(&bench, n).await;
+    }
+    let rate = number("BENCH_LATENCY_RATE", 1000);
+    let seconds = number("BENCH_LATENCY_SECS", 10);
+    let (p50, p99, max, seen) = latency(&bench, rate, seconds).await;
+    println!("produce-to-visible at {rate} orders/s for {seconds} s ({seen} orders seen):");
+    println!("  p50 {p50:.1} ms   p99 {p99:.1} ms   max {max:.1} ms   (target p99 <= 50 ms)");
+    bench.drop_databases().await;
+}
+
+async fn throughput(bench: &Bench, n: usize) {
+    let mut generator = Generator::new(2024, 5);
+    let orders: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|_| {
+            let o = generator.valid();
+            (o["order_uid"].as_str().unwrap().to_owned(), o.to_string().into_bytes())
+        })
+        .collect();
+    let mean_bytes = orders.iter().map(|(_, b)| b.len()).sum::<usize>() / n;
+    println!("ingest benchmark: {n} generated orders, {mean_bytes} bytes on average");
+
+    let topic = bench.topic("ingest").await;
+    let started = Instant::now();
+    produce_all(&bench.producer(), &topic, &orders).await;
+    println!("  loaded the topic at {:.0} orders/s", n as f64 / started.elapsed().as_secs_f64());
+
+    let consume = consume_only(&bench.brokers, &topic, n).await;
+    let documents: Vec<(OrderDocument, String)> = orders
+        .iter()
+        .map(|(_, b)| {
+            let order = parse_order(b, &Limits::default()).unwrap();
+            let json = String::from_utf8(order.to_json()).unwrap();
+            (order.document().clone(), json)
+        })
+        .collect();
+    let (copy_pool, _) = bench.database("copy").await;
+    let copy = copy_rows(&copy_pool, &documents).await;
+    copy_pool.close().await;
+    let service = service_rate(bench, &topic, n as i64).await;
+
+    let ceiling = consume.min(copy);
+    println!("  (a) service ingest         {service:>10.0} orders/s");
+    println!("  (b) consumer, read only    {consume:>10.0} orders/s");
+    println!("  (c) PostgreSQL COPY        {copy:>10.0} orders/s");
+    println!("  (a) / min(b, c) = {:.2}   (target >= 0.70)", service / ceiling);
+}
