@@ -34,11 +34,20 @@ fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
     if let Some(script) = script {
         cmd.arg("-s").arg(script);
     }
-    let out = cmd.arg(url).output().expect("wrk runs (apt-get install wrk)");
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |prefix: &str| -> f64 {
-        let line = text.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in {text}"));
-        let value = line.trim_start()[prefix.len()..].split_whitespace().next().unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} in {text}"));
+        let value = line.trim_start()[prefix.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap();
         parse_ms(value)
     };
     let rps = text
@@ -46,7 +55,11 @@ fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or_else(|| panic!("no rate in {text}"));
-    Wrk { requests_per_sec: rps, p50_ms: field("50%"), p99_ms: field("99%") }
+    Wrk {
+        requests_per_sec: rps,
+        p50_ms: field("50%"),
+        p99_ms: field("99%"),
+    }
 }
 
 /// wrk prints latencies as 812.00us, 1.20ms or 2.01s.
@@ -97,7 +110,9 @@ fn start_service(db_url: &str, warmup: u64) -> (Child, String, std::sync::mpsc::
     let (warm_tx, warm_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in stderr.lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
             if let Some(addr) = v["addr"].as_str() {
                 let _ = addr_tx.send(addr.to_owned());
             }
@@ -106,7 +121,9 @@ fn start_service(db_url: &str, warmup: u64) -> (Child, String, std::sync::mpsc::
             }
         }
     });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("service starts");
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("service starts");
     (child, addr, warm_rx)
 }
 
@@ -118,8 +135,14 @@ async fn paced_latency(addr: &str, uids: &[String], rate: f64, seconds: u64) -> 
     let mut tasks = Vec::new();
     for w in 0..workers {
         let client = reqwest::Client::new();
-        let urls: Vec<String> =
-            (0..total).map(|i| format!("http://{addr}/order/{}", uids[(i * workers + w * 7919) % uids.len()])).collect();
+        let urls: Vec<String> = (0..total)
+            .map(|i| {
+                format!(
+                    "http://{addr}/order/{}",
+                    uids[(i * workers + w * 7919) % uids.len()]
+                )
+            })
+            .collect();
         tasks.push(tokio::spawn(async move {
             let start = tokio::time::Instant::now() + per_worker.mul_f64(w as f64 / workers as f64);
             let mut latencies = Vec::with_capacity(urls.len());
@@ -157,10 +180,21 @@ async fn main() {
     let role = var("TEST_SERVICE_ROLE", "order_service");
     let name = format!("bench_http_{}", std::process::id());
     let mut conn = admin.connect().await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let owner = admin.clone().database(&name);
-    order_service::store::migrate(owner.clone(), &role).await.unwrap();
-    let store = Store::from_pool(PgPoolOptions::new().max_connections(2).connect_with(owner).await.unwrap());
+    order_service::store::migrate(owner.clone(), &role)
+        .await
+        .unwrap();
+    let store = Store::from_pool(
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(owner)
+            .await
+            .unwrap(),
+    );
 
     // Load N orders through the service's own write path, 2000 per transaction.
     let mut generator = Generator::new(7, 5);
@@ -174,7 +208,12 @@ async fn main() {
                 let bytes = generator.valid().to_string();
                 let order = parse_order(bytes.as_bytes(), &Limits::default()).unwrap();
                 let json = bytes::Bytes::from(order.to_json());
-                Incoming { order, json, partition: 0, offset: (loaded + i) as i64 }
+                Incoming {
+                    order,
+                    json,
+                    partition: 0,
+                    offset: (loaded + i) as i64,
+                }
             })
             .collect();
         uids.extend(batch.iter().map(|m| m.order.uid().to_string()));
@@ -186,7 +225,10 @@ async fn main() {
         tx.commit().await.unwrap();
         loaded += batch.len() as u64;
     }
-    println!("http benchmark: {n} orders loaded in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "http benchmark: {n} orders loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     let url = format!(
         "postgres://{role}:{}@{}:{}/{name}",
@@ -195,10 +237,22 @@ async fn main() {
         admin.get_port()
     );
     let (mut service, addr, warm_rx) = start_service(&url, n);
-    let warm_ms = warm_rx.recv_timeout(Duration::from_secs(600)).expect("warm-up finishes");
-    let metrics = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    let warm_ms = warm_rx
+        .recv_timeout(Duration::from_secs(600))
+        .expect("warm-up finishes");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let metric = |name: &str| -> f64 {
-        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).unwrap().parse().unwrap()
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let cached_bytes = metric("cache_bytes");
     let rss = rss_bytes(service.id()) as f64;
@@ -244,7 +298,11 @@ async fn main() {
         ),
     )
     .unwrap();
-    let mut nginx = Command::new("nginx").arg("-c").arg(&nginx_conf).spawn().expect("nginx runs (apt-get install nginx-light)");
+    let mut nginx = Command::new("nginx")
+        .arg("-c")
+        .arg(&nginx_conf)
+        .spawn()
+        .expect("nginx runs (apt-get install nginx-light)");
     std::thread::sleep(Duration::from_millis(500));
 
     let ours = wrk(&format!("http://{addr}"), Some(&script));
@@ -258,7 +316,10 @@ async fn main() {
         "    nginx static file (same JSON)          {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
         theirs.requests_per_sec, theirs.p50_ms, theirs.p99_ms
     );
-    println!("    ratio order-service / nginx = {:.2}   (target >= 1.0)", ours.requests_per_sec / theirs.requests_per_sec);
+    println!(
+        "    ratio order-service / nginx = {:.2}   (target >= 1.0)",
+        ours.requests_per_sec / theirs.requests_per_sec
+    );
     let half = ours.requests_per_sec / 2.0;
     let (p50, p99) = paced_latency(&addr, &uids, half, 10).await;
     println!("  at half the maximum rate ({half:.0} req/s, paced): p50 {p50:.2} ms  p99 {p99:.2} ms   (target p99 <= 2 ms)");
@@ -268,5 +329,7 @@ async fn main() {
     let _ = service.kill();
     let _ = service.wait();
     store.pool().close().await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await;
 }

@@ -41,11 +41,24 @@ struct Bench {
 impl Bench {
     async fn database(&self, name: &str) -> (PgPool, String) {
         let name = format!("bench_{}_{name}", self.suffix);
-        let mut conn = self.admin.connect().await.expect("connect as the owner role");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        let mut conn = self
+            .admin
+            .connect()
+            .await
+            .expect("connect as the owner role");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let owner = self.admin.clone().database(&name);
-        order_service::store::migrate(owner.clone(), &self.role).await.unwrap();
-        let pool = PgPoolOptions::new().max_connections(2).connect_with(owner).await.unwrap();
+        order_service::store::migrate(owner.clone(), &self.role)
+            .await
+            .unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(owner)
+            .await
+            .unwrap();
         let url = format!(
             "postgres://{}:{}@{}:{}/{name}",
             self.role,
@@ -59,22 +72,31 @@ impl Bench {
     async fn drop_databases(&self) {
         let mut conn = self.admin.connect().await.unwrap();
         for name in ["service", "copy", "latency"] {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS bench_{}_{name} WITH (FORCE)", self.suffix))
-                .execute(&mut conn)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS bench_{}_{name} WITH (FORCE)",
+                self.suffix
+            ))
+            .execute(&mut conn)
+            .await;
         }
     }
 
     async fn topic(&self, name: &str) -> String {
         let topic = format!("bench-{}-{name}", self.suffix);
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
         let dlq = format!("{topic}.dlq");
         let topics = [
             NewTopic::new(&topic, 4, TopicReplication::Fixed(1)),
             NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
         ];
-        for r in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
+        for r in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
             r.unwrap();
         }
         topic
@@ -120,7 +142,9 @@ impl Bench {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("service starts");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("service starts");
         (child, addr)
     }
 }
@@ -128,7 +152,10 @@ impl Bench {
 async fn produce_all(producer: &FutureProducer, topic: &str, orders: &[(String, Vec<u8>)]) {
     let mut in_flight = futures::stream::FuturesUnordered::new();
     for (uid, bytes) in orders {
-        in_flight.push(producer.send(FutureRecord::to(topic).key(uid).payload(bytes), Duration::from_secs(30)));
+        in_flight.push(producer.send(
+            FutureRecord::to(topic).key(uid).payload(bytes),
+            Duration::from_secs(30),
+        ));
         if in_flight.len() >= 10_000 {
             in_flight.next().await.unwrap().unwrap();
         }
@@ -175,25 +202,65 @@ fn csv(fields: &[&str]) -> String {
 
 /// (c) Raw COPY of the same rows into the same schema: PostgreSQL's ceiling.
 async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 {
-    let (mut orders, mut deliveries, mut payments, mut items) = (String::new(), String::new(), String::new(), String::new());
+    let (mut orders, mut deliveries, mut payments, mut items) =
+        (String::new(), String::new(), String::new(), String::new());
     for (i, (o, json)) in documents.iter().enumerate() {
         let (d, p) = (&o.delivery, &o.payment);
         orders += &csv(&[
-            o.order_uid.as_str(), &o.track_number, &o.entry, &o.locale, &o.internal_signature, &o.customer_id,
-            &o.delivery_service, &o.shardkey, &o.sm_id.to_string(), o.date_created.as_str(), &o.oof_shard, json,
-            "bench", &(i % 4).to_string(), &i.to_string(),
+            o.order_uid.as_str(),
+            &o.track_number,
+            &o.entry,
+            &o.locale,
+            &o.internal_signature,
+            &o.customer_id,
+            &o.delivery_service,
+            &o.shardkey,
+            &o.sm_id.to_string(),
+            o.date_created.as_str(),
+            &o.oof_shard,
+            json,
+            "bench",
+            &(i % 4).to_string(),
+            &i.to_string(),
         ]);
-        deliveries += &csv(&[o.order_uid.as_str(), &d.name, &d.phone, &d.zip, &d.city, &d.address, &d.region, &d.email]);
+        deliveries += &csv(&[
+            o.order_uid.as_str(),
+            &d.name,
+            &d.phone,
+            &d.zip,
+            &d.city,
+            &d.address,
+            &d.region,
+            &d.email,
+        ]);
         payments += &csv(&[
-            o.order_uid.as_str(), &p.transaction, &p.request_id, &p.currency, &p.provider, &p.amount.to_string(),
-            &p.payment_dt.to_string(), &p.bank, &p.delivery_cost.to_string(), &p.goods_total.to_string(),
+            o.order_uid.as_str(),
+            &p.transaction,
+            &p.request_id,
+            &p.currency,
+            &p.provider,
+            &p.amount.to_string(),
+            &p.payment_dt.to_string(),
+            &p.bank,
+            &p.delivery_cost.to_string(),
+            &p.goods_total.to_string(),
             &p.custom_fee.to_string(),
         ]);
         for (n, it) in o.items.iter().enumerate() {
             items += &csv(&[
-                o.order_uid.as_str(), &n.to_string(), &it.chrt_id.to_string(), &it.track_number, &it.price.to_string(),
-                &it.rid, &it.name, &it.sale.to_string(), &it.size, &it.total_price.to_string(), &it.nm_id.to_string(),
-                &it.brand, &it.status.to_string(),
+                o.order_uid.as_str(),
+                &n.to_string(),
+                &it.chrt_id.to_string(),
+                &it.track_number,
+                &it.price.to_string(),
+                &it.rid,
+                &it.name,
+                &it.sale.to_string(),
+                &it.size,
+                &it.total_price.to_string(),
+                &it.nm_id.to_string(),
+                &it.brand,
+                &it.status.to_string(),
             ]);
         }
     }
@@ -220,7 +287,12 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
 async fn service_rate(bench: &Bench, topic: &str, n: i64) -> f64 {
     let (pool, url) = bench.database("service").await;
     let (mut child, _) = bench.service(topic, &url);
-    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders").fetch_one(&pool).await.unwrap() };
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
     while count().await == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -243,10 +315,20 @@ async fn latency(bench: &Bench, rate: u64, seconds: u64) -> (f64, f64, f64, usiz
     let (_, url) = bench.database("latency").await;
     let (mut child, addr) = bench.service(&topic, &url);
     let client = reqwest::Client::new();
-    while client.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+    while client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let response = client.get(format!("http://{addr}/api/orders/stream")).send().await.unwrap();
+    let response = client
+        .get(format!("http://{addr}/api/orders/stream"))
+        .send()
+        .await
+        .unwrap();
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     tokio::spawn(async move {
         let mut stream = response.bytes_stream();
@@ -258,7 +340,8 @@ async fn latency(bench: &Bench, rate: u64, seconds: u64) -> (f64, f64, f64, usiz
                 let event: String = buffer.drain(..end + 2).collect();
                 if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(data) {
-                        let _ = seen_tx.send((v["order_uid"].as_str().unwrap_or_default().to_owned(), now));
+                        let _ = seen_tx
+                            .send((v["order_uid"].as_str().unwrap_or_default().to_owned(), now));
                     }
                 }
             }
@@ -305,7 +388,9 @@ async fn latency(bench: &Bench, rate: u64, seconds: u64) -> (f64, f64, f64, usiz
     let mut latencies = Vec::with_capacity(total as usize);
     let deadline = Instant::now() + Duration::from_secs(30);
     while latencies.len() < total as usize && Instant::now() < deadline {
-        if let Ok(Some((uid, at))) = tokio::time::timeout(Duration::from_secs(1), seen_rx.recv()).await {
+        if let Ok(Some((uid, at))) =
+            tokio::time::timeout(Duration::from_secs(1), seen_rx.recv()).await
+        {
             if let Some(sent_at) = sent.get(&uid) {
                 latencies.push(at.duration_since(*sent_at).as_secs_f64() * 1000.0);
             }
@@ -315,7 +400,12 @@ async fn latency(bench: &Bench, rate: u64, seconds: u64) -> (f64, f64, f64, usiz
     let _ = child.wait();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    (pct(0.5), pct(0.99), *latencies.last().unwrap(), latencies.len())
+    (
+        pct(0.5),
+        pct(0.99),
+        *latencies.last().unwrap(),
+        latencies.len(),
+    )
 }
 
 impl Bench {
@@ -364,7 +454,10 @@ async fn throughput(bench: &Bench, n: usize) {
     let orders: Vec<(String, Vec<u8>)> = (0..n)
         .map(|_| {
             let o = generator.valid();
-            (o["order_uid"].as_str().unwrap().to_owned(), o.to_string().into_bytes())
+            (
+                o["order_uid"].as_str().unwrap().to_owned(),
+                o.to_string().into_bytes(),
+            )
         })
         .collect();
     let mean_bytes = orders.iter().map(|(_, b)| b.len()).sum::<usize>() / n;
@@ -373,7 +466,10 @@ async fn throughput(bench: &Bench, n: usize) {
     let topic = bench.topic("ingest").await;
     let started = Instant::now();
     produce_all(&bench.producer(), &topic, &orders).await;
-    println!("  loaded the topic at {:.0} orders/s", n as f64 / started.elapsed().as_secs_f64());
+    println!(
+        "  loaded the topic at {:.0} orders/s",
+        n as f64 / started.elapsed().as_secs_f64()
+    );
 
     let consume = consume_only(&bench.brokers, &topic, n).await;
     let documents: Vec<(OrderDocument, String)> = orders
@@ -393,5 +489,8 @@ async fn throughput(bench: &Bench, n: usize) {
     println!("  (a) service ingest         {service:>10.0} orders/s");
     println!("  (b) consumer, read only    {consume:>10.0} orders/s");
     println!("  (c) PostgreSQL COPY        {copy:>10.0} orders/s");
-    println!("  (a) / min(b, c) = {:.2}   (target >= 0.70)", service / ceiling);
+    println!(
+        "  (a) / min(b, c) = {:.2}   (target >= 0.70)",
+        service / ceiling
+    );
 }

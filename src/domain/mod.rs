@@ -214,6 +214,29 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Random edits of a valid order never panic: each result is an order
+        /// or a rejection with at least one reason.
+        #[test]
+        fn mutated_orders_never_panic(
+            edits in proptest::collection::vec((0usize..2000, proptest::num::u8::ANY), 1..8),
+            cut in proptest::option::of(0usize..2000),
+        ) {
+            let mut bytes = SAMPLE_ORDER.as_bytes().to_vec();
+            for (at, byte) in edits {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % bytes.len());
+            }
+            match parse_order(&bytes, &Limits::default()) {
+                Ok(order) => proptest::prop_assert!(!order.uid().as_str().is_empty()),
+                Err(rejection) => proptest::prop_assert!(!rejection.problems().is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn item_count_is_bounded() {
         let limits = Limits {

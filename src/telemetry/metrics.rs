@@ -137,6 +137,15 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        // Every known series starts at 0, so rates and ratios work from the first scrape.
+        for stage in ["too_large", "parse", "validate", "conflict", "store"] {
+            m.dead_letters.with_label_values(&[stage]);
+        }
+        for tier in ["memory", "redis", "postgres"] {
+            for result in ["hit", "miss"] {
+                m.cache_requests.with_label_values(&[tier, result]);
+            }
+        }
         m
     }
 

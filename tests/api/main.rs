@@ -3,4 +3,5 @@
 mod cache_and_http;
 mod helpers;
 mod ingest;
+mod observability;
 mod skeleton;
