@@ -324,7 +324,11 @@ async fn main() {
     let (p50, p99) = paced_latency(&addr, &uids, half, 10).await;
     println!("  at half the maximum rate ({half:.0} req/s, paced): p50 {p50:.2} ms  p99 {p99:.2} ms   (target p99 <= 2 ms)");
 
-    let _ = nginx.kill();
+    // SIGTERM, so the master takes its workers down too.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(nginx.id().to_string())
+        .status();
     let _ = nginx.wait();
     let _ = service.kill();
     let _ = service.wait();

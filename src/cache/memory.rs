@@ -1,23 +1,24 @@
-use bytes::Bytes;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
-/// Per-entry bookkeeping beyond key and value bytes, so the budget reflects
+use super::CachedOrder;
+
+/// Per-entry bookkeeping beyond key and JSON bytes (ETag, table slot), so the budget reflects
 /// what the process really holds.
 const ENTRY_OVERHEAD: u64 = 96;
 
 #[derive(Clone)]
 struct ByteWeighter;
 
-impl Weighter<Box<str>, Bytes> for ByteWeighter {
-    fn weight(&self, key: &Box<str>, value: &Bytes) -> u64 {
-        key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD
+impl Weighter<Box<str>, CachedOrder> for ByteWeighter {
+    fn weight(&self, key: &Box<str>, value: &CachedOrder) -> u64 {
+        key.len() as u64 + value.json.len() as u64 + ENTRY_OVERHEAD
     }
 }
 
 /// The in-process tier: order JSON ready to send, bounded by bytes.
 pub struct MemoryTier {
-    cache: Cache<Box<str>, Bytes, ByteWeighter>,
+    cache: Cache<Box<str>, CachedOrder, ByteWeighter>,
     max_bytes: u64,
 }
 
@@ -31,12 +32,12 @@ impl MemoryTier {
         }
     }
 
-    pub fn get(&self, uid: &str) -> Option<Bytes> {
+    pub fn get(&self, uid: &str) -> Option<CachedOrder> {
         self.cache.get(uid)
     }
 
-    pub fn insert(&self, uid: &str, json: Bytes) {
-        self.cache.insert(uid.into(), json);
+    pub fn insert(&self, uid: &str, order: CachedOrder) {
+        self.cache.insert(uid.into(), order);
     }
 
     /// True while another order of `size` bytes fits without evicting anything.
@@ -50,9 +51,5 @@ impl MemoryTier {
 
     pub fn bytes(&self) -> u64 {
         self.cache.weight()
-    }
-
-    pub fn remove(&self, uid: &str) {
-        self.cache.remove(uid);
     }
 }

@@ -7,8 +7,12 @@ mod redis;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::hash::Hasher;
+
+use axum::http::HeaderValue;
 use bytes::Bytes;
 use futures::TryStreamExt;
+use prometheus::IntCounter;
 use serde::Serialize;
 
 pub use self::memory::MemoryTier;
@@ -22,7 +26,49 @@ pub struct OrderCache {
     redis: Option<RedisTier>,
     store: Store,
     metrics: Arc<Metrics>,
+    counters: TierCounters,
     warmup: WarmupProgress,
+}
+
+/// An order ready to send: its JSON and the strong ETag of those bytes, both
+/// computed once when the order enters the cache, never per request.
+#[derive(Debug, Clone)]
+pub struct CachedOrder {
+    pub json: Bytes,
+    pub etag: HeaderValue,
+}
+
+impl CachedOrder {
+    pub fn new(json: Bytes) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        hasher.write(&json);
+        let etag = HeaderValue::from_str(&format!("\"{:016x}\"", hasher.finish()))
+            .expect("a quoted hex string is a valid header value");
+        Self { json, etag }
+    }
+}
+
+/// The lookup counters, resolved once instead of by label on every request.
+struct TierCounters {
+    memory: (IntCounter, IntCounter),
+    redis: (IntCounter, IntCounter),
+    postgres: (IntCounter, IntCounter),
+}
+
+impl TierCounters {
+    fn new(metrics: &Metrics) -> Self {
+        let pair = |tier: &str| {
+            (
+                metrics.cache_requests.with_label_values(&[tier, "hit"]),
+                metrics.cache_requests.with_label_values(&[tier, "miss"]),
+            )
+        };
+        Self {
+            memory: pair("memory"),
+            redis: pair("redis"),
+            postgres: pair("postgres"),
+        }
+    }
 }
 
 /// How far the start-up warm-up has got, for logs and readiness.
@@ -61,44 +107,47 @@ impl OrderCache {
             memory,
             redis,
             store,
+            counters: TierCounters::new(&metrics),
             metrics,
             warmup: WarmupProgress::default(),
         }
     }
 
-    /// The order's JSON from the fastest tier that has it; `None` if no order has this id.
-    pub async fn get(&self, uid: &OrderUid) -> Result<Option<Bytes>, sqlx::Error> {
+    /// The order from the fastest tier that has it; `None` if no order has this id.
+    pub async fn get(&self, uid: &OrderUid) -> Result<Option<CachedOrder>, sqlx::Error> {
         let uid = uid.as_str();
-        if let Some(json) = self.memory.get(uid) {
-            self.count("memory", "hit");
-            return Ok(Some(json));
+        let c = &self.counters;
+        if let Some(order) = self.memory.get(uid) {
+            c.memory.0.inc();
+            return Ok(Some(order));
         }
-        self.count("memory", "miss");
+        c.memory.1.inc();
         if let Some(redis) = &self.redis {
             if let Some(json) = redis.get(uid).await {
-                self.count("redis", "hit");
-                self.memory.insert(uid, json.clone());
-                return Ok(Some(json));
+                c.redis.0.inc();
+                let order = CachedOrder::new(json);
+                self.memory.insert(uid, order.clone());
+                return Ok(Some(order));
             }
-            self.count("redis", "miss");
+            c.redis.1.inc();
         }
         let Some(document) = self.store.order_document(uid).await? else {
-            self.count("postgres", "miss");
+            c.postgres.1.inc();
             return Ok(None);
         };
-        self.count("postgres", "hit");
-        let json = Bytes::from(document);
-        self.memory.insert(uid, json.clone());
+        c.postgres.0.inc();
+        let order = CachedOrder::new(Bytes::from(document));
+        self.memory.insert(uid, order.clone());
         if let Some(redis) = &self.redis {
-            redis.put(vec![(uid.into(), json.clone())]);
+            redis.put(vec![(uid.into(), order.json.clone())]);
         }
-        Ok(Some(json))
+        Ok(Some(order))
     }
 
     /// Hands freshly committed orders to the cache tiers. Never waits on Redis.
     pub fn stored(&self, orders: Vec<(Box<str>, Bytes)>) {
         for (uid, json) in &orders {
-            self.memory.insert(uid, json.clone());
+            self.memory.insert(uid, CachedOrder::new(json.clone()));
         }
         if let Some(redis) = &self.redis {
             redis.put(orders);
@@ -120,7 +169,7 @@ impl OrderCache {
                 break;
             }
             self.memory
-                .insert(&row.order_uid, Bytes::from(row.document));
+                .insert(&row.order_uid, CachedOrder::new(Bytes::from(row.document)));
             loaded += 1;
             if loaded % 10_000 == 0 {
                 self.warmup.loaded.store(loaded, Ordering::Relaxed);
@@ -145,12 +194,5 @@ impl OrderCache {
     /// `None` when no Redis tier is configured.
     pub fn redis_up(&self) -> Option<bool> {
         self.redis.as_ref().map(RedisTier::is_up)
-    }
-
-    fn count(&self, tier: &str, result: &str) {
-        self.metrics
-            .cache_requests
-            .with_label_values(&[tier, result])
-            .inc();
     }
 }

@@ -1,7 +1,9 @@
 //! End-to-end tests: the real binary, PostgreSQL, Redis and broker.
 
+mod browser;
 mod cache_and_http;
 mod helpers;
 mod ingest;
 mod observability;
+mod producer;
 mod skeleton;

@@ -1,0 +1,143 @@
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+use crate::helpers::{brokers, TestEnv, SAMPLE};
+
+fn produce(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("produce")
+        .args(args)
+        .env_clear()
+        .env("KAFKA_BROKERS", brokers())
+        .env("KAFKA_TOPIC", &env.topic)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Messages in the topic, from the partitions' watermarks.
+fn messages_in(topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_counted_run_delivers_exactly_that_many() {
+    let env = TestEnv::new().await;
+    let (ok, summary) = produce(
+        &env,
+        &[
+            "--count",
+            "300",
+            "--rate",
+            "0",
+            "--invalid-rate",
+            "0.1",
+            "--duplicate-rate",
+            "0.05",
+            "--malformed",
+            "5",
+        ],
+    );
+    assert!(ok, "{summary}");
+    assert!(
+        summary.contains("sent 300, delivered 300, failed 0"),
+        "{summary}"
+    );
+    assert!(summary.contains("malformed  sent        5"), "{summary}");
+    assert_eq!(messages_in(&env.topic), 300);
+}
+
+#[tokio::test]
+async fn files_are_sent_as_json_arrays_or_ndjson() {
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sample: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    let array = dir.path().join("orders.json");
+    std::fs::write(
+        &array,
+        serde_json::to_string_pretty(&vec![sample.clone(); 3]).unwrap(),
+    )
+    .unwrap();
+    let ndjson = dir.path().join("orders.ndjson");
+    std::fs::write(&ndjson, format!("{sample}\n{sample}\nnot json\n")).unwrap();
+
+    let (ok, summary) = produce(&env, &["--file", array.to_str().unwrap(), "--rate", "0"]);
+    assert!(
+        ok && summary.contains("sent 3, delivered 3, failed 0"),
+        "{summary}"
+    );
+    let (ok, summary) = produce(&env, &["--file", ndjson.to_str().unwrap(), "--rate", "500"]);
+    assert!(
+        ok && summary.contains("sent 3, delivered 3, failed 0"),
+        "{summary}"
+    );
+    assert_eq!(messages_in(&env.topic), 6);
+}
+
+#[tokio::test]
+async fn output_writes_what_would_be_sent() {
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.ndjson");
+    let (ok, summary) = produce(
+        &env,
+        &[
+            "--count",
+            "25",
+            "--rate",
+            "0",
+            "--seed",
+            "5",
+            "--output",
+            out.to_str().unwrap(),
+            "--dry-run",
+        ],
+    );
+    assert!(ok, "{summary}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 25);
+    for line in text.lines() {
+        order_service::domain::parse_order(line.as_bytes(), &Default::default())
+            .expect("generated orders are valid");
+    }
+    assert_eq!(messages_in(&env.topic), 0, "a dry run sends nothing");
+    // The same seed gives the same orders.
+    let again = dir.path().join("again.ndjson");
+    produce(
+        &env,
+        &[
+            "--count",
+            "25",
+            "--rate",
+            "0",
+            "--seed",
+            "5",
+            "--output",
+            again.to_str().unwrap(),
+            "--dry-run",
+        ],
+    );
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+}
