@@ -156,3 +156,64 @@ async fn every_dashboard_query_names_an_exported_metric() {
         }
     }
 }
+
+/// A real Prometheus scrapes the running service and answers a query with
+/// the exact count.
+#[tokio::test]
+async fn prometheus_scrapes_the_service() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    produce_orders(&env, &generated_orders(104, 7)).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 7, Duration::from_secs(30))
+        .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: order-service\n    static_configs:\n      - targets: [\"{}\"]\n",
+            service.addr
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut prometheus = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus is installed (scripts/stack test installs it)");
+    let query = format!("http://127.0.0.1:{port}/api/v1/query?query=orders_stored_total");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let value = loop {
+        let answer = match reqwest::get(&query).await {
+            Ok(r) => r.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(v) = answer
+            .as_ref()
+            .and_then(|a| a["data"]["result"][0]["value"][1].as_str())
+        {
+            break v.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned the series: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert_eq!(value, "7");
+}
