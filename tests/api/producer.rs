@@ -100,10 +100,9 @@ async fn files_are_sent_as_json_arrays_or_ndjson() {
 async fn output_writes_what_would_be_sent() {
     let env = TestEnv::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.ndjson");
-    let (ok, summary) = produce(
-        &env,
-        &[
+    let dry_run = |out: &std::path::Path| {
+        let out = out.to_str().unwrap().to_owned();
+        let args = [
             "--count",
             "25",
             "--rate",
@@ -111,10 +110,13 @@ async fn output_writes_what_would_be_sent() {
             "--seed",
             "5",
             "--output",
-            out.to_str().unwrap(),
+            &out,
             "--dry-run",
-        ],
-    );
+        ];
+        produce(&env, &args)
+    };
+    let out = dir.path().join("out.ndjson");
+    let (ok, summary) = dry_run(&out);
     assert!(ok, "{summary}");
     let text = std::fs::read_to_string(&out).unwrap();
     assert_eq!(text.lines().count(), 25);
@@ -125,19 +127,6 @@ async fn output_writes_what_would_be_sent() {
     assert_eq!(messages_in(&env.topic), 0, "a dry run sends nothing");
     // The same seed gives the same orders.
     let again = dir.path().join("again.ndjson");
-    produce(
-        &env,
-        &[
-            "--count",
-            "25",
-            "--rate",
-            "0",
-            "--seed",
-            "5",
-            "--output",
-            again.to_str().unwrap(),
-            "--dry-run",
-        ],
-    );
+    dry_run(&again);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
 }
