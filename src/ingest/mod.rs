@@ -422,7 +422,7 @@ impl Ingest {
         }
         for &i in &outcome.duplicates {
             let m = &batch.valid[i];
-            tracing::debug!(partition = m.partition, offset = m.offset, order_uid = %m.order.uid(), "duplicate order skipped");
+            tracing::debug!(topic = %self.settings.kafka.topic, partition = m.partition, offset = m.offset, order_uid = %m.order.uid(), "duplicate order skipped");
         }
         Ok(outcome
             .stored
@@ -471,7 +471,7 @@ impl Ingest {
                         _ => "store: database refused the order".to_owned(),
                     };
                     let incoming = &batch.valid[i];
-                    tracing::warn!(partition = incoming.partition, offset = incoming.offset, order_uid = %incoming.order.uid(), %reason, "order dead-lettered");
+                    tracing::warn!(topic = %self.settings.kafka.topic, partition = incoming.partition, offset = incoming.offset, order_uid = %incoming.order.uid(), %reason, "order refused by PostgreSQL");
                     refused.push((
                         i,
                         DeadLetter::refused(incoming, &batch.valid_sources[i], "store", reason),
@@ -506,8 +506,11 @@ impl Ingest {
             match result {
                 Ok(()) => {
                     tracing::info!(
+                        topic = %self.settings.kafka.topic,
                         partition = letter.partition,
                         offset = letter.offset,
+                        // Producers key orders by order_uid; the key is all that is known of a rejected one.
+                        order_uid = letter.key.as_deref().map(String::from_utf8_lossy).as_deref().unwrap_or(""),
                         stage = letter.stage,
                         reasons = %letter.reasons.join("; "),
                         "message dead-lettered"

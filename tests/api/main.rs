@@ -6,4 +6,6 @@ mod helpers;
 mod ingest;
 mod observability;
 mod producer;
+mod security;
 mod skeleton;
+mod validate;

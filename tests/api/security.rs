@@ -1,0 +1,126 @@
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
+
+use crate::helpers::{redis_url, sample_with_uid, TestEnv};
+
+/// The service role reads and writes its tables and nothing else: no DDL, no
+/// DELETE or TRUNCATE, no other schema, not the migration history.
+#[tokio::test]
+async fn the_service_role_has_least_privilege() {
+    let env = TestEnv::new().await;
+    sqlx::query("CREATE SCHEMA private")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE private.secrets (v text)")
+        .execute(&env.db)
+        .await
+        .unwrap();
+    let mut service = PgConnectOptions::from_str(&env.service_url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    for allowed in [
+        "SELECT count(*) FROM orders",
+        "SELECT count(*) FROM items",
+        "SELECT count(*) FROM consumer_offsets",
+    ] {
+        sqlx::query(allowed)
+            .execute(&mut service)
+            .await
+            .unwrap_or_else(|e| panic!("{allowed}: {e}"));
+    }
+    for denied in [
+        "DROP TABLE orders",
+        "ALTER TABLE orders ADD COLUMN x int",
+        "TRUNCATE orders",
+        "DELETE FROM orders",
+        "UPDATE orders SET entry = 'x'",
+        "CREATE TABLE public.extra (v int)",
+        "CREATE INDEX extra_idx ON orders (entry)",
+        "SELECT * FROM private.secrets",
+        "SELECT * FROM _sqlx_migrations",
+        "DROP SCHEMA public CASCADE",
+    ] {
+        let error = sqlx::query(denied)
+            .execute(&mut service)
+            .await
+            .expect_err(denied);
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        // 42501: insufficient privilege; 42P01 would mean the name is hidden, also a refusal.
+        assert!(
+            matches!(code.as_deref(), Some("42501") | Some("42P01")),
+            "{denied}: {error}"
+        );
+    }
+}
+
+/// Passwords reach neither the logs, nor /metrics, nor an error body.
+#[tokio::test]
+async fn passwords_never_appear_in_output() {
+    let env = TestEnv::new().await;
+    // The service role's password is the test's; a Redis URL with a password that
+    // Redis rejects shows how a failure is logged.
+    let db_password = url::Url::parse(&env.service_url)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_owned();
+    let redis = url::Url::parse(&redis_url()).unwrap();
+    let redis_with_password = format!(
+        "redis://:hunter2-redis-secret@{}:{}/",
+        redis.host_str().unwrap(),
+        redis.port().unwrap_or(6379)
+    );
+    let service = env.spawn_with(&[("REDIS_URL", &redis_with_password)]);
+    service.wait_ready().await;
+    let order = sample_with_uid("secret-check").to_string();
+    env.produce(&[(Some("secret-check"), order.as_bytes())])
+        .await;
+    service
+        .wait_for_order("secret-check", Duration::from_secs(30))
+        .await;
+    let mut seen = service.get("/metrics").await.text().await.unwrap();
+    seen += &service.get("/readyz").await.text().await.unwrap();
+    seen += &service.get("/order/bad!id").await.text().await.unwrap();
+    seen += &service.log_text();
+    assert!(
+        seen.contains("***"),
+        "URLs are logged with the password masked"
+    );
+    for secret in [db_password.as_str(), "hunter2-redis-secret"] {
+        assert!(!seen.contains(secret), "{secret} leaked:\n{seen}");
+    }
+
+    // A configuration error names the setting, not the password.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["migrate"])
+        .env_clear()
+        .env("DATABASE_URL", "postgres://u:hunter3-pw@host:notaport/db")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr.trim(),
+        "error: DATABASE_URL: not a valid PostgreSQL URL"
+    );
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["serve", "--help"])
+        .env("DATABASE_URL", "postgres://u:hunter4-pw@h/db")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("DATABASE_URL") && !help.contains("hunter4-pw"),
+        "{help}"
+    );
+}
