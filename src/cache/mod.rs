@@ -11,7 +11,6 @@ use std::hash::Hasher;
 
 use axum::http::HeaderValue;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -157,23 +156,27 @@ impl OrderCache {
     /// Loads the `limit` most recently ingested orders into memory, newest first,
     /// stopping early when the memory budget is full.
     pub async fn warm_up(&self, limit: u64) -> Result<(), sqlx::Error> {
+        const PAGE: u64 = 5000;
         self.warmup.target.store(limit, Ordering::Relaxed);
-        let mut rows = self
-            .store
-            .recent_documents(i64::try_from(limit).unwrap_or(i64::MAX));
-        let mut loaded = 0u64;
-        while let Some(row) = rows.try_next().await? {
-            let size = (row.order_uid.len() + row.document.len()) as u64;
-            if !self.memory.has_room_for(size) {
-                tracing::info!(loaded, "memory cache budget reached; warm-up stops early");
-                break;
+        let (mut loaded, mut before) = (0u64, None);
+        'pages: while loaded < limit {
+            let page = (limit - loaded).min(PAGE) as i64;
+            let rows = self.store.documents_before(before, page).await?;
+            let Some(last) = rows.last() else { break };
+            before = Some(last.ingest_seq);
+            for row in rows {
+                let size = (row.order_uid.len() + row.document.len()) as u64;
+                if !self.memory.has_room_for(size) {
+                    tracing::info!(loaded, "memory cache budget reached; warm-up stops early");
+                    break 'pages;
+                }
+                self.memory
+                    .insert(&row.order_uid, CachedOrder::new(Bytes::from(row.document)));
+                loaded += 1;
             }
-            self.memory
-                .insert(&row.order_uid, CachedOrder::new(Bytes::from(row.document)));
-            loaded += 1;
-            if loaded % 10_000 == 0 {
-                self.warmup.loaded.store(loaded, Ordering::Relaxed);
-                self.metrics.warmup_loaded.set(loaded as i64);
+            self.warmup.loaded.store(loaded, Ordering::Relaxed);
+            self.metrics.warmup_loaded.set(loaded as i64);
+            if loaded % 100_000 < PAGE {
                 tracing::info!(loaded, target = limit, "warming up the memory cache");
             }
         }

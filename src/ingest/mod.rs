@@ -163,8 +163,15 @@ impl Ingest {
     async fn shut_down(mut self) -> anyhow::Result<()> {
         let bound = Duration::from_millis(self.settings.ingest.shutdown_timeout_ms);
         let finish = async {
+            // The batch in hand comes after the stalled one; committing it alone
+            // would move the offsets past messages never stored.
             if let Some(stalled) = self.stalled.take() {
-                self.commit_batch(stalled).await.ok();
+                if self.commit_batch(stalled).await.is_err() {
+                    tracing::warn!(
+                        "the stalled batch could not be committed; it will be consumed again"
+                    );
+                    return;
+                }
             }
             if !self.batch.is_empty() {
                 let batch = std::mem::take(&mut self.batch);

@@ -1,7 +1,6 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use futures::stream::BoxStream;
 use serde::Serialize;
 
 use super::Store;
@@ -22,6 +21,7 @@ pub struct OrderSummary {
 /// An order's canonical JSON as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredDocument {
+    pub ingest_seq: i64,
     pub order_uid: String,
     pub document: String,
 }
@@ -55,15 +55,23 @@ impl Store {
         .await
     }
 
-    /// The `limit` most recently ingested documents, newest first, as a stream
-    /// so memory stays bounded however many are read.
-    pub fn recent_documents(
+    /// Up to `limit` documents ingested before `before` (an ingest sequence
+    /// number; `None`: the newest), newest first. Callers walk backwards page
+    /// by page, so each query is a short index range scan, never a sort.
+    pub async fn documents_before(
         &self,
+        before: Option<i64>,
         limit: i64,
-    ) -> BoxStream<'_, Result<StoredDocument, sqlx::Error>> {
-        sqlx::query_as("SELECT order_uid, document FROM orders ORDER BY ingest_seq DESC LIMIT $1")
-            .bind(limit)
-            .fetch(self.pool())
+    ) -> Result<Vec<StoredDocument>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT ingest_seq, order_uid, document FROM orders
+             WHERE $1::bigint IS NULL OR ingest_seq < $1
+             ORDER BY ingest_seq DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
     }
 
     /// The stored next offset of each of `partitions` that has one.
