@@ -4,10 +4,8 @@ use rand::distr::{Alphanumeric, SampleString};
 use reqwest::header;
 
 use crate::helpers::{
-    generated_orders, produce_orders, redis_url, sample_with_uid, Service, TcpProxy, TestEnv,
+    generated_orders, redis_url, sample_with_uid, store_orders, Service, TcpProxy, TestEnv,
 };
-
-const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
 
 fn prefix() -> String {
     format!("test-{}:", Alphanumeric.sample_string(&mut rand::rng(), 10))
@@ -121,10 +119,8 @@ async fn order_route_statuses_headers_and_encodings() {
 async fn recent_orders_page_by_cursor_and_reject_bad_parameters() {
     let env = TestEnv::new().await;
     let orders = generated_orders(61, 25);
-    produce_orders(&env, &orders).await;
     let service = env.spawn();
-    env.wait_for_count(COUNT_ORDERS, 25, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
 
     let first: serde_json::Value = service
         .get("/api/orders?limit=10")
@@ -299,9 +295,7 @@ async fn reads_fall_through_the_tiers() {
     let service = env.spawn_with(&small);
     service.wait_ready().await;
     wait_redis_up(&service).await;
-    produce_orders(&env, &orders).await;
-    env.wait_for_count(COUNT_ORDERS, 30, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // Redis writes are asynchronous.
 
     // Some orders were evicted from memory; Redis answers for them and
@@ -365,10 +359,8 @@ async fn reads_fall_through_the_tiers() {
 async fn warm_up_loads_the_most_recent_orders() {
     let env = TestEnv::new().await;
     let orders = generated_orders(81, 40);
-    produce_orders(&env, &orders).await;
     let first = env.spawn();
-    env.wait_for_count(COUNT_ORDERS, 40, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
     assert!(first.terminate().success());
 
     let service = env.spawn_with(&[("CACHE_WARMUP_ORDERS", "25")]);
@@ -411,9 +403,7 @@ async fn redis_outage_fails_no_request() {
     service.wait_ready().await;
     wait_redis_up(&service).await;
     let orders = generated_orders(91, 10);
-    produce_orders(&env, &orders).await;
-    env.wait_for_count(COUNT_ORDERS, 10, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
 
     proxy.cut();
     for (uid, bytes) in &orders {

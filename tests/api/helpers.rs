@@ -485,6 +485,18 @@ pub fn generated_orders(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Produces `orders` (the first in this test's database) and waits until a
+/// running service has stored them all.
+pub async fn store_orders(env: &TestEnv, orders: &[(String, Vec<u8>)]) {
+    produce_orders(env, orders).await;
+    env.wait_for_count(
+        "SELECT count(*) FROM orders",
+        orders.len() as i64,
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
 pub async fn produce_orders(env: &TestEnv, orders: &[(String, Vec<u8>)]) {
     let messages: Vec<(Option<&str>, &[u8])> = orders
         .iter()

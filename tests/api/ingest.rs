@@ -3,7 +3,9 @@ use std::time::{Duration, Instant};
 
 use order_service::producer::{Generator, InvalidKind};
 
-use crate::helpers::{generated_orders, produce_orders, sample_with_uid, TcpProxy, TestEnv};
+use crate::helpers::{
+    generated_orders, produce_orders, sample_with_uid, store_orders, TcpProxy, TestEnv,
+};
 
 const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
 
@@ -157,10 +159,8 @@ async fn every_message_is_stored_absorbed_or_dead_lettered() {
 async fn redelivered_orders_are_absorbed_as_duplicates() {
     let env = TestEnv::new().await;
     let orders = generated_orders(21, 50);
-    produce_orders(&env, &orders).await;
     let service = env.spawn();
-    env.wait_for_count(COUNT_ORDERS, 50, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
     assert!(service.terminate().success());
 
     sqlx::query("UPDATE consumer_offsets SET next_offset = 0")

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use order_service::producer::{Generator, InvalidKind};
 
-use crate::helpers::{generated_orders, produce_orders, TestEnv};
+use crate::helpers::{generated_orders, produce_orders, store_orders, TestEnv};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/dashboards/order-service.json");
 /// PromQL words and label names that appear in the dashboard's queries.
@@ -33,9 +33,7 @@ async fn metrics_count_a_known_workload_exactly() {
         .iter()
         .map(|k| generator.invalid(*k).to_string())
         .collect();
-    produce_orders(&env, &orders).await;
-    env.wait_for_count("SELECT count(*) FROM orders", 5, Duration::from_secs(30))
-        .await;
+    store_orders(&env, &orders).await;
     let mut rest: Vec<(Option<&str>, &[u8])> =
         invalid.iter().map(|b| (None, b.as_bytes())).collect();
     rest.push((Some(orders[0].0.as_str()), &orders[0].1));
