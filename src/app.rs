@@ -94,12 +94,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let app = http::router(state, &settings.http);
     let http_stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await
-            .context("HTTP server")
-    });
+    let header_timeout = Duration::from_millis(settings.http.header_read_timeout_ms);
+    let server = tokio::spawn(http::serve(listener, app, header_timeout, http_stop));
 
     let ingest_result = ingest.run(shutdown.clone()).await;
     // Whatever stopped ingest stops the HTTP side too.
@@ -107,7 +103,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let http_result = tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .map_err(|_| anyhow::anyhow!("HTTP server did not stop in time"))
-        .and_then(|joined| joined.context("HTTP server task")?);
+        .and_then(|joined| joined.context("HTTP server task"));
     ingest_result.and(http_result)
 }
 

@@ -261,6 +261,15 @@ pub struct SettingsArgs {
         value_name = "MS"
     )]
     pub http_request_timeout_ms: Option<u64>,
+    /// Time a client may take to send its request head, in ms; slower ones are cut off [default: 10000]
+    #[arg(
+        long,
+        global = true,
+        env = "HTTP_HEADER_READ_TIMEOUT_MS",
+        help_heading = "HTTP",
+        value_name = "MS"
+    )]
+    pub http_header_read_timeout_ms: Option<u64>,
     /// Requests handled at once; more wait [default: 4096]
     #[arg(
         long,
@@ -326,6 +335,10 @@ impl SettingsArgs {
         set(&mut s.cache.warmup_orders, self.cache_warmup_orders);
         set(&mut s.http.addr, self.http_addr);
         set(&mut s.http.request_timeout_ms, self.http_request_timeout_ms);
+        set(
+            &mut s.http.header_read_timeout_ms,
+            self.http_header_read_timeout_ms,
+        );
         set(&mut s.http.max_concurrency, self.http_max_concurrency);
         set(&mut s.log.format, self.log_format);
     }

@@ -121,6 +121,8 @@ impl Default for RedisSettings {
 pub struct HttpSettings {
     pub addr: SocketAddr,
     pub request_timeout_ms: u64,
+    /// How long a client may take to send its request head (slow-client guard).
+    pub header_read_timeout_ms: u64,
     pub max_concurrency: usize,
 }
 
@@ -129,6 +131,7 @@ impl Default for HttpSettings {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_timeout_ms: 5000,
+            header_read_timeout_ms: 10_000,
             max_concurrency: 4096,
         }
     }

@@ -4,6 +4,7 @@ mod error;
 mod feed;
 mod health;
 mod orders;
+mod server;
 mod ui;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 
 pub use self::feed::Feed;
+pub use self::server::serve;
 use crate::cache::OrderCache;
 use crate::configuration::HttpSettings;
 use crate::ingest::IngestHealth;

@@ -124,3 +124,29 @@ async fn passwords_never_appear_in_output() {
         "{help}"
     );
 }
+
+/// A client that never finishes its request head is cut off, and the service
+/// keeps answering others meanwhile.
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[("HTTP_HEADER_READ_TIMEOUT_MS", "500")]);
+    service.wait_ready().await;
+    let mut slow = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(service.get("/healthz").await.status(), 200);
+    let mut buffer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buffer)).await;
+    assert!(
+        closed.is_ok(),
+        "the slow connection was still open after 5 s"
+    );
+    assert!(
+        !String::from_utf8_lossy(&buffer).contains("200 OK"),
+        "{buffer:?}"
+    );
+}
