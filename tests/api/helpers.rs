@@ -122,6 +122,8 @@ impl TestEnv {
             ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
             ("RUST_LOG", "info".to_owned()),
+            // Keys a test writes to the shared Redis expire soon after it.
+            ("REDIS_TTL_SECS", "300".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
