@@ -375,7 +375,12 @@ impl Object {
                 return None;
             }
         };
-        let chars = text.chars().count();
+        // Characters never outnumber bytes, so short strings skip the count.
+        let chars = if text.len() <= l.max_string_chars {
+            text.len()
+        } else {
+            text.chars().count()
+        };
         if chars > l.max_string_chars {
             p.add(
                 self.path_of(name),
@@ -386,7 +391,12 @@ impl Object {
             );
             return None;
         }
-        if let Some(c) = text.chars().find(|c| c.is_control()) {
+        // Printable ASCII, the common case, is checked a byte at a time.
+        let printable_ascii = text.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if let Some(c) = (!printable_ascii)
+            .then(|| text.chars().find(|c| c.is_control()))
+            .flatten()
+        {
             p.add(
                 self.path_of(name),
                 format!("contains the control character U+{:04X}", u32::from(c)),
