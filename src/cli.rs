@@ -130,6 +130,15 @@ pub struct SettingsArgs {
         value_name = "GROUP"
     )]
     pub kafka_group_id: Option<String>,
+    /// Stable member name of this instance in the group (static membership), e.g. the pod name
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_GROUP_INSTANCE_ID",
+        help_heading = "Kafka",
+        value_name = "NAME"
+    )]
+    pub kafka_group_instance_id: Option<String>,
 
     /// Messages per database transaction, at most [default: 2000]
     #[arg(
@@ -316,6 +325,10 @@ impl SettingsArgs {
         set(&mut s.kafka.topic, self.kafka_topic);
         set(&mut s.kafka.dlq_topic, self.kafka_dlq_topic);
         set(&mut s.kafka.group_id, self.kafka_group_id);
+        set(
+            &mut s.kafka.group_instance_id,
+            self.kafka_group_instance_id.map(Some),
+        );
         set(&mut s.ingest.batch_size, self.ingest_batch_size);
         set(&mut s.ingest.batch_linger_ms, self.ingest_batch_linger_ms);
         set(&mut s.ingest.max_backoff_ms, self.ingest_max_backoff_ms);

@@ -59,6 +59,9 @@ pub struct KafkaSettings {
     pub topic: String,
     pub dlq_topic: String,
     pub group_id: String,
+    /// A stable name per instance (static membership): a restarted instance
+    /// takes its partitions back at once instead of waiting for a rebalance.
+    pub group_instance_id: Option<String>,
 }
 
 impl Default for KafkaSettings {
@@ -68,6 +71,7 @@ impl Default for KafkaSettings {
             topic: "orders".into(),
             dlq_topic: "orders.dlq".into(),
             group_id: "order-service".into(),
+            group_instance_id: None,
         }
     }
 }

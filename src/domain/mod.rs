@@ -1,5 +1,6 @@
 //! The order and the decision whether a message is one.
 
+mod fast_path;
 mod order;
 mod order_uid;
 mod parse;
@@ -25,7 +26,29 @@ mod tests {
     }
 
     fn parse_value(value: &Value) -> Result<Order, Rejection> {
-        parse_order(&serde_json::to_vec(value).unwrap(), &Limits::default())
+        let bytes = serde_json::to_vec(value).unwrap();
+        assert_paths_agree(&bytes);
+        parse_order(&bytes, &Limits::default())
+    }
+
+    /// The typed fast path accepts exactly what the tree walk accepts.
+    fn assert_paths_agree(bytes: &[u8]) {
+        let limits = Limits::default();
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return;
+        };
+        let fast = fast_path::read_valid(text, &limits);
+        let tree = parse::read_tree(text, &limits);
+        assert_eq!(
+            fast.is_some(),
+            tree.is_ok(),
+            "fast path {} but the tree walk says {:?} for {text}",
+            if fast.is_some() { "accepts" } else { "rejects" },
+            tree.as_ref().map_err(ToString::to_string).map(|_| "valid"),
+        );
+        if let (Some(fast), Ok(tree)) = (fast, tree) {
+            assert_eq!(&fast, tree.document());
+        }
     }
 
     /// Applies `edit` to the sample and returns the reasons it is rejected with.
@@ -230,9 +253,25 @@ mod tests {
             if let Some(cut) = cut {
                 bytes.truncate(cut % bytes.len());
             }
+            assert_paths_agree(&bytes);
             match parse_order(&bytes, &Limits::default()) {
                 Ok(order) => proptest::prop_assert!(!order.uid().as_str().is_empty()),
                 Err(rejection) => proptest::prop_assert!(!rejection.problems().is_empty()),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Generated orders, valid and each kind of invalid, get the same verdict
+        /// from both paths.
+        #[test]
+        fn both_paths_agree_on_generated_orders(seed in proptest::num::u64::ANY) {
+            let mut generator = crate::producer::Generator::new(seed, 1000);
+            for _ in 0..3 {
+                assert_paths_agree(&serde_json::to_vec(&generator.valid()).unwrap());
+            }
+            for kind in crate::producer::InvalidKind::ALL {
+                assert_paths_agree(&serde_json::to_vec(&generator.invalid(kind)).unwrap());
             }
         }
     }

@@ -1,8 +1,9 @@
-//! The order model. Values of these types only come out of [`super::parse_order`],
-//! so anything holding an [`Order`] holds a valid one.
+//! The order model. An [`Order`] only comes out of [`super::parse_order`], so
+//! anything holding one holds a valid order; the document types alone promise
+//! only the shape.
 
 use chrono::{DateTime, FixedOffset};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::OrderUid;
 
@@ -33,7 +34,8 @@ impl Order {
 }
 
 /// The fields of an order, in the order of the published model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderDocument {
     pub order_uid: OrderUid,
     pub track_number: String,
@@ -51,7 +53,8 @@ pub struct OrderDocument {
     pub oof_shard: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Delivery {
     pub name: String,
     pub phone: String,
@@ -63,7 +66,8 @@ pub struct Delivery {
 }
 
 /// Money amounts are integers in the currency's minor unit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Payment {
     pub transaction: String,
     pub request_id: String,
@@ -77,7 +81,8 @@ pub struct Payment {
     pub custom_fee: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Item {
     pub chrt_id: i64,
     pub track_number: String,
@@ -121,5 +126,12 @@ impl Timestamp {
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Timestamp::parse(&text).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 date-time"))
     }
 }

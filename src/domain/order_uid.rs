@@ -1,15 +1,21 @@
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest order id accepted. Ids appear in URLs and cache keys.
 pub const MAX_ORDER_UID_LEN: usize = 64;
 
 /// An order id: 1 to 64 characters of `[A-Za-z0-9_-]`, so it is safe in a URL path,
 /// a Redis key and a log line without escaping.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct OrderUid(String);
+pub struct OrderUid(#[serde(deserialize_with = "valid_uid")] String);
+
+fn valid_uid<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    OrderUid::parse(&text).map_err(serde::de::Error::custom)?;
+    Ok(text)
+}
 
 impl OrderUid {
     /// The rule as a person reads it, for error messages and the web page.

@@ -1,6 +1,7 @@
 //! Raw bytes to a valid [`Order`] in one step, collecting every problem with its
-//! JSON path. The JSON is read into a tree once; each field is then taken out of
-//! its object, so whatever is left over is an unknown field.
+//! JSON path. A valid order takes the typed [`fast_path`]; anything else is read
+//! into a tree once and each field is taken out of its object, so whatever is
+//! left over is an unknown field.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -8,7 +9,7 @@ use serde_json::{Map, Value};
 use super::order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
 use super::rejection::{Problem, Rejection, Stage};
 use super::rules::{self, RuleResult};
-use super::OrderUid;
+use super::{fast_path, OrderUid};
 
 /// Bounds that keep one message from costing unbounded memory or time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +53,14 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
             format!("not valid UTF-8 (first bad byte at {})", e.valid_up_to()),
         )
     })?;
+    match fast_path::read_valid(text, limits) {
+        Some(document) => Ok(Order::from_valid(document)),
+        None => read_tree(text, limits),
+    }
+}
+
+/// The thorough path: every problem, with its path and reason.
+pub(super) fn read_tree(text: &str, limits: &Limits) -> Result<Order, Rejection> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         let reason = if e.is_eof() {
             format!(
@@ -258,7 +267,7 @@ fn read_item(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Item> {
 
 /// `goods_total` is what the items cost, and `amount` is what was charged:
 /// goods, delivery and customs fee.
-fn check_money_adds_up(payment: &Payment, items: &[Item], p: &mut Problems) {
+pub(super) fn check_money_adds_up(payment: &Payment, items: &[Item], p: &mut Problems) {
     let items_total = items
         .iter()
         .try_fold(0i64, |sum, item| sum.checked_add(item.total_price));
@@ -294,9 +303,13 @@ fn check_money_adds_up(payment: &Payment, items: &[Item], p: &mut Problems) {
 }
 
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(super) struct Problems(Vec<Problem>);
 
 impl Problems {
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
@@ -375,32 +388,8 @@ impl Object {
                 return None;
             }
         };
-        // Characters never outnumber bytes, so short strings skip the count.
-        let chars = if text.len() <= l.max_string_chars {
-            text.len()
-        } else {
-            text.chars().count()
-        };
-        if chars > l.max_string_chars {
-            p.add(
-                self.path_of(name),
-                format!(
-                    "is {chars} characters long, the limit is {}",
-                    l.max_string_chars
-                ),
-            );
-            return None;
-        }
-        // Printable ASCII, the common case, is checked a byte at a time.
-        let printable_ascii = text.bytes().all(|b| (0x20..0x7f).contains(&b));
-        if let Some(c) = (!printable_ascii)
-            .then(|| text.chars().find(|c| c.is_control()))
-            .flatten()
-        {
-            p.add(
-                self.path_of(name),
-                format!("contains the control character U+{:04X}", u32::from(c)),
-            );
+        if let Err(reason) = rules::bounded_text(&text, l.max_string_chars) {
+            p.add(self.path_of(name), reason);
             return None;
         }
         Some(text)

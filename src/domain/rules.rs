@@ -20,6 +20,32 @@ pub fn shown(value: &str) -> String {
     }
 }
 
+/// Every text field: at most `max_chars` characters and no control characters.
+pub fn bounded_text(value: &str, max_chars: usize) -> RuleResult {
+    // Characters never outnumber bytes, so short strings skip the count.
+    let chars = if value.len() <= max_chars {
+        value.len()
+    } else {
+        value.chars().count()
+    };
+    if chars > max_chars {
+        return Err(format!(
+            "is {chars} characters long, the limit is {max_chars}"
+        ));
+    }
+    // Printable ASCII, the common case, is checked a byte at a time.
+    if value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "contains the control character U+{:04X}",
+            u32::from(c)
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn non_empty(value: &str) -> RuleResult {
     if value.is_empty() {
         Err("must not be empty".into())

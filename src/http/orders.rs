@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,9 +25,18 @@ pub fn router() -> Router<AppState> {
 /// bytes, computed when the order was cached) is strong and caches may keep them.
 async fn order(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Percent-escapes that decode to something other than UTF-8 get the same
+    // JSON answer as any other bad id, not the framework's plain text.
+    let Path(raw) = path.map_err(|_| ApiError::BadRequest {
+        reason: format!(
+            "invalid order_uid: not valid percent-encoded UTF-8 (expected {})",
+            OrderUid::RULE
+        ),
+        order_uid: None,
+    })?;
     let uid = OrderUid::parse(&raw).map_err(|reason| ApiError::BadRequest {
         reason: format!("invalid order_uid: {reason} (expected {})", OrderUid::RULE),
         order_uid: Some(raw.chars().take(80).collect()),

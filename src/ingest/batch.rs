@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::dead_letter::DeadLetter;
-use crate::domain::{parse_order, Limits};
+use crate::domain::{parse_order, Limits, Stage};
 use crate::store::{Incoming, PartitionOffset};
 
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Batch {
     /// Dead letters already acknowledged by the broker, by (partition, offset),
     /// so a retried batch does not send them again.
     pub acknowledged: HashSet<(i32, i64)>,
+    /// Per source partition, the dead-letter offset after its last letter here.
+    dlq_next: BTreeMap<i32, i64>,
     pub first_at: Option<Instant>,
     messages: usize,
 }
@@ -56,14 +58,24 @@ impl Batch {
                     payload: payload.to_vec(),
                 });
             }
-            Err(rejection) => self.rejected.push(DeadLetter {
-                key: key.map(<[u8]>::to_vec),
-                payload: payload.to_vec(),
-                partition,
-                offset,
-                stage: rejection.stage().as_str(),
-                reasons: rejection.reasons(),
-            }),
+            Err(rejection) => {
+                // Too large for us is likely too large for the dead-letter topic
+                // too: the letter says where the original is instead of copying it.
+                let too_large = rejection.stage() == Stage::TooLarge;
+                self.rejected.push(DeadLetter {
+                    key: key.map(<[u8]>::to_vec),
+                    payload: if too_large {
+                        Vec::new()
+                    } else {
+                        payload.to_vec()
+                    },
+                    omitted_bytes: too_large.then_some(payload.len()),
+                    partition,
+                    offset,
+                    stage: rejection.stage().as_str(),
+                    reasons: rejection.reasons(),
+                });
+            }
         }
         self.next_offsets.insert(partition, offset + 1);
         self.first_at.get_or_insert_with(Instant::now);
@@ -78,14 +90,27 @@ impl Batch {
         self.messages == 0
     }
 
-    pub fn offsets(&self) -> Vec<PartitionOffset> {
+    /// The positions this batch commits; `dlq_floor` gives the dead-letter
+    /// position of partitions whose letters in this batch (if any) came earlier.
+    pub fn offsets(&self, dlq_floor: impl Fn(i32) -> Option<i64>) -> Vec<PartitionOffset> {
         self.next_offsets
             .iter()
             .map(|(&partition, &next_offset)| PartitionOffset {
                 partition,
                 next_offset,
+                dlq_next_offset: self
+                    .dlq_next
+                    .get(&partition)
+                    .copied()
+                    .max(dlq_floor(partition)),
             })
             .collect()
+    }
+
+    /// A letter for `partition` was acknowledged at `dlq_offset`.
+    pub fn dead_lettered_at(&mut self, partition: i32, dlq_offset: i64) {
+        let next = self.dlq_next.entry(partition).or_insert(0);
+        *next = (*next).max(dlq_offset + 1);
     }
 
     /// Forgets everything from partitions this consumer no longer owns; their
@@ -104,6 +129,7 @@ impl Batch {
         self.acknowledged.retain(|(p, _)| !revoked.contains(p));
         for p in revoked {
             self.next_offsets.remove(p);
+            self.dlq_next.remove(p);
         }
         self.messages = self.valid.len() + self.rejected.len();
         if self.messages == 0 {
@@ -123,6 +149,7 @@ impl DeadLetter {
         DeadLetter {
             key: source.key.clone(),
             payload: source.payload.clone(),
+            omitted_bytes: None,
             partition: incoming.partition,
             offset: incoming.offset,
             stage,

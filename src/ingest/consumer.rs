@@ -86,7 +86,11 @@ pub fn subscribe(
         events,
         metrics,
     };
-    let consumer: OrderConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    if let Some(name) = &kafka.group_instance_id {
+        config.set("group.instance.id", name);
+    }
+    let consumer: OrderConsumer = config
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")

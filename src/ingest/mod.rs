@@ -7,7 +7,7 @@ mod batch;
 mod consumer;
 pub mod dead_letter;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +39,14 @@ pub struct IngestHealth {
 }
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PartitionState {
     /// `None`: nothing stored yet, so the partition starts at its beginning.
     next: Option<i64>,
+    /// Offsets from `next` on whose letters an interrupted batch already sent.
+    dead_lettered: HashSet<i64>,
+    /// Where this partition's next letter lands at the earliest.
+    dlq_floor: i64,
     /// Whether the consumer was moved to `next`; until then its messages are dropped.
     positioned: bool,
 }
@@ -276,11 +280,29 @@ impl Ingest {
             )
             .await
             .context("reading stored offsets")?;
-        for p in self.unloaded.drain(..) {
+        let scans = self.unloaded.iter().map(|&p| {
+            let stored = stored.get(&p);
+            let from = stored.map_or(0, |s| s.next_offset);
+            let dlq_offset = stored.and_then(|s| s.dlq_next_offset);
+            self.dead_letters.already_sent(p, from, dlq_offset)
+        });
+        let scanned = futures::future::try_join_all(scans)
+            .await
+            .context("reading back the dead-letter topic")?;
+        for (p, (dead_lettered, dlq_floor)) in self.unloaded.drain(..).zip(scanned) {
+            if !dead_lettered.is_empty() {
+                tracing::info!(
+                    partition = p,
+                    count = dead_lettered.len(),
+                    "letters of an interrupted batch are already in the dead-letter topic; they will not be sent again"
+                );
+            }
             self.partitions.insert(
                 p,
                 PartitionState {
-                    next: stored.get(&p).copied(),
+                    next: stored.get(&p).map(|s| s.next_offset),
+                    dead_lettered,
+                    dlq_floor,
                     positioned: false,
                 },
             );
@@ -408,8 +430,13 @@ impl Ingest {
             .collect();
         self.send_dead_letters(batch, &conflicts).await?;
         let saved = async {
-            tx.save_offsets(&self.settings.kafka.group_id, &topic, &batch.offsets())
-                .await?;
+            let dlq_floor = |p: i32| self.partitions.get(&p).map(|s| s.dlq_floor);
+            tx.save_offsets(
+                &self.settings.kafka.group_id,
+                &topic,
+                &batch.offsets(dlq_floor),
+            )
+            .await?;
             tx.commit().await
         };
         if let Err(e) = saved.await {
@@ -500,9 +527,14 @@ impl Ingest {
         batch: &mut Batch,
         letters: &[DeadLetter],
     ) -> Result<(), anyhow::Error> {
+        let already_sent = |l: &DeadLetter| {
+            self.partitions
+                .get(&l.partition)
+                .is_some_and(|s| s.dead_lettered.contains(&l.offset))
+        };
         let pending: Vec<&DeadLetter> = letters
             .iter()
-            .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)))
+            .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)) && !already_sent(l))
             .collect();
         if pending.is_empty() {
             return Ok(());
@@ -511,7 +543,8 @@ impl Ingest {
         let mut failure = None;
         for (letter, result) in pending.iter().zip(results) {
             match result {
-                Ok(()) => {
+                Ok(dlq_offset) => {
+                    batch.dead_lettered_at(letter.partition, dlq_offset);
                     tracing::info!(
                         topic = %self.settings.kafka.topic,
                         partition = letter.partition,
@@ -539,7 +572,7 @@ impl Ingest {
     /// Tells Kafka too, for lag tools. PostgreSQL stays the source of truth.
     fn commit_to_kafka(&self, batch: &Batch) {
         let mut list = TopicPartitionList::new();
-        for o in batch.offsets() {
+        for o in batch.offsets(|_| None) {
             list.add_partition_offset(
                 &self.settings.kafka.topic,
                 o.partition,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use migrate::migrate;
-pub use read::{OrderSummary, StoredDocument};
+pub use read::{OrderSummary, StoredDocument, StoredOffset};
 pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 
 /// The service's handle on PostgreSQL, connected as the service role.

@@ -80,9 +80,9 @@ impl Store {
         group_id: &str,
         topic: &str,
         partitions: &[i32],
-    ) -> Result<HashMap<i32, i64>, sqlx::Error> {
-        let rows: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM consumer_offsets
+    ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
+        let rows: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT partition, next_offset, dlq_next_offset FROM consumer_offsets
              WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
         )
         .bind(group_id)
@@ -90,6 +90,24 @@ impl Store {
         .bind(partitions)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .map(|(p, next_offset, dlq_next_offset)| {
+                (
+                    p,
+                    StoredOffset {
+                        next_offset,
+                        dlq_next_offset,
+                    },
+                )
+            })
+            .collect())
     }
+}
+
+/// A partition's committed position, as [`Store::load_offsets`] returns it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredOffset {
+    pub next_offset: i64,
+    pub dlq_next_offset: Option<i64>,
 }

@@ -24,6 +24,8 @@ pub struct Incoming {
 pub struct PartitionOffset {
     pub partition: i32,
     pub next_offset: i64,
+    /// Where this partition's dead letters continue, if known.
+    pub dlq_next_offset: Option<i64>,
 }
 
 /// What became of each order handed to [`BatchTx::insert_orders`], by index.
@@ -253,16 +255,21 @@ impl BatchTx {
         }
         let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
         let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
+        let dlq_next: Vec<Option<i64>> = offsets.iter().map(|o| o.dlq_next_offset).collect();
+        // GREATEST skips NULLs: an unknown dead-letter position keeps the stored one.
         sqlx::query(
-            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
-             SELECT $1, $2, p, o FROM UNNEST($3::int[], $4::bigint[]) AS t(p, o)
+            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, dlq_next_offset)
+             SELECT $1, $2, p, o, d FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS t(p, o, d)
              ON CONFLICT (group_id, topic, partition) DO UPDATE
-             SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()",
+             SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
+                 dlq_next_offset = GREATEST(consumer_offsets.dlq_next_offset, EXCLUDED.dlq_next_offset),
+                 updated_at = now()",
         )
         .bind(group_id)
         .bind(topic)
         .bind(&partitions)
         .bind(&next)
+        .bind(&dlq_next)
         .execute(&mut *self.tx)
         .await?;
         Ok(())

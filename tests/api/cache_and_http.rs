@@ -98,6 +98,9 @@ async fn order_route_statuses_headers_and_encodings() {
         "%3Cscript%3E",
         &"x".repeat(65),
         "..%2F..%2Fetc%2Fpasswd",
+        // Found by the order_route fuzz target: escapes that are not UTF-8.
+        "%%%e0'%5C",
+        "%FF%FE",
     ] {
         let response = service.get(&format!("/order/{bad}")).await;
         assert_eq!(response.status(), 400, "{bad}");
@@ -388,15 +391,9 @@ async fn warm_up_loads_the_most_recent_orders() {
 #[tokio::test]
 async fn redis_outage_fails_no_request() {
     let env = TestEnv::new().await;
-    let redis_addr = url::Url::parse(&redis_url()).unwrap();
-    let proxy = TcpProxy::start(format!(
-        "{}:{}",
-        redis_addr.host_str().unwrap(),
-        redis_addr.port().unwrap_or(6379)
-    ))
-    .await;
+    let (proxy, redis_url) = TcpProxy::to_redis().await;
     let service = env.spawn_with(&[
-        ("REDIS_URL", &format!("redis://127.0.0.1:{}/", proxy.port)),
+        ("REDIS_URL", &redis_url),
         ("REDIS_KEY_PREFIX", &prefix()),
         ("CACHE_MAX_BYTES", "4000"),
     ]);

@@ -35,6 +35,8 @@ pub fn redis_url() -> String {
 /// A database, an orders topic, a dead-letter topic and a group of its own.
 pub struct TestEnv {
     pub name: String,
+    /// The broker this test's topics live on.
+    pub brokers: String,
     pub topic: String,
     pub dlq_topic: String,
     pub group: String,
@@ -50,6 +52,10 @@ impl TestEnv {
     }
 
     pub async fn with_partitions(partitions: i32) -> Self {
+        Self::on_broker(brokers(), partitions).await
+    }
+
+    pub async fn on_broker(brokers: String, partitions: i32) -> Self {
         let suffix = Alphanumeric
             .sample_string(&mut rand::rng(), 10)
             .to_lowercase();
@@ -85,6 +91,7 @@ impl TestEnv {
             dlq_topic: format!("orders-{suffix}.dlq"),
             group: format!("group-{suffix}"),
             name,
+            brokers,
             owner,
             service_url,
             db,
@@ -95,7 +102,7 @@ impl TestEnv {
 
     async fn create_topics(&self, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.brokers)
             .create()
             .unwrap();
         let topics = [
@@ -115,7 +122,7 @@ impl TestEnv {
     pub fn service_env(&self) -> Vec<(String, String)> {
         [
             ("DATABASE_URL", self.service_url.clone()),
-            ("KAFKA_BROKERS", brokers()),
+            ("KAFKA_BROKERS", self.brokers.clone()),
             ("KAFKA_TOPIC", self.topic.clone()),
             ("KAFKA_DLQ_TOPIC", self.dlq_topic.clone()),
             ("KAFKA_GROUP_ID", self.group.clone()),
@@ -146,9 +153,11 @@ impl TestEnv {
 
     pub async fn produce(&self, messages: &[(Option<&str>, &[u8])]) {
         let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // Room for the hostile 10 MB messages.
+            .set("message.max.bytes", (16 << 20).to_string())
             .create()
             .unwrap();
         let sends = messages.iter().map(|(key, payload)| {
@@ -181,48 +190,69 @@ impl TestEnv {
     }
 
     /// Reads the dead-letter topic until `expected` letters arrived (or the time is up).
-    pub fn dead_letters(&self, expected: usize, within: Duration) -> Vec<DeadLetter> {
+    pub fn dead_letters(&self, expected: usize, within: Duration) -> Vec<Record> {
+        let consumer = self.reader(&self.dlq_topic, 1);
+        let mut letters = Vec::new();
+        let deadline = Instant::now() + within;
+        while letters.len() < expected && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                letters.push(Record::from(&m));
+            }
+        }
+        // Anything beyond `expected` shows up too, so an exact count can be asserted.
+        while let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            letters.push(Record::from(&m));
+        }
+        letters
+    }
+
+    /// Every message of `topic` up to its partitions' current ends.
+    pub fn read_topic(&self, topic: &str, partitions: i32) -> Vec<Record> {
+        let consumer = self.reader(topic, partitions);
+        let mut remaining: HashMap<i32, i64> = (0..partitions)
+            .map(|p| {
+                // A busy broker may miss one deadline; a few more are allowed.
+                let high = (0..5)
+                    .find_map(|_| {
+                        consumer
+                            .fetch_watermarks(topic, p, Duration::from_secs(10))
+                            .ok()
+                    })
+                    .expect("the broker answers with watermarks")
+                    .1;
+                (p, high)
+            })
+            .filter(|&(_, high)| high > 0)
+            .collect();
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !remaining.is_empty() {
+            assert!(Instant::now() < deadline, "{topic}: never read to the end");
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let record = Record::from(&m);
+                if remaining.get(&record.partition) == Some(&(record.offset + 1)) {
+                    remaining.remove(&record.partition);
+                }
+                records.push(record);
+            }
+        }
+        records
+    }
+
+    fn reader(&self, topic: &str, partitions: i32) -> BaseConsumer {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("{}-reader", self.group))
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&self.dlq_topic, 0, Offset::Beginning)
-            .unwrap();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
         consumer.assign(&list).unwrap();
-        let mut letters = Vec::new();
-        let deadline = Instant::now() + within;
-        while letters.len() < expected && Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let mut headers: HashMap<String, Vec<String>> = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for header in h.iter() {
-                        let value =
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned();
-                        headers
-                            .entry(header.key.to_owned())
-                            .or_default()
-                            .push(value);
-                    }
-                }
-                letters.push(DeadLetter {
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                });
-            }
-        }
-        // Anything beyond `expected` shows up too, so an exact count can be asserted.
-        while let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            letters.push(DeadLetter {
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: m.payload().unwrap_or_default().to_vec(),
-                headers: HashMap::new(),
-            });
-        }
-        letters
+        consumer
     }
 }
 
@@ -249,14 +279,17 @@ impl Drop for TestEnv {
     }
 }
 
+/// A message read back from a topic.
 #[derive(Debug)]
-pub struct DeadLetter {
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub headers: HashMap<String, Vec<String>>,
 }
 
-impl DeadLetter {
+impl Record {
     pub fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
@@ -266,6 +299,28 @@ impl DeadLetter {
 
     pub fn reasons(&self) -> &[String] {
         self.headers.get("dlq-reason").map_or(&[], Vec::as_slice)
+    }
+}
+
+impl From<&rdkafka::message::BorrowedMessage<'_>> for Record {
+    fn from(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                let value = String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned();
+                headers
+                    .entry(header.key.to_owned())
+                    .or_default()
+                    .push(value);
+            }
+        }
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        }
     }
 }
 
@@ -377,6 +432,17 @@ impl Service {
             .map_or(0.0, |v| v.parse().unwrap())
     }
 
+    /// Resident memory of the process, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc status");
+        kib * 1024
+    }
+
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
@@ -447,6 +513,19 @@ impl TcpProxy {
             }
         });
         Self { port, up }
+    }
+
+    /// A proxy in front of the test Redis, and the `REDIS_URL` that goes through it.
+    pub async fn to_redis() -> (Self, String) {
+        let redis = url::Url::parse(&redis_url()).unwrap();
+        let proxy = Self::start(format!(
+            "{}:{}",
+            redis.host_str().unwrap(),
+            redis.port().unwrap_or(6379)
+        ))
+        .await;
+        let url = format!("redis://127.0.0.1:{}/", proxy.port);
+        (proxy, url)
     }
 
     pub fn cut(&self) {

@@ -2,7 +2,9 @@
 
 mod browser;
 mod cache_and_http;
+mod faults;
 mod helpers;
+mod hostile;
 mod ingest;
 mod observability;
 mod producer;

@@ -1,0 +1,94 @@
+//! Any path after `/order/` through the real router (with every layer): the
+//! answer is a known status with a JSON body and the security headers, and
+//! never carries internals (SQL, file paths, panics). One order is cached;
+//! PostgreSQL is unreachable, so a valid id that is not cached gets a 503.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use libfuzzer_sys::fuzz_target;
+use order_service::cache::{MemoryTier, OrderCache};
+use order_service::configuration::HttpSettings;
+use order_service::domain::{parse_order, Limits, SAMPLE_ORDER};
+use order_service::http::{router, AppState, Feed};
+use order_service::ingest::IngestHealth;
+use order_service::store::Store;
+use order_service::telemetry::Metrics;
+use tower::ServiceExt;
+
+struct Target {
+    runtime: tokio::runtime::Runtime,
+    app: axum::Router,
+}
+
+fn target() -> &'static Target {
+    static TARGET: OnceLock<Target> = OnceLock::new();
+    TARGET.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = runtime.block_on(async {
+            let unreachable = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
+            let store = Store::connect_lazy(unreachable, 1, Duration::from_millis(1));
+            let metrics = Arc::new(Metrics::new());
+            let cache = Arc::new(OrderCache::new(
+                MemoryTier::new(1 << 20),
+                None,
+                store.clone(),
+                metrics.clone(),
+            ));
+            let sample = parse_order(SAMPLE_ORDER.as_bytes(), &Limits::default()).unwrap();
+            cache.stored(vec![(
+                sample.uid().as_str().into(),
+                sample.to_json().into(),
+            )]);
+            let state = AppState {
+                cache,
+                store,
+                metrics,
+                ingest: Arc::new(IngestHealth::default()),
+                feed: Feed::default(),
+            };
+            router(state, &HttpSettings::default())
+        });
+        Target { runtime, app }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(segment) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(request) = Request::get(format!("/order/{segment}")).body(Body::empty()) else {
+        return; // not a URI a client could send
+    };
+    let target = target();
+    let (status, headers, body) = target.runtime.block_on(async {
+        let response = target.app.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, body)
+    });
+    assert!(
+        [
+            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ]
+        .contains(&status),
+        "{status} for {segment:?}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(headers.contains_key("content-security-policy"));
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{status} for {segment:?}: not JSON ({e}): {body:?}"));
+    let text = json.to_string().to_lowercase();
+    for leak in ["sqlx", "postgres", "panicked", "src/", ".rs:"] {
+        assert!(!text.contains(leak), "{leak:?} in {text}");
+    }
+});

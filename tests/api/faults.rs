@@ -1,0 +1,509 @@
+//! Faults while the real producer sends a known stream (valid orders with
+//! invalid, malformed and duplicate ones mixed in), each followed by an exact
+//! reconciliation against what the broker holds: every valid order is in
+//! PostgreSQL once and served identically over HTTP, every rejected message is
+//! in the dead-letter topic once with its reason. Each test prints its row of
+//! the table and writes it to `artifacts/faults/`; `scripts/stack faults` runs
+//! them with a longer stream and prints the table.
+//!
+//! Sizes come from FAULT_ORDERS (messages per scenario, default 1500),
+//! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3) and
+//! FAULT_PG_OUTAGE_SECS (default 30).
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use order_service::domain::{parse_order, Limits};
+use rand::Rng;
+use serde_json::Value;
+
+use crate::helpers::{Service, TcpProxy, TestEnv};
+
+const PARTITIONS: i32 = 4;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn stream_len() -> u64 {
+    setting("FAULT_ORDERS", 1500)
+}
+
+/// How long the stream lasts at the configured rate.
+fn stream_duration() -> Duration {
+    Duration::from_secs_f64(stream_len() as f64 / setting("FAULT_RATE", 150) as f64)
+}
+
+async fn pause(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// A random moment between a tenth and `share` of the stream's length.
+fn random_point(share: f64) -> Duration {
+    stream_duration().mul_f64(rand::rng().random_range(0.1..share))
+}
+
+/// `order-service produce` sending the scenario's stream.
+struct Stream(Child);
+
+#[derive(Debug, Default)]
+struct Delivered {
+    total: usize,
+    by_kind: HashMap<String, usize>,
+}
+
+impl Stream {
+    fn start(env: &TestEnv, seed: u64) -> Self {
+        let n = stream_len();
+        let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .arg("produce")
+            .args(["--count", &n.to_string()])
+            .args(["--rate", &setting("FAULT_RATE", 150).to_string()])
+            .args(["--seed", &seed.to_string()])
+            .args(["--invalid-rate", "0.1"])
+            .args(["--malformed", &(n / 50).max(1).to_string()])
+            .args(["--duplicate-rate", "0.05"])
+            .args(["--max-items", "3"])
+            .env_clear()
+            .env("KAFKA_BROKERS", &env.brokers)
+            .env("KAFKA_TOPIC", &env.topic)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the producer");
+        Self(child)
+    }
+
+    /// Waits for the producer and reads its summary of what the broker acknowledged.
+    async fn finish(self) -> Delivered {
+        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let summary = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the producer failed:\n{summary}");
+        let mut delivered = Delivered::default();
+        for line in summary.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["sent", _, "delivered", n, ..] = words[..] {
+                delivered.total = n.trim_end_matches(',').parse().unwrap();
+            }
+            if let [kind, "sent", _, "delivered", n, ..] = words[..] {
+                delivered
+                    .by_kind
+                    .insert(kind.to_owned(), n.parse().unwrap());
+            }
+        }
+        assert!(
+            delivered.total > 0,
+            "no summary from the producer:\n{summary}"
+        );
+        delivered
+    }
+}
+
+/// One line of the reconciliation table.
+#[derive(Debug, Default)]
+struct Row {
+    sent: usize,
+    stored: usize,
+    duplicates: usize,
+    dead_lettered: usize,
+    lost: usize,
+    doubled: usize,
+    problems: Vec<String>,
+}
+
+impl Row {
+    fn problem(&mut self, text: String) {
+        if self.problems.len() < 20 {
+            self.problems.push(text);
+        }
+    }
+}
+
+/// Waits until every message is processed and committed, then checks each one.
+/// `counters` is the instance that lived through the whole stream, if any.
+async fn reconcile(
+    env: &TestEnv,
+    scenario: &str,
+    delivered: Delivered,
+    reader: &Service,
+    counters: Option<&Service>,
+) {
+    let messages = env.read_topic(&env.topic, PARTITIONS);
+    let mut row = Row {
+        sent: messages.len(),
+        ..Row::default()
+    };
+    assert_eq!(
+        messages.len(),
+        delivered.total,
+        "the topic holds what the producer had acknowledged"
+    );
+
+    // What each message should have become, by the same rules the service uses.
+    let limits = Limits::default();
+    let mut orders: HashMap<String, Value> = HashMap::new();
+    let mut rejected: HashMap<(i32, i64), Vec<String>> = HashMap::new();
+    for m in &messages {
+        match parse_order(&m.payload, &limits) {
+            Ok(order) => {
+                let value: Value = serde_json::from_slice(&m.payload).unwrap();
+                match orders.get(order.uid().as_str()) {
+                    Some(first) => {
+                        assert_eq!(first, &value, "the producer only re-sends exact copies");
+                        row.duplicates += 1;
+                    }
+                    None => {
+                        orders.insert(order.uid().to_string(), value);
+                    }
+                }
+            }
+            Err(rejection) => {
+                rejected.insert((m.partition, m.offset), rejection.reasons());
+            }
+        }
+    }
+    let kind = |k: &str| delivered.by_kind.get(k).copied().unwrap_or(0);
+    assert_eq!(
+        rejected.len(),
+        kind("invalid") + kind("malformed"),
+        "every invalid and malformed message is recognised as such"
+    );
+    assert_eq!(
+        orders.len() + row.duplicates,
+        kind("valid") + kind("duplicate")
+    );
+
+    let committed = "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets";
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while env.count(committed).await < messages.len() as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "{scenario}: {} of {} messages committed; logs of the reading instance:\n{}",
+            env.count(committed).await,
+            messages.len(),
+            reader.log_text()
+        );
+        pause(Duration::from_millis(200)).await;
+    }
+
+    // PostgreSQL: each order once, with all its items.
+    let stored: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT o.order_uid, o.document, (SELECT count(*) FROM items i WHERE i.order_uid = o.order_uid) \
+         FROM orders o",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    let mut seen = HashSet::new();
+    for (uid, document, items) in &stored {
+        let Some(expected) = orders.get(uid) else {
+            row.doubled += 1;
+            row.problem(format!("{uid}: stored but never sent as a valid order"));
+            continue;
+        };
+        seen.insert(uid.clone());
+        let document: Value = serde_json::from_str(document).unwrap();
+        if &document != expected {
+            row.problem(format!("{uid}: stored content differs from what was sent"));
+        }
+        let expected_items = expected["items"].as_array().unwrap().len() as i64;
+        if *items != expected_items {
+            row.doubled += usize::from(*items > expected_items);
+            row.problem(format!("{uid}: {items} item rows, sent {expected_items}"));
+        }
+    }
+    row.stored = seen.len();
+    for uid in orders.keys().filter(|uid| !seen.contains(*uid)) {
+        row.lost += 1;
+        row.problem(format!("{uid}: sent, never stored"));
+    }
+
+    // HTTP: each order served as sent.
+    let served: Vec<(String, Option<Value>)> = futures::stream::iter(orders.keys().cloned())
+        .map(|uid| async move {
+            let r = reader.get(&format!("/order/{uid}")).await;
+            let body = if r.status() == 200 {
+                r.json().await.ok()
+            } else {
+                None
+            };
+            (uid, body)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for (uid, body) in served {
+        if body.as_ref() != orders.get(&uid) {
+            row.problem(format!(
+                "{uid}: GET /order/{uid} does not return the order as sent"
+            ));
+        }
+    }
+
+    // Dead letters: each rejected message once, with its reasons.
+    let letters = env.read_topic(&env.dlq_topic, 1);
+    let mut letters_per_source: HashMap<(i32, i64), usize> = HashMap::new();
+    for letter in &letters {
+        let source = (
+            letter.header("dlq-source-partition").parse().unwrap_or(-1),
+            letter.header("dlq-source-offset").parse().unwrap_or(-1),
+        );
+        *letters_per_source.entry(source).or_default() += 1;
+        match rejected.get(&source) {
+            Some(reasons) if letter.reasons() == reasons.as_slice() => {}
+            Some(reasons) => row.problem(format!(
+                "{source:?}: dead-lettered with {:?}, expected {reasons:?}",
+                letter.reasons()
+            )),
+            None => {
+                row.doubled += 1;
+                row.problem(format!("{source:?}: dead-lettered but valid"));
+            }
+        }
+    }
+    for source in rejected.keys() {
+        match letters_per_source.get(source).copied().unwrap_or(0) {
+            0 => {
+                row.lost += 1;
+                row.problem(format!("{source:?}: rejected, never dead-lettered"));
+            }
+            1 => row.dead_lettered += 1,
+            n => {
+                row.dead_lettered += 1;
+                row.doubled += n - 1;
+                row.problem(format!("{source:?}: dead-lettered {n} times"));
+            }
+        }
+    }
+
+    if let Some(service) = counters {
+        let metrics = service.get("/metrics").await.text().await.unwrap();
+        for (family, expected) in [
+            ("orders_messages_consumed_total", row.sent),
+            ("orders_stored_total", row.stored),
+            ("orders_duplicates_total", row.duplicates),
+            ("orders_dead_letters_total", row.dead_lettered),
+        ] {
+            let value = sum_of(&metrics, family);
+            if value != expected as f64 {
+                row.problem(format!("{family} is {value}, expected {expected}"));
+            }
+        }
+    }
+
+    let line = format!(
+        "| {scenario} | {} | {} | {} | {} | {} | {} |",
+        row.sent, row.stored, row.duplicates, row.dead_lettered, row.lost, row.doubled
+    );
+    println!("{line}");
+    write_row(scenario, &line);
+    assert!(
+        row.problems.is_empty() && row.lost == 0 && row.doubled == 0,
+        "{line}\n{}\nlogs of the reading instance:\n{}",
+        row.problems.join("\n"),
+        reader.log_text()
+    );
+}
+
+/// The sum of a metric family's series in a Prometheus exposition.
+fn sum_of(metrics: &str, family: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn write_row(scenario: &str, line: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/faults");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file: String = scenario
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    std::fs::write(dir.join(format!("{file}.md")), format!("{line}\n")).unwrap();
+}
+
+#[tokio::test]
+async fn kill_9_at_random_points() {
+    let env = TestEnv::new().await;
+    let stream = Stream::start(&env, 101);
+    // Restarted under the same member name, as a supervisor would.
+    let spawn = || {
+        env.spawn_with(&[
+            ("INGEST_BATCH_SIZE", "100"),
+            ("KAFKA_GROUP_INSTANCE_ID", "only"),
+        ])
+    };
+    let mut service = spawn();
+    let kills = setting("FAULT_KILLS", 3);
+    for _ in 0..kills {
+        pause(random_point(0.3)).await;
+        service.kill();
+        service = spawn();
+    }
+    let delivered = stream.finish().await;
+    service.wait_ready().await;
+    let scenario = format!("(a) kill -9 {kills} times, restarted");
+    reconcile(&env, &scenario, delivered, &service, None).await;
+}
+
+#[tokio::test]
+async fn postgres_away_for_30_seconds() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("INGEST_MAX_BACKOFF_MS", "1000"),
+    ]);
+    service.wait_ready().await;
+    let stream = Stream::start(&env, 102);
+    pause(random_point(0.5)).await;
+    proxy.cut();
+    pause(Duration::from_secs(setting("FAULT_PG_OUTAGE_SECS", 30))).await;
+    proxy.restore();
+    let delivered = stream.finish().await;
+    let scenario = format!(
+        "(b) PostgreSQL away {} s",
+        setting("FAULT_PG_OUTAGE_SECS", 30)
+    );
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+}
+
+#[tokio::test]
+async fn redis_stopped_and_started() {
+    let env = TestEnv::new().await;
+    let (proxy, redis_url) = TcpProxy::to_redis().await;
+    let service = env.spawn_with(&[("REDIS_URL", &redis_url)]);
+    service.wait_ready().await;
+    let stream = Stream::start(&env, 103);
+    pause(random_point(0.4)).await;
+    proxy.cut();
+    pause(stream_duration() / 3).await;
+    proxy.restore();
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(c) Redis stopped, started",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
+}
+
+/// A broker of this test's own, so restarting it disturbs no other test.
+struct Broker {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: PathBuf, port: u16) -> Self {
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (TEST_TANSU names the binary)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the broker never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, dir, port }
+    }
+
+    fn restart(mut self, down_for: Duration) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        Self::start(std::mem::take(&mut self.dir), self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn broker_restarted_mid_stream() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut broker = Broker::start(storage.path().to_owned(), port);
+    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let stream = Stream::start(&env, 104);
+    pause(random_point(0.5)).await;
+    broker = tokio::task::spawn_blocking(move || broker.restart(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(d) broker restarted",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
+    drop(broker);
+}
+
+#[tokio::test]
+async fn three_instances_one_killed() {
+    let env = TestEnv::new().await;
+    let instance = |name: &str| env.spawn_with(&[("KAFKA_GROUP_INSTANCE_ID", name)]);
+    let first = instance("first");
+    let second = instance("second");
+    first.wait_ready().await;
+    let stream = Stream::start(&env, 105);
+    pause(random_point(0.3)).await;
+    let third = instance("third");
+    third.wait_ready().await;
+    pause(random_point(0.3)).await;
+    first.kill();
+    // The local broker never expires a dead member, so its partitions wait for
+    // it; its supervisor restarts it under the same name and it takes them
+    // back. (Apache Kafka also hands them to the survivors after
+    // session.timeout.ms.)
+    let _restarted = instance("first");
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(e) 2 then 3 instances, one killed",
+        delivered,
+        &second,
+        None,
+    )
+    .await;
+    drop(third);
+}
