@@ -324,7 +324,13 @@ async fn dead_letters_of_an_interrupted_batch_are_not_sent_twice() {
     let env = TestEnv::new().await;
     let proxy = TcpProxy::start(env.postgres_addr()).await;
     let via_proxy = env.service_url_via(&proxy);
-    let service = env.spawn_with(&[("DATABASE_URL", &via_proxy)]);
+    // One static member name for both runs: the local broker never expires a
+    // killed member, so only a restart under its name gets the partitions back.
+    let settings = [
+        ("DATABASE_URL", via_proxy.as_str()),
+        ("KAFKA_GROUP_INSTANCE_ID", "only"),
+    ];
+    let service = env.spawn_with(&settings);
     service.wait_ready().await;
     proxy.cut();
     let broken: Vec<Vec<u8>> = (0..6)
@@ -338,7 +344,7 @@ async fn dead_letters_of_an_interrupted_batch_are_not_sent_twice() {
     service.kill();
 
     proxy.restore();
-    let restarted = env.spawn_with(&[("DATABASE_URL", &via_proxy)]);
+    let restarted = env.spawn_with(&settings);
     env.wait_for_count(
         "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
         6,
