@@ -6,8 +6,8 @@ use std::ops::ControlFlow;
 use serde_json::json;
 
 use crate::cli::ValidateArgs;
-use crate::documents::for_each_document;
-use crate::domain::{parse_order, Limits};
+use crate::documents::{for_each_document, Document};
+use crate::domain::{parse_order, Limits, Rejection};
 
 /// Exit status: 0 all valid, 1 some invalid, 2 usage or I/O error.
 pub fn run(args: &ValidateArgs, limits: &Limits) -> u8 {
@@ -25,9 +25,16 @@ pub fn run(args: &ValidateArgs, limits: &Limits) -> u8 {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let (mut valid, mut invalid, mut position) = (0u64, 0u64, 0u64);
     let mut write_error = None;
-    let read = for_each_document(input, |doc| {
+    let read = for_each_document(input, limits.max_message_bytes, |doc| {
         position += 1;
-        let line = match parse_order(doc, limits) {
+        let verdict = match doc {
+            Document::Bytes(bytes) => parse_order(bytes, limits),
+            // Skipped unread, so memory stays bounded whatever the input.
+            Document::TooLarge { bytes } => {
+                Err(Rejection::too_large(bytes, limits.max_message_bytes))
+            }
+        };
+        let line = match verdict {
             Ok(order) => {
                 valid += 1;
                 if args.json {

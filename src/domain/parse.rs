@@ -35,13 +35,9 @@ impl Default for Limits {
 /// Decides whether `bytes` is an order. Never panics, whatever the input.
 pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
     if bytes.len() > limits.max_message_bytes {
-        return Err(Rejection::single(
-            Stage::TooLarge,
-            format!(
-                "message is {} bytes, the limit is {}",
-                bytes.len(),
-                limits.max_message_bytes
-            ),
+        return Err(Rejection::too_large(
+            bytes.len() as u64,
+            limits.max_message_bytes,
         ));
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {

@@ -63,6 +63,14 @@ impl Rejection {
         )
     }
 
+    /// A message of `bytes` bytes, over the limit of `limit`.
+    pub fn too_large(bytes: u64, limit: usize) -> Self {
+        Self::single(
+            Stage::TooLarge,
+            format!("message is {bytes} bytes, the limit is {limit}"),
+        )
+    }
+
     pub fn stage(&self) -> Stage {
         self.stage
     }

@@ -18,7 +18,11 @@ use tokio::time::Instant;
 
 pub use self::generator::{Generator, InvalidKind};
 use crate::configuration::KafkaSettings;
-use crate::documents::for_each_document;
+use crate::documents::{for_each_document, Document};
+
+/// The largest message sent. Brokers have their own limit (Apache Kafka's
+/// default is about 1 MB); what they refuse is counted as failed.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, clap::Args)]
 pub struct ProduceArgs {
@@ -170,8 +174,16 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
             let result = std::fs::File::open(&path)
                 .with_context(|| format!("--file: cannot open {}", path.display()))
                 .and_then(|f| {
-                    let mut sent = 0u64;
-                    for_each_document(std::io::BufReader::new(f), |doc| {
+                    let (mut sent, mut position, mut too_large) = (0u64, 0u64, None);
+                    for_each_document(std::io::BufReader::new(f), MAX_MESSAGE_BYTES, |doc| {
+                        position += 1;
+                        let doc = match doc {
+                            Document::Bytes(doc) => doc,
+                            Document::TooLarge { bytes } => {
+                                too_large = Some(bytes);
+                                return std::ops::ControlFlow::Break(());
+                            }
+                        };
                         let key = serde_json::from_slice::<serde_json::Value>(doc)
                             .ok()
                             .and_then(|v| {
@@ -192,7 +204,15 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
                         }
                         std::ops::ControlFlow::Continue(())
                     })
-                    .with_context(|| format!("--file: reading {}", path.display()))
+                    .with_context(|| format!("--file: reading {}", path.display()))?;
+                    match too_large {
+                        Some(bytes) => anyhow::bail!(
+                            "--file: document #{position} of {} is {bytes} bytes; \
+                             a message may have at most {MAX_MESSAGE_BYTES}",
+                            path.display()
+                        ),
+                        None => Ok(()),
+                    }
                 });
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(e));
@@ -272,6 +292,7 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
                 .set("compression.type", "lz4")
                 .set("linger.ms", "5")
                 .set("message.timeout.ms", "30000")
+                .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
                 .set("queue.buffering.max.messages", "100000")
                 .create()
                 .context("KAFKA_BROKERS: cannot create the producer")?,

@@ -70,3 +70,49 @@ fn validate_reports_each_document_and_sets_the_exit_status() {
     assert_eq!(code, Some(2));
     assert!(err.contains("JSON array"), "{err}");
 }
+
+/// A document over the size limit is measured and skipped, never held: the
+/// validator's peak memory stays far below the size of the line.
+#[test]
+fn an_oversized_line_is_reported_without_being_held_in_memory() {
+    const LINE: usize = 100 * 1024 * 1024;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("validate")
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    stdin.write_all(b"{\"order_uid\":\"").unwrap();
+    for _ in 0..LINE / chunk.len() {
+        stdin.write_all(&chunk).unwrap();
+    }
+    stdin.flush().unwrap();
+    // Still running, waiting for the rest of the line: its peak so far.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    writeln!(stdin, "\"}}\n{}", SAMPLE.replace('\n', "")).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out,
+        format!(
+            "#1 invalid message is {} bytes, the limit is 1048576\n\
+             #2 ok b563feb7b2b84b6test\n\
+             1 valid, 1 invalid\n",
+            LINE + 17
+        )
+    );
+    assert!(
+        peak_kib < 40 * 1024,
+        "peak {peak_kib} KiB for a {LINE}-byte line"
+    );
+}
