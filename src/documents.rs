@@ -102,7 +102,7 @@ pub fn for_each_document<R: BufRead>(
     }
 }
 
-/// Consumes the rest of a line, newline included; returns its length.
+/// Consumes the rest of a line and its newline; returns the length without it.
 fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
     let mut skipped = 0;
     loop {
@@ -110,14 +110,16 @@ fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
         if buf.is_empty() {
             return Ok(skipped);
         }
-        let (n, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        reader.consume(n);
-        skipped += n as u64;
-        if done {
-            return Ok(skipped);
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i as u64);
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+                skipped += n as u64;
+            }
         }
     }
 }
@@ -243,7 +245,7 @@ mod tests {
             collect(&ndjson, 20).unwrap(),
             vec![
                 "{\"a\":1}".to_owned(),
-                format!("too large: {}", long.len() + 1),
+                format!("too large: {}", long.len()),
                 "{\"b\":2}".to_owned()
             ]
         );

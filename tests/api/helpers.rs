@@ -12,6 +12,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -191,7 +192,7 @@ impl TestEnv {
 
     /// Reads the dead-letter topic until `expected` letters arrived (or the time is up).
     pub fn dead_letters(&self, expected: usize, within: Duration) -> Vec<Record> {
-        let consumer = self.reader(&self.dlq_topic, 1);
+        let consumer = self.reader(&self.dlq_topic, 1, false);
         let mut letters = Vec::new();
         let deadline = Instant::now() + within;
         while letters.len() < expected && Instant::now() < deadline {
@@ -208,7 +209,7 @@ impl TestEnv {
 
     /// Every message of `topic` up to its partitions' current ends.
     pub fn read_topic(&self, topic: &str, partitions: i32) -> Vec<Record> {
-        let consumer = self.reader(topic, partitions);
+        let consumer = self.reader(topic, partitions, true);
         let mut remaining: HashMap<i32, i64> = (0..partitions)
             .map(|p| {
                 // A busy broker may miss one deadline; a few more are allowed.
@@ -227,23 +228,38 @@ impl TestEnv {
         let mut records = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !remaining.is_empty() {
-            assert!(Instant::now() < deadline, "{topic}: never read to the end");
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let record = Record::from(&m);
-                if remaining.get(&record.partition) == Some(&(record.offset + 1)) {
-                    remaining.remove(&record.partition);
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: never read to the end; {} read, partition ends not reached: \
+                 {remaining:?}, positions: {:?}",
+                records.len(),
+                consumer.position().map(|p| p.to_topic_map())
+            );
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let record = Record::from(&m);
+                    if remaining.get(&record.partition) == Some(&(record.offset + 1)) {
+                        remaining.remove(&record.partition);
+                    }
+                    records.push(record);
                 }
-                records.push(record);
+                // The end as the broker sees it, which may lie past the last
+                // offset a record holds.
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    remaining.remove(&p);
+                }
+                _ => {}
             }
         }
         records
     }
 
-    fn reader(&self, topic: &str, partitions: i32) -> BaseConsumer {
+    fn reader(&self, topic: &str, partitions: i32, report_ends: bool) -> BaseConsumer {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("{}-reader", self.group))
             .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", report_ends.to_string())
             .create()
             .unwrap();
         let mut list = TopicPartitionList::new();

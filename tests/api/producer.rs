@@ -97,6 +97,36 @@ async fn files_are_sent_as_json_arrays_or_ndjson() {
 }
 
 #[tokio::test]
+async fn a_file_document_over_the_message_limit_stops_the_run_with_its_position() {
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.ndjson");
+    let huge = format!("{{\"order_uid\":\"{}\"}}", "x".repeat(17 * 1024 * 1024));
+    let sample: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    std::fs::write(&file, format!("{sample}\n{huge}\n{sample}\n")).unwrap();
+    let out = dir.path().join("out.ndjson");
+    let (ok, stderr) = produce(
+        &env,
+        &[
+            "--file",
+            file.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--dry-run",
+        ],
+    );
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "document #2 of {} is {} bytes; a message may have at most 16777216",
+            file.display(),
+            huge.len()
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn output_writes_what_would_be_sent() {
     let env = TestEnv::new().await;
     let dir = tempfile::tempdir().unwrap();

@@ -108,7 +108,7 @@ fn an_oversized_line_is_reported_without_being_held_in_memory() {
             "#1 invalid message is {} bytes, the limit is 1048576\n\
              #2 ok b563feb7b2b84b6test\n\
              1 valid, 1 invalid\n",
-            LINE + 17
+            LINE + 16
         )
     );
     assert!(
