@@ -1,10 +1,11 @@
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use crate::helpers::SAMPLE;
 
-fn validate(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+/// `order-service validate ARGS`, its input and output piped.
+fn validator(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_order-service"))
         .arg("validate")
         .args(args)
         .env_clear()
@@ -12,7 +13,11 @@ fn validate(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn validate(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
+    let mut child = validator(args);
     child
         .stdin
         .take()
@@ -76,14 +81,7 @@ fn validate_reports_each_document_and_sets_the_exit_status() {
 #[test]
 fn an_oversized_line_is_reported_without_being_held_in_memory() {
     const LINE: usize = 100 * 1024 * 1024;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
-        .arg("validate")
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = validator(&[]);
     let mut stdin = child.stdin.take().unwrap();
     let chunk = vec![b'x'; 1024 * 1024];
     stdin.write_all(b"{\"order_uid\":\"").unwrap();
