@@ -421,6 +421,20 @@ impl Service {
         }
     }
 
+    /// The `/readyz` body once the cache warm-up is done. Warm-up runs beside
+    /// ingest and never holds readiness back, so it may finish after it.
+    pub async fn readiness_after_warmup(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready: serde_json::Value = self.get("/readyz").await.json().await.unwrap();
+            if ready["warmup"]["done"] == true {
+                return ready;
+            }
+            assert!(Instant::now() < deadline, "warm-up never done: {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until `GET /order/{uid}` answers 200 and returns the body.
     pub async fn wait_for_order(&self, uid: &str, within: Duration) -> serde_json::Value {
         let deadline = Instant::now() + within;
