@@ -90,12 +90,16 @@ impl Batch {
         self.messages == 0
     }
 
+    /// Per partition, the next offset to read once this batch is committed.
+    pub fn next_offsets(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
+        self.next_offsets.iter().map(|(&p, &next)| (p, next))
+    }
+
     /// The positions this batch commits; `dlq_floor` gives the dead-letter
     /// position of partitions whose letters in this batch (if any) came earlier.
     pub fn offsets(&self, dlq_floor: impl Fn(i32) -> Option<i64>) -> Vec<PartitionOffset> {
-        self.next_offsets
-            .iter()
-            .map(|(&partition, &next_offset)| PartitionOffset {
+        self.next_offsets()
+            .map(|(partition, next_offset)| PartitionOffset {
                 partition,
                 next_offset,
                 dlq_next_offset: self

@@ -572,13 +572,9 @@ impl Ingest {
     /// Tells Kafka too, for lag tools. PostgreSQL stays the source of truth.
     fn commit_to_kafka(&self, batch: &Batch) {
         let mut list = TopicPartitionList::new();
-        for o in batch.offsets(|_| None) {
-            list.add_partition_offset(
-                &self.settings.kafka.topic,
-                o.partition,
-                Offset::Offset(o.next_offset),
-            )
-            .ok();
+        for (partition, next) in batch.next_offsets() {
+            list.add_partition_offset(&self.settings.kafka.topic, partition, Offset::Offset(next))
+                .ok();
         }
         if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
             tracing::debug!(error = %e, "kafka offset commit failed; PostgreSQL holds the offsets");
