@@ -188,13 +188,7 @@ async fn main() {
     order_service::store::migrate(owner.clone(), &role)
         .await
         .unwrap();
-    let store = Store::from_pool(
-        PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(owner)
-            .await
-            .unwrap(),
-    );
+    let store = Store::with_options(PgPoolOptions::new().max_connections(2), owner);
 
     // Load N orders through the service's own write path, 2000 per transaction.
     let mut generator = Generator::new(7, 5);

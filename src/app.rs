@@ -43,25 +43,27 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let health = Arc::new(IngestHealth::default());
     let feed = http::Feed::default();
+    let listener = TcpListener::bind(settings.http.addr)
+        .await
+        .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let member = settings.kafka.member_name(addr);
     let ingest = Ingest::new(
         &settings,
+        member.as_deref(),
         store.clone(),
         cache.clone(),
         metrics.clone(),
         health.clone(),
         feed.clone(),
     )?;
-
-    let listener = TcpListener::bind(settings.http.addr)
-        .await
-        .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;
-    let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
         %addr,
         database = %redacted(&settings.database.url),
         brokers = %settings.kafka.brokers,
         topic = %settings.kafka.topic,
         group = %settings.kafka.group_id,
+        member = member.as_deref().unwrap_or("(dynamic)"),
         redis = settings.redis.url.as_ref().map(redacted).unwrap_or_else(|| "disabled".into()),
         "listening on http://{addr}"
     );

@@ -61,7 +61,35 @@ pub struct KafkaSettings {
     pub group_id: String,
     /// A stable name per instance (static membership): a restarted instance
     /// takes its partitions back at once instead of waiting for a rebalance.
+    /// Unset: derived from the host name and the HTTP address; empty: none.
     pub group_instance_id: Option<String>,
+}
+
+impl KafkaSettings {
+    /// The static member name this instance joins its group with, if any.
+    /// By default `{host}-{ip}-{port}` of the bound HTTP address: an instance
+    /// restarted the same way takes its partitions straight back, and two
+    /// instances on one host never share a name (they cannot share an
+    /// address). An empty setting asks for dynamic membership.
+    pub fn member_name(&self, http: SocketAddr) -> Option<String> {
+        match self.group_instance_id.as_deref() {
+            Some("") => None,
+            Some(name) => Some(name.to_owned()),
+            None => {
+                let host = whoami::fallible::hostname().unwrap_or_else(|_| "localhost".into());
+                let name = format!("{host}-{}-{}", http.ip(), http.port());
+                // Kafka takes [A-Za-z0-9._-] in member names.
+                Some(
+                    name.chars()
+                        .map(|c| match c {
+                            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
+                            _ => '-',
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
 }
 
 impl Default for KafkaSettings {

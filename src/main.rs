@@ -37,6 +37,9 @@ fn main() -> ExitCode {
             Command::Validate(_) => unreachable!("handled before the runtime starts"),
         }
     });
+    // A blocking client call still running (a seek, a read of the dead-letter
+    // topic cut short by shutdown) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

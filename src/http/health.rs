@@ -26,29 +26,48 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// Ready when PostgreSQL answers and the consumer holds its assignment. Redis
-/// and the warm-up are reported but never make the service unready.
+/// Ready when PostgreSQL answers, the consumer holds its assignment and
+/// ingest is not paused. Redis and the warm-up are reported but never make the
+/// service unready. `problems` says in words what keeps it unready.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
         Ok(Ok(()))
     );
     let assigned = state.ingest.assigned.load(Ordering::Relaxed);
-    let paused = state.ingest.paused.load(Ordering::Relaxed);
+    let stalled = state.ingest.stalled();
     let redis = match state.cache.redis_up() {
         None => "disabled",
         Some(true) => "up",
         Some(false) => "down",
     };
-    let ready = postgres && assigned;
+    let mut problems = Vec::new();
+    if !postgres {
+        problems.push("postgres: does not answer".to_owned());
+    }
+    if !assigned {
+        problems.push("kafka: waiting for a partition assignment".to_owned());
+    }
+    if let Some(cause) = &stalled {
+        problems.push(format!("ingest paused: {cause}"));
+    }
+    let orphaned = state.ingest.orphaned();
+    if !orphaned.is_empty() {
+        problems.push(format!(
+            "kafka: partitions {orphaned:?} have messages that no live member consumes, and this \
+             instance holds none: a member that is gone still holds them"
+        ));
+    }
+    let ready = problems.is_empty();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "postgres": if postgres { "up" } else { "down" },
             "kafka_assignment": if assigned { "assigned" } else { "waiting" },
-            "ingest": if paused { "paused" } else { "running" },
+            "ingest": if stalled.is_some() { "paused" } else { "running" },
             "redis": redis,
         },
+        "problems": problems,
         "warmup": state.cache.warmup().state(),
     });
     let status = if ready {

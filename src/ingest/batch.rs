@@ -16,6 +16,15 @@ pub struct Source {
     pub payload: Vec<u8>,
 }
 
+/// A valid order turned away later, by its index in [`Batch::valid`].
+#[derive(Debug)]
+pub struct Refusal {
+    pub index: usize,
+    /// `conflict` or `store`.
+    pub stage: &'static str,
+    pub reason: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Batch {
     pub valid: Vec<Incoming>,
@@ -117,6 +126,30 @@ impl Batch {
         *next = (*next).max(dlq_offset + 1);
     }
 
+    /// Moves refused orders from the valid ones to the rejected ones, with
+    /// the key and bytes they arrived with.
+    pub fn refuse(&mut self, mut refused: Vec<Refusal>) {
+        refused.sort_by_key(|r| std::cmp::Reverse(r.index));
+        for Refusal {
+            index,
+            stage,
+            reason,
+        } in refused
+        {
+            let incoming = self.valid.remove(index);
+            let source = self.valid_sources.remove(index);
+            self.rejected.push(DeadLetter {
+                key: source.key,
+                payload: source.payload,
+                omitted_bytes: None,
+                partition: incoming.partition,
+                offset: incoming.offset,
+                stage,
+                reasons: vec![reason],
+            });
+        }
+    }
+
     /// Forgets everything from partitions this consumer no longer owns; their
     /// new owner starts from the offsets stored in PostgreSQL.
     pub fn drop_partitions(&mut self, revoked: &[i32]) {
@@ -138,26 +171,6 @@ impl Batch {
         self.messages = self.valid.len() + self.rejected.len();
         if self.messages == 0 {
             self.first_at = None;
-        }
-    }
-}
-
-impl DeadLetter {
-    /// A valid order refused later on: dead-lettered with the bytes it came with.
-    pub fn refused(
-        incoming: &Incoming,
-        source: &Source,
-        stage: &'static str,
-        reason: String,
-    ) -> Self {
-        DeadLetter {
-            key: source.key.clone(),
-            payload: source.payload.clone(),
-            omitted_bytes: None,
-            partition: incoming.partition,
-            offset: incoming.offset,
-            stage,
-            reasons: vec![reason],
         }
     }
 }

@@ -14,6 +14,9 @@ use crate::telemetry::Metrics;
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
 
+/// How long the group waits for a silent member before it counts it gone.
+pub const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug)]
 pub enum Rebalance {
     Assigned(Vec<i32>),
@@ -77,6 +80,7 @@ impl SignalingContext {
 /// Joins the group on the orders topic, with auto-commit off: offsets live in PostgreSQL.
 pub fn subscribe(
     kafka: &KafkaSettings,
+    member: Option<&str>,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(OrderConsumer, mpsc::UnboundedReceiver<Rebalance>)> {
@@ -87,7 +91,7 @@ pub fn subscribe(
         metrics,
     };
     let mut config = ClientConfig::new();
-    if let Some(name) = &kafka.group_instance_id {
+    if let Some(name) = member {
         config.set("group.instance.id", name);
     }
     let consumer: OrderConsumer = config
@@ -98,7 +102,10 @@ pub fn subscribe(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
         // A crashed instance's partitions move to the others after this long.
-        .set("session.timeout.ms", "10000")
+        .set(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .set("heartbeat.interval.ms", "2000")
         .set("statistics.interval.ms", "5000")
         // A message over our limit must still be fetched, to be dead-lettered.

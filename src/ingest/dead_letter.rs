@@ -84,6 +84,10 @@ impl DeadLetters {
         })
     }
 
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// The dead-letter partition that holds `source_partition`'s letters.
     async fn partition_for(&self, source_partition: i32) -> Result<i32, String> {
         let count = self

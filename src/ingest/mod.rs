@@ -1,18 +1,22 @@
 //! Kafka to PostgreSQL. Every message ends stored, already stored, or
 //! dead-lettered with its reason. The offsets consumed are written in the same
 //! transaction as the orders, and PostgreSQL, not Kafka, decides where each
-//! partition resumes.
+//! partition resumes. When the environment fails (database, dead-letter topic)
+//! ingest pauses with the batch in hand and retries; nothing is dead-lettered
+//! for it.
 
 mod batch;
+mod commit;
 mod consumer;
 pub mod dead_letter;
+mod orphans;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -21,12 +25,14 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::batch::Batch;
+use self::commit::{Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
-use self::dead_letter::{DeadLetter, DeadLetters};
+use self::dead_letter::DeadLetters;
+use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::http::Feed;
-use crate::store::{is_transient, Store};
+use crate::store::{InsertOutcome, Store};
 use crate::telemetry::Metrics;
 
 /// What readiness needs to know about ingest.
@@ -34,8 +40,42 @@ use crate::telemetry::Metrics;
 pub struct IngestHealth {
     /// The consumer has joined its group and received an assignment (possibly empty).
     pub assigned: AtomicBool,
-    /// Fetching is paused until PostgreSQL (or the dead-letter topic) is back.
-    pub paused: AtomicBool,
+    /// Why fetching is paused, while it is: the environment's fault, named.
+    stalled: Mutex<Option<String>>,
+    /// Partitions with messages no live member consumes, seen by an instance
+    /// that holds none.
+    orphaned: Mutex<Vec<i32>>,
+}
+
+impl IngestHealth {
+    /// The cause of the current pause, if ingest is paused.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_stalled(&self, cause: Option<String>) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = cause;
+    }
+
+    /// Partitions whose messages wait with no live consumer, if this
+    /// instance holds no partition and sees any.
+    pub fn orphaned(&self) -> Vec<i32> {
+        self.orphaned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stores the orphaned partitions; true when they changed.
+    fn set_orphaned(&self, partitions: Vec<i32>) -> bool {
+        let mut orphaned = self.orphaned.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *orphaned != partitions;
+        *orphaned = partitions;
+        changed
+    }
 }
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
@@ -54,8 +94,7 @@ struct PartitionState {
 pub struct Ingest {
     consumer: Arc<OrderConsumer>,
     events: mpsc::UnboundedReceiver<Rebalance>,
-    dead_letters: DeadLetters,
-    store: Store,
+    committer: Committer,
     cache: Arc<OrderCache>,
     metrics: Arc<Metrics>,
     health: Arc<IngestHealth>,
@@ -64,18 +103,27 @@ pub struct Ingest {
     partitions: HashMap<i32, PartitionState>,
     /// Assigned partitions whose offsets could not be read yet.
     unloaded: Vec<i32>,
+    /// The batch being gathered.
     batch: Batch,
-    /// A closed batch waiting for PostgreSQL or the dead-letter topic.
-    stalled: Option<Batch>,
+    /// A closed batch not committed yet: in flight, or waiting for the
+    /// environment. The batch being gathered is committed only after it.
+    closed: Option<Batch>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// Since when ingest is paused, and when the paused time was last counted.
+    stalled_since: Option<(Instant, Instant)>,
     /// When to try again to seek partitions that could not be positioned yet.
     reposition_at: Option<Instant>,
+    orphans: Orphans,
+    /// When to look for orphaned partitions next.
+    orphans_at: Instant,
 }
 
 impl Ingest {
+    /// `member`: the static member name to join the group with, if any.
     pub fn new(
         settings: &Settings,
+        member: Option<&str>,
         store: Store,
         cache: Arc<OrderCache>,
         metrics: Arc<Metrics>,
@@ -84,6 +132,7 @@ impl Ingest {
     ) -> anyhow::Result<Self> {
         let (consumer, events) = consumer::subscribe(
             &settings.kafka,
+            member,
             settings.validation.max_message_bytes,
             metrics.clone(),
         )?;
@@ -96,8 +145,12 @@ impl Ingest {
         Ok(Self {
             consumer: Arc::new(consumer),
             events,
-            dead_letters,
-            store,
+            committer: Committer {
+                store,
+                dead_letters,
+                topic: settings.kafka.topic.clone(),
+                group_id: settings.kafka.group_id.clone(),
+            },
             cache,
             metrics,
             health,
@@ -106,41 +159,48 @@ impl Ingest {
             partitions: HashMap::new(),
             unloaded: Vec::new(),
             batch: Batch::default(),
-            stalled: None,
+            closed: None,
             backoff: Duration::ZERO,
             retry_at: None,
+            stalled_since: None,
             reposition_at: None,
+            orphans: Orphans::default(),
+            orphans_at: Instant::now() + ORPHAN_CHECK,
         })
     }
 
-    /// Consumes until `shutdown`, then commits the batch in hand (within the
-    /// shutdown bound) and leaves the group.
+    /// Consumes until `shutdown`, then commits the batches in hand (within the
+    /// shutdown bound) and leaves the group. Every step that can wait on the
+    /// database or the broker gives way to `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let linger = self.settings.batch_linger();
         // A local handle, so a fetched message (which borrows the consumer) can
         // live while the loop updates its own state.
         let consumer = self.consumer.clone();
+        let stop = &shutdown;
         loop {
             let flush_at = self.batch.first_at.map(|t| t + linger);
-            tokio::select! {
+            let finished = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(event) = self.events.recv() => self.on_rebalance(event).await,
+                Some(event) = self.events.recv() => until(stop, self.on_rebalance(event)).await,
                 () = sleep_until(self.retry_at.unwrap_or_else(far_future)), if self.retry_at.is_some() => {
-                    self.retry().await;
+                    until(stop, self.retry()).await
                 }
                 () = sleep_until(self.reposition_at.unwrap_or_else(far_future)), if self.reposition_at.is_some() => {
-                    self.reposition();
+                    until(stop, self.reposition()).await
                 }
-                () = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() && self.stalled.is_none() => {
-                    self.flush_current().await;
+                () = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() && self.closed.is_none() => {
+                    until(stop, self.flush()).await
                 }
+                () = sleep_until(self.orphans_at) => until(stop, self.look_for_orphans()).await,
                 message = consumer.recv() => match message {
                     Ok(message) => {
                         // Rebalance signals raised while polling come first, so a
                         // message is never judged against a stale assignment.
+                        let mut finished = true;
                         while let Ok(event) = self.events.try_recv() {
-                            self.on_rebalance(event).await;
+                            finished &= until(stop, self.on_rebalance(event)).await;
                         }
                         let (partition, offset) = (message.partition(), message.offset());
                         if self.accept(partition, offset) {
@@ -152,13 +212,20 @@ impl Ingest {
                                 offset,
                                 &self.settings.validation,
                             );
-                            if self.batch.len() >= self.settings.ingest.batch_size && self.stalled.is_none() {
-                                self.flush_current().await;
+                            if self.batch.len() >= self.settings.ingest.batch_size && self.closed.is_none() {
+                                finished &= until(stop, self.flush()).await;
                             }
                         }
+                        finished
                     }
-                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka consumer error");
+                        true
+                    }
                 },
+            };
+            if !finished {
+                break;
             }
         }
         self.shut_down().await
@@ -167,22 +234,18 @@ impl Ingest {
     async fn shut_down(mut self) -> anyhow::Result<()> {
         let bound = Duration::from_millis(self.settings.ingest.shutdown_timeout_ms);
         let finish = async {
-            // The batch in hand comes after the stalled one; committing it alone
+            // The batch in hand comes after the closed one; committing it alone
             // would move the offsets past messages never stored.
-            if let Some(stalled) = self.stalled.take() {
-                if self.commit_batch(stalled).await.is_err() {
-                    tracing::warn!(
-                        "the stalled batch could not be committed; it will be consumed again"
-                    );
+            if self.closed.is_some() {
+                if let Err(stall) = self.commit_closed().await {
+                    tracing::warn!(cause = %stall, "the closed batch could not be committed; it will be consumed again");
                     return;
                 }
             }
             if !self.batch.is_empty() {
-                let batch = std::mem::take(&mut self.batch);
-                if self.commit_batch(batch).await.is_err() {
-                    tracing::warn!(
-                        "the batch in hand could not be committed; it will be consumed again"
-                    );
+                self.closed = Some(std::mem::take(&mut self.batch));
+                if let Err(stall) = self.commit_closed().await {
+                    tracing::warn!(cause = %stall, "the batch in hand could not be committed; it will be consumed again");
                 }
             }
         };
@@ -211,18 +274,31 @@ impl Ingest {
 
     /// Seeks every newly assigned partition to the offset stored in PostgreSQL
     /// (or its beginning if none is). A seek right after an assignment can fail
-    /// until the fetcher has started; those are retried shortly.
-    fn reposition(&mut self) {
+    /// until the fetcher has started; those are retried shortly. Seeks block,
+    /// so they run off the async threads.
+    async fn reposition(&mut self) {
+        let targets: Vec<(i32, Offset)> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| !s.positioned)
+            .map(|(&p, s)| (p, s.next.map_or(Offset::Beginning, Offset::Offset)))
+            .collect();
+        let (consumer, topic) = (self.consumer.clone(), self.settings.kafka.topic.clone());
+        let seeks = tokio::task::spawn_blocking(move || {
+            targets
+                .into_iter()
+                .map(|(partition, target)| {
+                    let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
+                    (partition, target, seek)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         let mut pending = false;
-        for (&partition, state) in self.partitions.iter_mut().filter(|(_, s)| !s.positioned) {
-            let target = state.next.map_or(Offset::Beginning, Offset::Offset);
-            match self.consumer.seek(
-                &self.settings.kafka.topic,
-                partition,
-                target,
-                Duration::from_secs(1),
-            ) {
-                Ok(()) => {
+        for (partition, target, seek) in seeks {
+            match (seek, self.partitions.get_mut(&partition)) {
+                (Ok(()), Some(state)) => {
                     tracing::debug!(
                         partition,
                         ?target,
@@ -230,12 +306,16 @@ impl Ingest {
                     );
                     state.positioned = true;
                 }
-                Err(e) => {
+                // Revoked meanwhile: nothing to do.
+                (_, None) => {}
+                (Err(e), Some(_)) => {
                     tracing::debug!(partition, error = %e, "seek not possible yet; retrying");
                     pending = true;
                 }
             }
         }
+        // A panicked seek task leaves partitions unpositioned: try again too.
+        pending |= self.partitions.values().any(|s| !s.positioned);
         self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
     }
 
@@ -252,26 +332,27 @@ impl Ingest {
                 }
                 self.unloaded.retain(|p| !revoked.contains(p));
                 self.batch.drop_partitions(&revoked);
-                if let Some(stalled) = &mut self.stalled {
-                    stalled.drop_partitions(&revoked);
+                if let Some(closed) = &mut self.closed {
+                    closed.drop_partitions(&revoked);
                 }
             }
             Rebalance::Assigned(assigned) => {
                 tracing::info!(partitions = ?assigned, "partitions assigned");
                 self.health.assigned.store(true, Ordering::Relaxed);
                 self.unloaded.extend(assigned);
-                if let Err(e) = self.load_offsets().await {
-                    self.stall(e);
+                if let Err(stall) = self.load_offsets().await {
+                    self.stall(stall);
                 }
             }
         }
     }
 
-    async fn load_offsets(&mut self) -> anyhow::Result<()> {
+    async fn load_offsets(&mut self) -> Result<(), Stall> {
         if self.unloaded.is_empty() {
             return Ok(());
         }
         let stored = self
+            .committer
             .store
             .load_offsets(
                 &self.settings.kafka.group_id,
@@ -279,16 +360,22 @@ impl Ingest {
                 &self.unloaded,
             )
             .await
-            .context("reading stored offsets")?;
+            .map_err(|e| Stall::database(&e))?;
         let scans = self.unloaded.iter().map(|&p| {
             let stored = stored.get(&p);
             let from = stored.map_or(0, |s| s.next_offset);
             let dlq_offset = stored.and_then(|s| s.dlq_next_offset);
-            self.dead_letters.already_sent(p, from, dlq_offset)
+            self.committer
+                .dead_letters
+                .already_sent(p, from, dlq_offset)
         });
-        let scanned = futures::future::try_join_all(scans)
-            .await
-            .context("reading back the dead-letter topic")?;
+        let scanned =
+            futures::future::try_join_all(scans)
+                .await
+                .map_err(|e| Stall::DeadLetters {
+                    topic: self.committer.dead_letters.topic().to_owned(),
+                    error: format!("reading it back: {e:#}"),
+                })?;
         for (p, (dead_lettered, dlq_floor)) in self.unloaded.drain(..).zip(scanned) {
             if !dead_lettered.is_empty() {
                 tracing::info!(
@@ -307,60 +394,151 @@ impl Ingest {
                 },
             );
         }
-        self.reposition();
+        self.reposition().await;
         Ok(())
     }
 
-    async fn flush_current(&mut self) {
-        let batch = std::mem::take(&mut self.batch);
-        if let Err(e) = self.commit_batch_or_hold(batch).await {
-            self.stall(e);
+    /// An instance that holds no partition looks at the group's progress and
+    /// names, in `/readyz` and in one log line, the partitions whose messages
+    /// have waited with no commit for longer than the session timeout.
+    async fn look_for_orphans(&mut self) {
+        self.orphans_at = Instant::now() + ORPHAN_CHECK;
+        let holds_none = self.partitions.is_empty() && self.unloaded.is_empty();
+        if !holds_none || !self.health.assigned.load(Ordering::Relaxed) {
+            self.orphans.clear();
+            self.report_orphans(Vec::new());
+            return;
+        }
+        let progress = match self.progress().await {
+            Ok(progress) => progress,
+            Err(e) => {
+                tracing::debug!(error = format!("{e:#}"), "cannot read the group's progress");
+                return;
+            }
+        };
+        let orphaned = self
+            .orphans
+            .update(&progress, Instant::now(), consumer::SESSION_TIMEOUT);
+        self.report_orphans(orphaned);
+    }
+
+    fn report_orphans(&self, orphaned: Vec<i32>) {
+        let none = orphaned.is_empty();
+        if self.health.set_orphaned(orphaned.clone()) && !none {
+            tracing::warn!(
+                partitions = ?orphaned,
+                "partitions have messages that no live member consumes, and this instance holds none: \
+                 a member that is gone still holds them (start it again with its settings, \
+                 or restart the broker)"
+            );
         }
     }
 
-    async fn commit_batch_or_hold(&mut self, batch: Batch) -> Result<(), anyhow::Error> {
-        match self.commit_batch(batch).await {
-            Ok(()) => Ok(()),
-            Err((batch, e)) => {
-                self.stalled = Some(batch);
-                Err(e)
-            }
+    /// Each partition's committed position (PostgreSQL) and end (the broker).
+    async fn progress(&self) -> anyhow::Result<Vec<Progress>> {
+        let (consumer, topic) = (self.consumer.clone(), self.settings.kafka.topic.clone());
+        let ends = tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(2);
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            partitions
+                .into_iter()
+                .map(|p| {
+                    let (low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
+                    Ok((p, low, high))
+                })
+                .collect::<Result<Vec<_>, rdkafka::error::KafkaError>>()
+        })
+        .await??;
+        let partitions: Vec<i32> = ends.iter().map(|&(p, _, _)| p).collect();
+        let stored = self
+            .committer
+            .store
+            .load_offsets(
+                &self.settings.kafka.group_id,
+                &self.settings.kafka.topic,
+                &partitions,
+            )
+            .await?;
+        Ok(ends
+            .into_iter()
+            .map(|(partition, low, end)| Progress {
+                partition,
+                committed: stored
+                    .get(&partition)
+                    .map_or(low, |s| s.next_offset.max(low)),
+                end,
+            })
+            .collect())
+    }
+
+    /// Closes the batch being gathered and commits it.
+    async fn flush(&mut self) {
+        self.closed = Some(std::mem::take(&mut self.batch));
+        if let Err(stall) = self.commit_closed().await {
+            self.stall(stall);
         }
     }
 
     /// Pauses fetching and schedules a retry with capped exponential backoff.
-    fn stall(&mut self, error: anyhow::Error) {
+    /// Logs once on entering the state; the cause shown follows the latest.
+    fn stall(&mut self, stall: Stall) {
         let max = Duration::from_millis(self.settings.ingest.max_backoff_ms);
         self.backoff = (self.backoff * 2).clamp(
             Duration::from_millis(100),
             max.max(Duration::from_millis(100)),
         );
         self.retry_at = Some(Instant::now() + self.backoff);
-        if !self.health.paused.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "ingest paused; retrying until it succeeds"
-            );
+        self.count_stalled_time();
+        if let Stall::Database(_) = stall {
+            // The retry must not reuse a session opened under the fault.
+            self.committer.store.recycle_sessions();
+        }
+        if self.health.stalled().is_none() {
+            tracing::error!(cause = %stall, "ingest paused; retrying until it succeeds");
             self.metrics.consumer_paused.set(1);
+            let now = Instant::now();
+            self.stalled_since = Some((now, now));
             if let Ok(assignment) = self.consumer.assignment() {
                 self.consumer.pause(&assignment).ok();
             }
+        }
+        self.health.set_stalled(Some(stall.to_string()));
+    }
+
+    /// Adds the time paused since it was last counted to the metric.
+    fn count_stalled_time(&mut self) {
+        if let Some((_, counted)) = &mut self.stalled_since {
+            let now = Instant::now();
+            self.metrics
+                .ingest_stalled_seconds
+                .inc_by((now - *counted).as_secs_f64());
+            *counted = now;
         }
     }
 
     async fn retry(&mut self) {
         self.retry_at = None;
-        if let Err(e) = self.load_offsets().await {
-            return self.stall(e);
+        if let Err(stall) = self.load_offsets().await {
+            return self.stall(stall);
         }
-        if let Some(batch) = self.stalled.take() {
-            if let Err(e) = self.commit_batch_or_hold(batch).await {
-                return self.stall(e);
+        if self.closed.is_some() {
+            if let Err(stall) = self.commit_closed().await {
+                return self.stall(stall);
             }
         }
         self.backoff = Duration::ZERO;
-        if self.health.paused.swap(false, Ordering::Relaxed) {
-            tracing::info!("ingest resumed");
+        self.count_stalled_time();
+        if let Some((since, _)) = self.stalled_since.take() {
+            tracing::info!(
+                paused_ms = since.elapsed().as_millis() as u64,
+                "ingest resumed"
+            );
+            self.health.set_stalled(None);
             self.metrics.consumer_paused.set(0);
             if let Ok(assignment) = self.consumer.assignment() {
                 self.consumer.resume(&assignment).ok();
@@ -368,87 +546,37 @@ impl Ingest {
         }
     }
 
-    /// Writes a batch in one transaction with the offsets it covers. On failure
-    /// the batch comes back, with the dead letters already acknowledged marked.
-    async fn commit_batch(&mut self, mut batch: Batch) -> Result<(), (Batch, anyhow::Error)> {
+    /// Commits the closed batch; on success it is gone and its orders are
+    /// counted, cached and announced. On failure it stays, with what was learnt.
+    async fn commit_closed(&mut self) -> Result<(), Stall> {
+        let Some(batch) = self.closed.as_mut() else {
+            return Ok(());
+        };
         if batch.is_empty() {
+            self.closed = None;
             return Ok(());
         }
         let started = std::time::Instant::now();
-        match self.try_commit(&mut batch, true).await {
-            Ok(stored) => {
-                self.metrics.batch_size.observe(batch.len() as f64);
-                self.metrics
-                    .batch_commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.cache.stored(stored);
-                self.commit_to_kafka(&batch);
-                Ok(())
-            }
-            Err(e) => Err((batch, e)),
-        }
+        let outcome = self.committer.commit(batch, &self.partitions).await?;
+        let batch = self.closed.take().unwrap_or_default();
+        self.metrics.batch_size.observe(batch.len() as f64);
+        self.metrics
+            .batch_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.committed(&batch, &outcome);
+        self.commit_to_kafka(&batch);
+        Ok(())
     }
 
-    /// Returns the newly stored orders for the cache.
-    async fn try_commit(
-        &mut self,
-        batch: &mut Batch,
-        isolate_refusals: bool,
-    ) -> Result<Vec<(Box<str>, bytes::Bytes)>, anyhow::Error> {
-        let rejected: Vec<DeadLetter> = batch.rejected.clone();
-        self.send_dead_letters(batch, &rejected).await?;
-
-        let topic = self.settings.kafka.topic.clone();
-        let db = |e: sqlx::Error| {
-            let transient = is_transient(&e);
-            (anyhow::Error::new(e), transient)
-        };
-        let attempt = async {
-            let mut tx = self.store.begin().await.map_err(db)?;
-            let outcome = tx.insert_orders(&topic, &batch.valid).await.map_err(db)?;
-            Ok::<_, (anyhow::Error, bool)>((tx, outcome))
-        };
-        let (mut tx, outcome) = match attempt.await {
-            Ok(ok) => ok,
-            Err((e, true)) => {
-                return Err(e.context("writing orders to PostgreSQL"));
-            }
-            Err((e, false)) if isolate_refusals => return self.commit_one_by_one(batch, e).await,
-            Err((e, false)) => return Err(e.context("writing orders to PostgreSQL")),
-        };
-        let conflicts: Vec<DeadLetter> = outcome
-            .conflicts
-            .iter()
-            .map(|&i| {
-                DeadLetter::refused(
-                    &batch.valid[i],
-                    &batch.valid_sources[i],
-                    "conflict",
-                    "conflict: order_uid already stored with different content".into(),
-                )
-            })
-            .collect();
-        self.send_dead_letters(batch, &conflicts).await?;
-        let saved = async {
-            let dlq_floor = |p: i32| self.partitions.get(&p).map(|s| s.dlq_floor);
-            tx.save_offsets(
-                &self.settings.kafka.group_id,
-                &topic,
-                &batch.offsets(dlq_floor),
-            )
-            .await?;
-            tx.commit().await
-        };
-        if let Err(e) = saved.await {
-            return Err(anyhow::Error::new(e).context("committing the batch"));
-        }
+    /// Counts, caches and announces what a committed batch stored.
+    fn committed(&self, batch: &Batch, outcome: &InsertOutcome) {
         self.metrics
             .orders_stored
             .inc_by(outcome.stored.len() as u64);
         self.metrics
             .duplicates
             .inc_by(outcome.duplicates.len() as u64);
-        for letter in batch.rejected.iter().chain(&conflicts) {
+        for letter in &batch.rejected {
             self.metrics
                 .dead_letters
                 .with_label_values(&[letter.stage])
@@ -458,7 +586,7 @@ impl Ingest {
             let m = &batch.valid[i];
             tracing::debug!(topic = %self.settings.kafka.topic, partition = m.partition, offset = m.offset, order_uid = %m.order.uid(), "duplicate order skipped");
         }
-        Ok(outcome
+        let stored = outcome
             .stored
             .iter()
             .map(|&i| {
@@ -466,107 +594,8 @@ impl Ingest {
                 self.feed.publish(&m.order);
                 (Box::from(m.order.uid().as_str()), m.json.clone())
             })
-            .collect())
-    }
-
-    /// A batch PostgreSQL refuses for a reason retrying cannot fix: find the
-    /// order(s) at fault by writing one at a time; those are dead-lettered.
-    async fn commit_one_by_one(
-        &mut self,
-        batch: &mut Batch,
-        cause: anyhow::Error,
-    ) -> Result<Vec<(Box<str>, bytes::Bytes)>, anyhow::Error> {
-        tracing::warn!(
-            error = format!("{cause:#}"),
-            "batch refused by PostgreSQL; writing its orders one by one"
-        );
-        // Try each order alone (rolled back); refusals are marked, the rest kept.
-        let mut refused = Vec::new();
-        for i in 0..batch.valid.len() {
-            let single = std::slice::from_ref(&batch.valid[i]);
-            let result = async {
-                let mut tx = self.store.begin().await?;
-                tx.insert_orders(&self.settings.kafka.topic, single).await?;
-                drop(tx);
-                Ok::<_, sqlx::Error>(())
-            }
-            .await;
-            match result {
-                Ok(()) => {}
-                Err(e) if is_transient(&e) => {
-                    return Err(anyhow::Error::new(e).context("writing orders to PostgreSQL"));
-                }
-                Err(e) => {
-                    let reason = match &e {
-                        sqlx::Error::Database(db) => format!(
-                            "store: database refused the order ({})",
-                            db.code().as_deref().unwrap_or("unknown code")
-                        ),
-                        _ => "store: database refused the order".to_owned(),
-                    };
-                    let incoming = &batch.valid[i];
-                    tracing::warn!(topic = %self.settings.kafka.topic, partition = incoming.partition, offset = incoming.offset, order_uid = %incoming.order.uid(), %reason, "order refused by PostgreSQL");
-                    refused.push((
-                        i,
-                        DeadLetter::refused(incoming, &batch.valid_sources[i], "store", reason),
-                    ));
-                }
-            }
-        }
-        for (i, letter) in refused.into_iter().rev() {
-            batch.valid.remove(i);
-            batch.valid_sources.remove(i);
-            batch.rejected.push(letter);
-        }
-        Box::pin(self.try_commit(batch, false)).await
-    }
-
-    /// Sends the letters not yet acknowledged and waits for the broker.
-    async fn send_dead_letters(
-        &self,
-        batch: &mut Batch,
-        letters: &[DeadLetter],
-    ) -> Result<(), anyhow::Error> {
-        let already_sent = |l: &DeadLetter| {
-            self.partitions
-                .get(&l.partition)
-                .is_some_and(|s| s.dead_lettered.contains(&l.offset))
-        };
-        let pending: Vec<&DeadLetter> = letters
-            .iter()
-            .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)) && !already_sent(l))
             .collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let results = self.dead_letters.send_all(&pending).await;
-        let mut failure = None;
-        for (letter, result) in pending.iter().zip(results) {
-            match result {
-                Ok(dlq_offset) => {
-                    batch.dead_lettered_at(letter.partition, dlq_offset);
-                    tracing::info!(
-                        topic = %self.settings.kafka.topic,
-                        partition = letter.partition,
-                        offset = letter.offset,
-                        // Producers key orders by order_uid; the key is all that is known of a rejected one.
-                        order_uid = letter.key.as_deref().map(String::from_utf8_lossy).as_deref().unwrap_or(""),
-                        stage = letter.stage,
-                        reasons = %letter.reasons.join("; "),
-                        "message dead-lettered"
-                    );
-                    batch.acknowledged.insert((letter.partition, letter.offset));
-                }
-                Err(e) => failure = Some(e),
-            }
-        }
-        match failure {
-            None => Ok(()),
-            Some(e) => Err(anyhow::anyhow!(
-                "the dead-letter topic {} cannot be written: {e}",
-                self.settings.kafka.dlq_topic
-            )),
-        }
+        self.cache.stored(stored);
     }
 
     /// Tells Kafka too, for lag tools. PostgreSQL stays the source of truth.
@@ -582,7 +611,20 @@ impl Ingest {
     }
 }
 
+/// Runs `step` unless `shutdown` comes first; false when it did. A step cut
+/// short leaves its batch in place, so shutdown still commits it in order.
+async fn until(shutdown: &CancellationToken, step: impl Future<Output = ()>) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        () = step => true,
+    }
+}
+
 const REPOSITION_RETRY: Duration = Duration::from_millis(50);
+
+/// How often an instance that holds no partition looks for orphaned ones.
+const ORPHAN_CHECK: Duration = Duration::from_secs(5);
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)

@@ -4,7 +4,8 @@ mod migrate;
 mod read;
 mod write;
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
@@ -16,6 +17,26 @@ pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    recycled: Arc<Recycled>,
+}
+
+/// Sessions opened before this moment are closed instead of reused: a
+/// session can carry the conditions of its start (read-only after a failover,
+/// a role's old settings), which a retry must not inherit.
+#[derive(Default)]
+struct Recycled {
+    at: Mutex<Option<Instant>>,
+}
+
+impl Recycled {
+    fn keeps(&self, age: Duration) -> bool {
+        let at = *self.at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_none_or(|at| {
+            Instant::now()
+                .checked_sub(age)
+                .is_some_and(|opened| opened > at)
+        })
+    }
 }
 
 impl Store {
@@ -26,15 +47,25 @@ impl Store {
         max_connections: u32,
         timeout: Duration,
     ) -> Self {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(timeout)
-            .connect_lazy_with(options.application_name("order-service"));
-        Self { pool }
+        Self::with_options(
+            PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(timeout),
+            options.application_name("order-service"),
+        )
     }
 
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+    /// A pool built from `pool` options, with session recycling.
+    pub fn with_options(pool: PgPoolOptions, options: PgConnectOptions) -> Self {
+        let recycled = Arc::new(Recycled::default());
+        let keeps = recycled.clone();
+        let pool = pool
+            .before_acquire(move |_, meta| {
+                let keep = keeps.keeps(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
+            .connect_lazy_with(options);
+        Self { pool, recycled }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -44,25 +75,42 @@ impl Store {
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
     }
+
+    /// Every session open now is closed when next taken from the pool.
+    pub fn recycle_sessions(&self) {
+        *self.recycled.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
 }
 
-/// Errors that retrying can fix: the database or the network is away.
-pub fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 40: transaction rollback (serialization,
-            // deadlock); 53: insufficient resources; 57P: operator intervention
-            // (shutdown, restart).
-            code.starts_with("08")
-                || code.starts_with("40")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-        }),
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        _ => false,
+/// What a PostgreSQL error says about the order being written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The order's own data is refused (SQLSTATE class 22, data exception, or
+    /// 23, integrity violation): writing it again will fail again.
+    OrderData { reason: String },
+    /// The environment is at fault (connection, authentication, permissions,
+    /// missing tables, read-only database, resources, operator intervention,
+    /// anything unknown): the same write may succeed once it is mended.
+    Environment { cause: String },
+}
+
+/// One classification for every PostgreSQL error ingest meets. Only errors
+/// that belong to one order's data may refuse it; everything else pauses.
+pub fn classify(error: &sqlx::Error) -> ErrorClass {
+    if let sqlx::Error::Database(db) = error {
+        let code = db.code().unwrap_or_default();
+        if code.starts_with("22") || code.starts_with("23") {
+            return ErrorClass::OrderData {
+                reason: format!("store: database refused the order ({code})"),
+            };
+        }
+        return ErrorClass::Environment {
+            cause: format!("database: {} ({code})", db.message()),
+        };
     }
+    let cause = match error {
+        sqlx::Error::PoolTimedOut => "database: no connection within the timeout".to_owned(),
+        other => format!("database: {other}"),
+    };
+    ErrorClass::Environment { cause }
 }

@@ -2,7 +2,7 @@
 //! in one process (as in tests) keep their counts apart.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -16,6 +16,7 @@ pub struct Metrics {
     pub batch_commit_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub consumer_paused: IntGauge,
+    pub ingest_stalled_seconds: Counter,
     pub db_pool_in_use: IntGauge,
     pub cache_requests: IntCounterVec,
     pub cache_entries: IntGauge,
@@ -67,6 +68,11 @@ impl Metrics {
             consumer_paused: IntGauge::new(
                 "ingest_consumer_paused",
                 "1 while fetching is paused because PostgreSQL or the dead-letter topic is unavailable.",
+            )
+            .unwrap(),
+            ingest_stalled_seconds: Counter::new(
+                "ingest_paused_seconds_total",
+                "Time ingest spent paused because its environment (database, dead-letter topic) failed.",
             )
             .unwrap(),
             db_pool_in_use: IntGauge::new("db_pool_connections_in_use", "PostgreSQL connections checked out.")
@@ -122,6 +128,7 @@ impl Metrics {
             Box::new(m.batch_commit_seconds.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_paused.clone()),
+            Box::new(m.ingest_stalled_seconds.clone()),
             Box::new(m.db_pool_in_use.clone()),
             Box::new(m.cache_requests.clone()),
             Box::new(m.cache_entries.clone()),

@@ -298,7 +298,7 @@ async fn reads_fall_through_the_tiers() {
     service.wait_ready().await;
     wait_redis_up(&service).await;
     store_orders(&env, &orders).await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // Redis writes are asynchronous.
+    wait_in_redis(&key_prefix, orders.len()).await;
 
     // Some orders were evicted from memory; Redis answers for them and
     // memory is filled on the way back.
@@ -444,5 +444,28 @@ async fn wait_redis_up(service: &Service) {
             "Redis never up: {ready}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis writes are asynchronous: waits until `n` orders are under `prefix`.
+async fn wait_in_redis(prefix: &str, n: usize) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}order:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if keys.len() == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} orders in Redis",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -7,8 +7,10 @@
 //! them with a longer stream and prints the table.
 //!
 //! Sizes come from FAULT_ORDERS (messages per scenario, default 1500),
-//! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3) and
-//! FAULT_PG_OUTAGE_SECS (default 30).
+//! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3),
+//! FAULT_PG_OUTAGE_SECS (default 30) and FAULT_ENV_OUTAGE_SECS (default 10).
+//! Each scenario prints its seed (the producer's stream and the moments of
+//! its faults); FAULT_SEED=N replays it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
@@ -18,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use order_service::domain::{parse_order, Limits};
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::helpers::{Service, TcpProxy, TestEnv};
@@ -45,9 +48,29 @@ async fn pause(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
-/// A random moment between a tenth and `share` of the stream's length.
-fn random_point(share: f64) -> Duration {
-    stream_duration().mul_f64(rand::rng().random_range(0.1..share))
+/// A scenario's seed, printed so that a failure can be replayed with FAULT_SEED.
+struct Seed {
+    value: u64,
+    rng: StdRng,
+}
+
+impl Seed {
+    fn new(scenario: &str) -> Self {
+        let value = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
+        println!("{scenario}: seed {value} (replay with FAULT_SEED={value})");
+        Self {
+            value,
+            rng: StdRng::seed_from_u64(value),
+        }
+    }
+
+    /// A moment between a tenth and `share` of the stream's length.
+    fn random_point(&mut self, share: f64) -> Duration {
+        stream_duration().mul_f64(self.rng.random_range(0.1..share))
+    }
 }
 
 /// `order-service produce` sending the scenario's stream.
@@ -341,18 +364,17 @@ fn write_row(scenario: &str, line: &str) {
 #[tokio::test]
 async fn kill_9_at_random_points() {
     let env = TestEnv::new().await;
-    let stream = Stream::start(&env, 101);
-    // Restarted under the same member name, as a supervisor would.
-    let spawn = || {
-        env.spawn_with(&[
-            ("INGEST_BATCH_SIZE", "100"),
-            ("KAFKA_GROUP_INSTANCE_ID", "only"),
-        ])
-    };
+    let mut seed = Seed::new("(a)");
+    let stream = Stream::start(&env, seed.value);
+    // Restarted with the same command and no other settings, as a
+    // supervisor (or a person) would: the same address, hence the same
+    // default member name, so the partitions come straight back.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spawn = || env.spawn_with(&[("HTTP_ADDR", addr.as_str())]);
     let mut service = spawn();
     let kills = setting("FAULT_KILLS", 3);
     for _ in 0..kills {
-        pause(random_point(0.3)).await;
+        pause(seed.random_point(0.3)).await;
         service.kill();
         service = spawn();
     }
@@ -371,8 +393,9 @@ async fn postgres_away_for_30_seconds() {
         ("INGEST_MAX_BACKOFF_MS", "1000"),
     ]);
     service.wait_ready().await;
-    let stream = Stream::start(&env, 102);
-    pause(random_point(0.5)).await;
+    let mut seed = Seed::new("(b)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
     proxy.cut();
     pause(Duration::from_secs(setting("FAULT_PG_OUTAGE_SECS", 30))).await;
     proxy.restore();
@@ -390,8 +413,9 @@ async fn redis_stopped_and_started() {
     let (proxy, redis_url) = TcpProxy::to_redis().await;
     let service = env.spawn_with(&[("REDIS_URL", &redis_url)]);
     service.wait_ready().await;
-    let stream = Stream::start(&env, 103);
-    pause(random_point(0.4)).await;
+    let mut seed = Seed::new("(c)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.4)).await;
     proxy.cut();
     pause(stream_duration() / 3).await;
     proxy.restore();
@@ -449,20 +473,26 @@ impl Drop for Broker {
     }
 }
 
-#[tokio::test]
-async fn broker_restarted_mid_stream() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+#[tokio::test]
+async fn broker_restarted_mid_stream() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
     let mut broker = Broker::start(storage.path().to_owned(), port);
     let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
     let service = env.spawn();
     service.wait_ready().await;
-    let stream = Stream::start(&env, 104);
-    pause(random_point(0.5)).await;
+    let mut seed = Seed::new("(d)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
     broker = tokio::task::spawn_blocking(move || broker.restart(Duration::from_secs(2)))
         .await
         .unwrap();
@@ -485,11 +515,12 @@ async fn three_instances_one_killed() {
     let first = instance("first");
     let second = instance("second");
     first.wait_ready().await;
-    let stream = Stream::start(&env, 105);
-    pause(random_point(0.3)).await;
+    let mut seed = Seed::new("(e)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.3)).await;
     let third = instance("third");
     third.wait_ready().await;
-    pause(random_point(0.3)).await;
+    pause(seed.random_point(0.3)).await;
     // The last to join is killed: the local broker keeps a dead group leader
     // as leader, so a group whose leader dies never finishes its next
     // rebalance there (Apache Kafka elects a new one). It also waits for a
@@ -507,4 +538,151 @@ async fn three_instances_one_killed() {
     )
     .await;
     drop(first);
+}
+
+fn env_outage() -> Duration {
+    Duration::from_secs(setting("FAULT_ENV_OUTAGE_SECS", 10))
+}
+
+/// Waits until `/readyz` answers 503 with a problem that names `cause`.
+async fn wait_paused_by(service: &Service, cause: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = service.get("/readyz").await;
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            let named = body["problems"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
+            if named && body["checks"]["ingest"] == "paused" {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named {cause:?}:\n{}",
+            service.log_text()
+        );
+        pause(Duration::from_millis(100)).await;
+    }
+}
+
+/// Time paused is counted, and the pause was logged once on entering it and
+/// once on leaving it.
+async fn assert_paused_once(service: &Service) {
+    assert!(service.metric("ingest_paused_seconds_total").await > 0.0);
+    let logs = service.log_text();
+    assert_eq!(logs.matches("ingest paused").count(), 1, "{logs}");
+    assert_eq!(logs.matches("ingest resumed").count(), 1, "{logs}");
+}
+
+/// A DBA's permission slip: INSERT on the order tables revoked from the
+/// service role mid-stream, then granted back. Not one valid order may be
+/// dead-lettered for it.
+#[tokio::test]
+async fn insert_revoked_then_granted() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let mut seed = Seed::new("(f)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.4)).await;
+    let tables = "orders, deliveries, payments, items";
+    env.execute(&format!(
+        "REVOKE INSERT ON {tables} FROM {}",
+        env.service_role
+    ))
+    .await;
+    wait_paused_by(&service, "permission denied for table").await;
+    pause(env_outage()).await;
+    env.execute(&format!("GRANT INSERT ON {tables} TO {}", env.service_role))
+        .await;
+    let delivered = stream.finish().await;
+    let scenario = format!("(f) INSERT revoked {} s", env_outage().as_secs());
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+    assert_paused_once(&service).await;
+}
+
+/// A failover to a read-only server and back: the database turns read-only
+/// for new sessions, the service's sessions are cut, then it turns writable.
+#[tokio::test]
+async fn database_read_only_then_writable() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let mut seed = Seed::new("(g)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.4)).await;
+    env.set_read_only(true).await;
+    env.end_service_sessions().await;
+    wait_paused_by(&service, "read-only transaction").await;
+    pause(env_outage()).await;
+    env.set_read_only(false).await;
+    let delivered = stream.finish().await;
+    let scenario = format!("(g) database read-only {} s", env_outage().as_secs());
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+    assert_paused_once(&service).await;
+}
+
+/// `serve` started before `migrate`: it waits, naming the missing table,
+/// and takes the whole stream in once the tables exist.
+#[tokio::test]
+async fn served_before_migrations() {
+    let env = TestEnv::unmigrated().await;
+    let service = env.spawn();
+    let mut seed = Seed::new("(h)");
+    let stream = Stream::start(&env, seed.value);
+    wait_paused_by(&service, "does not exist").await;
+    pause(seed.random_point(0.5)).await;
+    env.migrate().await;
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(h) serve before migrate",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
+    assert_paused_once(&service).await;
+}
+
+/// The service role's password changed and its sessions ended (as when a
+/// secret is rotated before the service has the new one), then changed back.
+/// Uses a role of the tests' own, whose host connections always check the
+/// password (scripts/stack sets it up).
+#[tokio::test]
+async fn password_changed_then_restored() {
+    let role = std::env::var("TEST_ROTATING_ROLE").unwrap_or("order_service_rotating".into());
+    let password =
+        std::env::var("TEST_ROTATING_PASSWORD").unwrap_or("order_service_rotating_local".into());
+    let env = TestEnv::new().await;
+    let url = env.service_url_as(&role, &password).await;
+    let service = env.spawn_with(&[("DATABASE_URL", url.as_str())]);
+    service.wait_ready().await;
+    let mut seed = Seed::new("(i)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.4)).await;
+    // A role may change its own password; this session outlives the change.
+    let mut own = sqlx::ConnectOptions::connect(
+        &<sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url).unwrap(),
+    )
+    .await
+    .expect("connect as the rotating role");
+    let set_password = |p: &str| format!("ALTER ROLE CURRENT_USER PASSWORD '{p}'");
+    sqlx::query(&set_password("rotated-elsewhere"))
+        .execute(&mut own)
+        .await
+        .unwrap();
+    crate::helpers::end_other_sessions(&mut own).await;
+    wait_paused_by(&service, "password authentication failed").await;
+    pause(env_outage()).await;
+    sqlx::query(&set_password(&password))
+        .execute(&mut own)
+        .await
+        .unwrap();
+    let delivered = stream.finish().await;
+    let scenario = format!("(i) password changed {} s", env_outage().as_secs());
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+    assert_paused_once(&service).await;
 }

@@ -42,6 +42,8 @@ pub struct TestEnv {
     pub dlq_topic: String,
     pub group: String,
     owner: PgConnectOptions,
+    /// The least-privileged role the service connects as.
+    pub service_role: String,
     pub service_url: String,
     /// Connected as the owner role, for assertions.
     pub db: PgPool,
@@ -57,6 +59,36 @@ impl TestEnv {
     }
 
     pub async fn on_broker(brokers: String, partitions: i32) -> Self {
+        let env = Self::unmigrated_on(brokers, partitions).await;
+        env.migrate().await;
+        env
+    }
+
+    /// A database with no tables yet, as before `order-service migrate`.
+    pub async fn unmigrated() -> Self {
+        Self::unmigrated_on(brokers(), 4).await
+    }
+
+    /// The service URL of this database for another role, after `migrate`
+    /// granted that role the service's access.
+    pub async fn service_url_as(&self, role: &str, password: &str) -> String {
+        order_service::store::migrate(self.owner.clone(), role)
+            .await
+            .expect("access granted");
+        let mut url = url::Url::parse(&self.service_url).unwrap();
+        url.set_username(role).unwrap();
+        url.set_password(Some(password)).unwrap();
+        url.to_string()
+    }
+
+    /// Applies the migrations, as `order-service migrate` does.
+    pub async fn migrate(&self) {
+        order_service::store::migrate(self.owner.clone(), &self.service_role)
+            .await
+            .expect("migrations apply");
+    }
+
+    async fn unmigrated_on(brokers: String, partitions: i32) -> Self {
         let suffix = Alphanumeric
             .sample_string(&mut rand::rng(), 10)
             .to_lowercase();
@@ -73,9 +105,6 @@ impl TestEnv {
             .expect("create the test database");
         let owner = admin.clone().database(&name);
         let role = var("TEST_SERVICE_ROLE", "order_service");
-        order_service::store::migrate(owner.clone(), &role)
-            .await
-            .expect("migrations apply");
         let service_url = format!(
             "postgres://{role}:{}@{}:{}/{name}",
             var("TEST_SERVICE_PASSWORD", "order_service_local"),
@@ -94,6 +123,7 @@ impl TestEnv {
             name,
             brokers,
             owner,
+            service_role: role,
             service_url,
             db,
         };
@@ -173,6 +203,55 @@ impl TestEnv {
         }
     }
 
+    /// Runs `sql` as the owner role, on a session that is writable whatever
+    /// the database's defaults.
+    pub async fn execute(&self, sql: &str) {
+        let mut conn = self.db.acquire().await.unwrap();
+        sqlx::query("SET default_transaction_read_only = off")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(sql)
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// New sessions of this database start read-only (or not), as on a
+    /// server that became a replica.
+    pub async fn set_read_only(&self, read_only: bool) {
+        let value = if read_only { "on" } else { "off" };
+        self.execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = {value}",
+            self.name
+        ))
+        .await;
+    }
+
+    /// Ends every session the service role has open on this database, as a
+    /// failover does; a role may end its own sessions.
+    pub async fn end_service_sessions(&self) {
+        let mut conn = PgConnectOptions::from_str(&self.service_url)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect as the service role");
+        end_other_sessions(&mut conn).await;
+    }
+}
+
+/// Ends the other sessions of the connected role on its database.
+pub async fn end_other_sessions(conn: &mut sqlx::PgConnection) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE usename = current_user AND datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+impl TestEnv {
     pub async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
     }
@@ -452,6 +531,8 @@ impl Service {
         }
     }
 
+    /// The value of one series; fails if the service does not expose it, so
+    /// a renamed metric cannot pass a check for zero.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
@@ -459,7 +540,9 @@ impl Service {
                 line.strip_prefix(series)
                     .and_then(|rest| rest.strip_prefix(' '))
             })
-            .map_or(0.0, |v| v.parse().unwrap())
+            .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
+            .parse()
+            .unwrap()
     }
 
     /// Resident memory of the process, from /proc.

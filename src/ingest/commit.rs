@@ -1,0 +1,190 @@
+//! The commit of one batch, as a unit: its dead letters sent and acknowledged,
+//! then its orders written in one transaction with the offsets they cover.
+//! Only an order's own data may refuse it; any other failure is a [`Stall`]
+//! and the whole batch is kept for a retry. No transaction is open while the
+//! broker is waited on.
+
+use std::collections::HashMap;
+
+use super::batch::{Batch, Refusal};
+use super::dead_letter::{DeadLetter, DeadLetters};
+use super::PartitionState;
+use crate::store::{classify, ErrorClass, InsertOutcome, Store};
+
+/// Why a batch cannot be committed now: the environment, never the orders.
+/// Ingest pauses, reports the cause and retries until it succeeds. The text
+/// is what an operator reads in `/readyz` and the log, e.g.
+/// `database: permission denied for table orders (42501)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stall {
+    #[error("{0}")]
+    Database(String),
+    #[error("dead-letter topic {topic}: {error}")]
+    DeadLetters { topic: String, error: String },
+}
+
+impl Stall {
+    pub fn database(error: &sqlx::Error) -> Self {
+        match classify(error) {
+            ErrorClass::Environment { cause } => Self::Database(cause),
+            // A data error outside an order's own insert (offsets, commit) is
+            // not the order's fault either.
+            ErrorClass::OrderData { .. } => Self::Database(format!("database: {error}")),
+        }
+    }
+}
+
+/// What one write attempt came to.
+enum Attempt {
+    Committed(InsertOutcome),
+    /// These orders are refused (their data, or a conflict): they are
+    /// dead-lettered first, then the rest is written again.
+    Refused(Vec<Refusal>),
+}
+
+pub struct Committer {
+    pub store: Store,
+    pub dead_letters: DeadLetters,
+    pub topic: String,
+    pub group_id: String,
+}
+
+impl Committer {
+    /// Commits `batch` or says why not. On failure the batch keeps what was
+    /// learnt (letters acknowledged, orders refused), so a retry repeats nothing.
+    pub async fn commit(
+        &self,
+        batch: &mut Batch,
+        partitions: &HashMap<i32, PartitionState>,
+    ) -> Result<InsertOutcome, Stall> {
+        // Each round either commits, stalls, or moves at least one order out
+        // of the batch's valid ones, so it ends.
+        loop {
+            self.send_letters(batch, partitions).await?;
+            match self.write(batch, partitions).await? {
+                Attempt::Committed(outcome) => return Ok(outcome),
+                Attempt::Refused(refused) => batch.refuse(refused),
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        batch: &Batch,
+        partitions: &HashMap<i32, PartitionState>,
+    ) -> Result<Attempt, Stall> {
+        let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
+        let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                drop(tx);
+                return match classify(&e) {
+                    ErrorClass::Environment { cause } => Err(Stall::Database(cause)),
+                    ErrorClass::OrderData { .. } => self.isolate(batch, &e).await,
+                };
+            }
+        };
+        if !outcome.conflicts.is_empty() {
+            // Rolled back: the conflicts' letters must be acknowledged before
+            // the offsets move past them, and no transaction waits on the broker.
+            drop(tx);
+            let conflicts = outcome.conflicts.iter().map(|&index| Refusal {
+                index,
+                stage: "conflict",
+                reason: "conflict: order_uid already stored with different content".to_owned(),
+            });
+            return Ok(Attempt::Refused(conflicts.collect()));
+        }
+        let dlq_floor = |p: i32| partitions.get(&p).map(|s| s.dlq_floor);
+        tx.save_offsets(&self.group_id, &self.topic, &batch.offsets(dlq_floor))
+            .await
+            .map_err(|e| Stall::database(&e))?;
+        tx.commit().await.map_err(|e| Stall::database(&e))?;
+        Ok(Attempt::Committed(outcome))
+    }
+
+    /// PostgreSQL refused the batch for a data error: writing each order alone
+    /// (rolled back) finds the ones at fault. Any other error on the way stalls.
+    async fn isolate(&self, batch: &Batch, cause: &sqlx::Error) -> Result<Attempt, Stall> {
+        tracing::warn!(error = %cause, "batch refused by PostgreSQL; writing its orders one by one");
+        let mut refused = Vec::new();
+        for (index, incoming) in batch.valid.iter().enumerate() {
+            let alone = async {
+                let mut tx = self.store.begin().await?;
+                tx.insert_orders(&self.topic, std::slice::from_ref(incoming))
+                    .await
+                    .map(drop)
+            };
+            let Err(e) = alone.await else { continue };
+            match classify(&e) {
+                ErrorClass::Environment { cause } => return Err(Stall::Database(cause)),
+                ErrorClass::OrderData { reason } => {
+                    tracing::warn!(topic = %self.topic, partition = incoming.partition, offset = incoming.offset, order_uid = %incoming.order.uid(), %reason, "order refused by PostgreSQL");
+                    refused.push(Refusal {
+                        index,
+                        stage: "store",
+                        reason,
+                    });
+                }
+            }
+        }
+        if refused.is_empty() {
+            // Each order alone is accepted: the refusal was not about one order.
+            return Err(Stall::Database(format!("database: {cause}")));
+        }
+        Ok(Attempt::Refused(refused))
+    }
+
+    /// Sends the batch's letters not yet acknowledged and waits for the broker.
+    async fn send_letters(
+        &self,
+        batch: &mut Batch,
+        partitions: &HashMap<i32, PartitionState>,
+    ) -> Result<(), Stall> {
+        let already_sent = |l: &DeadLetter| {
+            partitions
+                .get(&l.partition)
+                .is_some_and(|s| s.dead_lettered.contains(&l.offset))
+        };
+        let pending: Vec<&DeadLetter> = batch
+            .rejected
+            .iter()
+            .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)) && !already_sent(l))
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let results = self.dead_letters.send_all(&pending).await;
+        let mut acknowledged = Vec::new();
+        let mut failure = None;
+        for (letter, result) in pending.iter().zip(results) {
+            match result {
+                Ok(dlq_offset) => {
+                    tracing::info!(
+                        topic = %self.topic,
+                        partition = letter.partition,
+                        offset = letter.offset,
+                        // Producers key orders by order_uid; the key is all that is known of a rejected one.
+                        order_uid = letter.key.as_deref().map(String::from_utf8_lossy).as_deref().unwrap_or(""),
+                        stage = letter.stage,
+                        reasons = %letter.reasons.join("; "),
+                        "message dead-lettered"
+                    );
+                    acknowledged.push((letter.partition, letter.offset, dlq_offset));
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        for (partition, offset, dlq_offset) in acknowledged {
+            batch.dead_lettered_at(partition, dlq_offset);
+            batch.acknowledged.insert((partition, offset));
+        }
+        match failure {
+            None => Ok(()),
+            Some(error) => Err(Stall::DeadLetters {
+                topic: self.dead_letters.topic().to_owned(),
+                error,
+            }),
+        }
+    }
+}
