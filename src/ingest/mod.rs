@@ -255,9 +255,32 @@ impl Ingest {
                 "shutdown bound reached; uncommitted messages will be consumed again"
             );
         }
-        self.consumer.unsubscribe();
+        self.leave_group().await;
         tracing::info!("ingest stopped");
         Ok(())
+    }
+
+    /// Leaves the group, so the partitions move to the other members at once.
+    /// A member with a stable name leaves only when it unsubscribes and its
+    /// revocation is served by polling; closing alone keeps its place for its
+    /// return (so a crash-restart resumes at once).
+    async fn leave_group(&mut self) {
+        self.consumer.unsubscribe();
+        let consumer = self.consumer.clone();
+        let revoked = async {
+            loop {
+                tokio::select! {
+                    event = self.events.recv() => match event {
+                        Some(Rebalance::Revoked(_)) | None => return,
+                        Some(Rebalance::Assigned(_)) => {}
+                    },
+                    _ = consumer.recv() => {}
+                }
+            }
+        };
+        if tokio::time::timeout(LEAVE_TIMEOUT, revoked).await.is_err() {
+            tracing::warn!("the group did not confirm the leave in time");
+        }
     }
 
     /// Whether a fetched message is new to this consumer: its partition is
@@ -622,6 +645,9 @@ async fn until(shutdown: &CancellationToken, step: impl Future<Output = ()>) -> 
 }
 
 const REPOSITION_RETRY: Duration = Duration::from_millis(50);
+
+/// Longest wait for the group to take back this member's partitions on shutdown.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How often an instance that holds no partition looks for orphaned ones.
 const ORPHAN_CHECK: Duration = Duration::from_secs(5);

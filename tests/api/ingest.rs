@@ -433,7 +433,18 @@ async fn an_instance_holding_nothing_names_partitions_nobody_consumes() {
     first.wait_ready().await;
     let second = env.spawn();
     second.wait_ready().await;
-    first.kill();
+    // Kill the one that holds the partition, once the group has settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (holder, second) = loop {
+        match (holds_partition_0(&first), holds_partition_0(&second)) {
+            (Some(true), Some(false)) => break (first, second),
+            (Some(false), Some(true)) => break (second, first),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the group never settled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    holder.kill();
     produce_orders(&env, &generated_orders(81, 10)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -457,4 +468,18 @@ async fn an_instance_holding_nothing_names_partitions_nobody_consumes() {
         1,
         "{logs}"
     );
+}
+
+/// Whether the instance's latest assignment, as it logged it, holds
+/// partition 0; `None` before any.
+fn holds_partition_0(service: &crate::helpers::Service) -> Option<bool> {
+    let logs = service.logs.lock().unwrap();
+    logs.iter().rev().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        match v["message"].as_str()? {
+            "partitions assigned" => Some(v["partitions"] == "[0]"),
+            "partitions revoked" => Some(false),
+            _ => None,
+        }
+    })
 }
