@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::dead_letter::DeadLetter;
 use crate::domain::{parse_order, Limits, Stage};
-use crate::store::{Incoming, PartitionOffset};
+use crate::store::Incoming;
 
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -104,20 +104,10 @@ impl Batch {
         self.next_offsets.iter().map(|(&p, &next)| (p, next))
     }
 
-    /// The positions this batch commits; `dlq_floor` gives the dead-letter
-    /// position of partitions whose letters in this batch (if any) came earlier.
-    pub fn offsets(&self, dlq_floor: impl Fn(i32) -> Option<i64>) -> Vec<PartitionOffset> {
-        self.next_offsets()
-            .map(|(partition, next_offset)| PartitionOffset {
-                partition,
-                next_offset,
-                dlq_next_offset: self
-                    .dlq_next
-                    .get(&partition)
-                    .copied()
-                    .max(dlq_floor(partition)),
-            })
-            .collect()
+    /// Per source partition, the dead-letter offset after its last letter
+    /// acknowledged for this batch.
+    pub fn dlq_ends(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
+        self.dlq_next.iter().map(|(&p, &next)| (p, next))
     }
 
     /// A letter for `partition` was acknowledged at `dlq_offset`.

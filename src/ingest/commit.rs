@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::batch::{Batch, Refusal};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::PartitionState;
-use crate::store::{classify, ErrorClass, InsertOutcome, Store};
+use crate::store::{classify, ErrorClass, InsertOutcome, PartitionOffset, Store};
 
 /// Why a batch cannot be committed now: the environment, never the orders.
 /// Ingest pauses, reports the cause and retries until it succeeds. The text
@@ -52,16 +52,19 @@ pub struct Committer {
 impl Committer {
     /// Commits `batch` or says why not. On failure the batch keeps what was
     /// learnt (letters acknowledged, orders refused), so a retry repeats nothing.
+    /// `offsets` gives the positions the batch stores with its orders, once
+    /// its letters are acknowledged.
     pub async fn commit(
         &self,
         batch: &mut Batch,
         partitions: &HashMap<i32, PartitionState>,
+        offsets: impl Fn(&Batch) -> Vec<PartitionOffset>,
     ) -> Result<InsertOutcome, Stall> {
         // Each round either commits, stalls, or moves at least one order out
         // of the batch's valid ones, so it ends.
         loop {
             self.send_letters(batch, partitions).await?;
-            match self.write(batch, partitions).await? {
+            match self.write(batch, &offsets).await? {
                 Attempt::Committed(outcome) => return Ok(outcome),
                 Attempt::Refused(refused) => batch.refuse(refused),
             }
@@ -71,7 +74,7 @@ impl Committer {
     async fn write(
         &self,
         batch: &Batch,
-        partitions: &HashMap<i32, PartitionState>,
+        offsets: impl Fn(&Batch) -> Vec<PartitionOffset>,
     ) -> Result<Attempt, Stall> {
         let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
         let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
@@ -95,8 +98,7 @@ impl Committer {
             });
             return Ok(Attempt::Refused(conflicts.collect()));
         }
-        let dlq_floor = |p: i32| partitions.get(&p).map(|s| s.dlq_floor);
-        tx.save_offsets(&self.group_id, &self.topic, &batch.offsets(dlq_floor))
+        tx.save_offsets(&self.group_id, &self.topic, &offsets(batch))
             .await
             .map_err(|e| Stall::database(&e))?;
         tx.commit().await.map_err(|e| Stall::database(&e))?;

@@ -1,12 +1,13 @@
 //! Rejected messages go to the dead-letter topic with their original key and
 //! bytes, and headers that say why and where they came from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -118,75 +119,37 @@ impl DeadLetters {
         join_all(sends).await
     }
 
-    /// The source offsets from `from_offset` on of `source_partition` that
-    /// already have a letter, reading letters from `dlq_offset` (or the start).
+    /// The dead-letter partition of `source_partition`, once the topic's
+    /// partition count is known (after the first send or read-back).
+    pub fn partition_of(&self, source_partition: i32) -> Option<i32> {
+        self.partitions.get().map(|count| source_partition % count)
+    }
+
+    /// For each request, the source offsets from its `from_offset` on that
+    /// already have a letter. Each dead-letter partition is read once, from
+    /// the earliest stored position of the source partitions it holds, to its
+    /// end; so the time taken follows the letters sent since those positions,
+    /// not the size of the topic.
     pub async fn already_sent(
         &self,
-        source_partition: i32,
-        from_offset: i64,
-        dlq_offset: Option<i64>,
-    ) -> anyhow::Result<(HashSet<i64>, i64)> {
-        let partition = self
-            .partition_for(source_partition)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        requests: &[ReadBack],
+    ) -> anyhow::Result<HashMap<i32, AlreadySent>> {
+        let mut by_partition: HashMap<i32, Vec<ReadBack>> = HashMap::new();
+        for request in requests {
+            let partition = self
+                .partition_for(request.source_partition)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            by_partition.entry(partition).or_default().push(*request);
+        }
         let (brokers, topic, source_topic) = (
             self.brokers.clone(),
             self.topic.clone(),
             self.source_topic.clone(),
         );
-        blocking(move || {
-            let reader: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("group.id", "order-service-dlq-reader")
-                .set("enable.auto.commit", "false")
-                .create()
-                .context("creating the dead-letter reader")?;
-            let (low, high) = reader
-                .fetch_watermarks(&topic, partition, Duration::from_secs(5))
-                .context("reading the dead-letter topic's watermarks")?;
-            let start = dlq_offset.unwrap_or(low).max(low);
-            let mut found = HashSet::new();
-            if start >= high {
-                return Ok((found, high));
-            }
-            let mut list = TopicPartitionList::new();
-            list.add_partition_offset(&topic, partition, Offset::Offset(start))?;
-            reader.assign(&list)?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut next = start;
-            while next < high {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "reading the dead-letter topic from {start} to {high} took too long"
-                );
-                let Some(message) = reader.poll(Duration::from_millis(200)) else {
-                    continue;
-                };
-                let message = message.context("reading the dead-letter topic")?;
-                next = message.offset() + 1;
-                let header = |name: &str| {
-                    message.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == name)
-                            .and_then(|h| std::str::from_utf8(h.value?).ok())
-                            .map(str::to_owned)
-                    })
-                };
-                let same_source = header(header::SOURCE_TOPIC).as_deref()
-                    == Some(source_topic.as_str())
-                    && header(header::SOURCE_PARTITION) == Some(source_partition.to_string());
-                let offset = header(header::SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok());
-                if let (true, Some(offset)) = (same_source, offset) {
-                    if offset >= from_offset {
-                        found.insert(offset);
-                    }
-                }
-            }
-            Ok((found, high))
-        })
-        .await
-        .map_err(anyhow::Error::msg)?
+        blocking(move || read_back(&brokers, &topic, &source_topic, &by_partition))
+            .await
+            .map_err(anyhow::Error::msg)?
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<i64, String> {
@@ -229,6 +192,128 @@ impl DeadLetters {
             .map_err(|(e, _)| e.to_string())
     }
 }
+
+/// Where to look for one source partition's letters.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBack {
+    pub source_partition: i32,
+    /// Letters of offsets below this are committed; only later ones count.
+    pub from_offset: i64,
+    /// The stored dead-letter position, if any; none means from the start.
+    pub dlq_offset: Option<i64>,
+}
+
+/// What the read-back found for one source partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlreadySent {
+    /// Source offsets that already have a letter.
+    pub offsets: HashSet<i64>,
+    /// Where the read started in the dead-letter partition.
+    pub from: i64,
+    /// The dead-letter partition's end when it was read.
+    pub end: i64,
+}
+
+/// Reads each dead-letter partition once, from the earliest position of its
+/// source partitions to its end. Gives up only when the broker sends nothing
+/// for a while, never because the read is long.
+fn read_back(
+    brokers: &str,
+    topic: &str,
+    source_topic: &str,
+    by_partition: &HashMap<i32, Vec<ReadBack>>,
+) -> anyhow::Result<HashMap<i32, AlreadySent>> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "order-service-dlq-reader")
+        .set("enable.auto.commit", "false")
+        // The end as the broker sees it, which may lie past the last record.
+        .set("enable.partition.eof", "true")
+        .create()
+        .context("creating the dead-letter reader")?;
+    let mut found = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    // Per dead-letter partition being read: its end.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for (&partition, requests) in by_partition {
+        let (low, high) = reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(5))
+            .context("reading the dead-letter topic's watermarks")?;
+        let from_of = |r: &ReadBack| r.dlq_offset.unwrap_or(low).clamp(low, high);
+        for r in requests {
+            found.insert(
+                r.source_partition,
+                AlreadySent {
+                    from: from_of(r),
+                    end: high,
+                    ..AlreadySent::default()
+                },
+            );
+        }
+        let start = requests.iter().map(from_of).min().unwrap_or(high);
+        if start < high {
+            list.add_partition_offset(topic, partition, Offset::Offset(start))?;
+            ends.insert(partition, high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(found);
+    }
+    reader.assign(&list)?;
+    let mut last_seen = Instant::now();
+    while !ends.is_empty() {
+        anyhow::ensure!(
+            last_seen.elapsed() < READ_BACK_SILENCE,
+            "the broker sent nothing for {READ_BACK_SILENCE:?} while reading the dead-letter topic back"
+        );
+        let Some(message) = reader.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                ends.remove(&partition);
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the dead-letter topic"),
+        };
+        last_seen = Instant::now();
+        if ends
+            .get(&message.partition())
+            .is_some_and(|&end| message.offset() + 1 >= end)
+        {
+            ends.remove(&message.partition());
+        }
+        let header = |name: &str| {
+            message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| std::str::from_utf8(h.value?).ok())
+                    .map(str::to_owned)
+            })
+        };
+        if header(header::SOURCE_TOPIC).as_deref() != Some(source_topic) {
+            continue;
+        }
+        let source = header(header::SOURCE_PARTITION).and_then(|p| p.parse::<i32>().ok());
+        let offset = header(header::SOURCE_OFFSET).and_then(|o| o.parse::<i64>().ok());
+        let (Some(source), Some(offset)) = (source, offset) else {
+            continue;
+        };
+        let wanted = by_partition
+            .get(&message.partition())
+            .and_then(|rs| rs.iter().find(|r| r.source_partition == source))
+            .is_some_and(|r| offset >= r.from_offset);
+        if let (true, Some(sent)) = (wanted, found.get_mut(&source)) {
+            sent.offsets.insert(offset);
+        }
+    }
+    Ok(found)
+}
+
+/// How long the read-back waits for the broker's next letter before it
+/// gives up (and ingest retries it as a fault of its environment).
+const READ_BACK_SILENCE: Duration = Duration::from_secs(30);
 
 /// Runs blocking client calls off the async threads.
 async fn blocking<T: Send + 'static>(

@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use self::batch::Batch;
 use self::commit::{Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
-use self::dead_letter::DeadLetters;
+use self::dead_letter::{DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::http::Feed;
-use crate::store::{InsertOutcome, Store};
+use crate::store::{InsertOutcome, PartitionOffset, Store};
 use crate::telemetry::Metrics;
 
 /// What readiness needs to know about ingest.
@@ -83,12 +83,28 @@ impl IngestHealth {
 struct PartitionState {
     /// `None`: nothing stored yet, so the partition starts at its beginning.
     next: Option<i64>,
-    /// Offsets from `next` on whose letters an interrupted batch already sent.
+    /// Offsets at or past the committed ones whose letters an interrupted
+    /// batch already sent; forgotten as the offsets are committed.
     dead_lettered: HashSet<i64>,
-    /// Where this partition's next letter lands at the earliest.
-    dlq_floor: i64,
+    /// Where the read-back of the dead-letter topic started for this
+    /// partition: its stored position while any letter it found is pending.
+    dlq_from: i64,
     /// Whether the consumer was moved to `next`; until then its messages are dropped.
     positioned: bool,
+}
+
+impl PartitionState {
+    /// The dead-letter position to store once the offsets below `next` are
+    /// committed, `end` being the end known of its dead-letter partition. A
+    /// restart reads back from there, so it must not pass a letter whose
+    /// message is not committed yet.
+    fn dlq_position(&self, next: i64, end: i64) -> i64 {
+        if self.dead_lettered.iter().any(|&offset| offset >= next) {
+            self.dlq_from
+        } else {
+            end.max(self.dlq_from)
+        }
+    }
 }
 
 pub struct Ingest {
@@ -101,6 +117,9 @@ pub struct Ingest {
     feed: Feed,
     settings: Settings,
     partitions: HashMap<i32, PartitionState>,
+    /// Per dead-letter partition, the end this instance knows: past every
+    /// letter it read back or had acknowledged.
+    dlq_ends: HashMap<i32, i64>,
     /// Assigned partitions whose offsets could not be read yet.
     unloaded: Vec<i32>,
     /// The batch being gathered.
@@ -157,6 +176,7 @@ impl Ingest {
             feed,
             settings: settings.clone(),
             partitions: HashMap::new(),
+            dlq_ends: HashMap::new(),
             unloaded: Vec::new(),
             batch: Batch::default(),
             closed: None,
@@ -384,35 +404,43 @@ impl Ingest {
             )
             .await
             .map_err(|e| Stall::database(&e))?;
-        let scans = self.unloaded.iter().map(|&p| {
-            let stored = stored.get(&p);
-            let from = stored.map_or(0, |s| s.next_offset);
-            let dlq_offset = stored.and_then(|s| s.dlq_next_offset);
-            self.committer
-                .dead_letters
-                .already_sent(p, from, dlq_offset)
-        });
-        let scanned =
-            futures::future::try_join_all(scans)
+        let requests: Vec<ReadBack> = self
+            .unloaded
+            .iter()
+            .map(|&p| ReadBack {
+                source_partition: p,
+                from_offset: stored.get(&p).map_or(0, |s| s.next_offset),
+                dlq_offset: stored.get(&p).and_then(|s| s.dlq_next_offset),
+            })
+            .collect();
+        let dead_letters = &self.committer.dead_letters;
+        let mut found =
+            dead_letters
+                .already_sent(&requests)
                 .await
                 .map_err(|e| Stall::DeadLetters {
-                    topic: self.committer.dead_letters.topic().to_owned(),
+                    topic: dead_letters.topic().to_owned(),
                     error: format!("reading it back: {e:#}"),
                 })?;
-        for (p, (dead_lettered, dlq_floor)) in self.unloaded.drain(..).zip(scanned) {
-            if !dead_lettered.is_empty() {
+        for p in self.unloaded.drain(..) {
+            let sent = found.remove(&p).unwrap_or_default();
+            if !sent.offsets.is_empty() {
                 tracing::info!(
                     partition = p,
-                    count = dead_lettered.len(),
+                    count = sent.offsets.len(),
                     "letters of an interrupted batch are already in the dead-letter topic; they will not be sent again"
                 );
+            }
+            if let Some(d) = dead_letters.partition_of(p) {
+                let end = self.dlq_ends.entry(d).or_insert(sent.end);
+                *end = (*end).max(sent.end);
             }
             self.partitions.insert(
                 p,
                 PartitionState {
                     next: stored.get(&p).map(|s| s.next_offset),
-                    dead_lettered,
-                    dlq_floor,
+                    dead_lettered: sent.offsets,
+                    dlq_from: sent.from,
                     positioned: false,
                 },
             );
@@ -580,8 +608,36 @@ impl Ingest {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let outcome = self.committer.commit(batch, &self.partitions).await?;
+        // Owned partitions with nothing in flight store their dead-letter
+        // position too, so that every position keeps up with the topic.
+        let gathering: HashSet<i32> = self.batch.next_offsets().map(|(p, _)| p).collect();
+        let closing: HashSet<i32> = batch.next_offsets().map(|(p, _)| p).collect();
+        let idle: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(p, _)| !gathering.contains(p) && !closing.contains(p))
+            .map(|(&p, state)| (p, state.next.unwrap_or(0)))
+            .collect();
+        let (partitions, dlq_ends) = (&self.partitions, &self.dlq_ends);
+        let dead_letters = &self.committer.dead_letters;
+        let offsets = |batch: &Batch| {
+            stored_positions(batch, &idle, partitions, dlq_ends, |p| {
+                dead_letters.partition_of(p)
+            })
+        };
+        let outcome = self.committer.commit(batch, partitions, offsets).await?;
         let batch = self.closed.take().unwrap_or_default();
+        for (source, end) in batch.dlq_ends() {
+            if let Some(d) = self.committer.dead_letters.partition_of(source) {
+                let known = self.dlq_ends.entry(d).or_insert(end);
+                *known = (*known).max(end);
+            }
+        }
+        for (p, next) in batch.next_offsets() {
+            if let Some(state) = self.partitions.get_mut(&p) {
+                state.dead_lettered.retain(|&offset| offset >= next);
+            }
+        }
         self.metrics.batch_size.observe(batch.len() as f64);
         self.metrics
             .batch_commit_seconds
@@ -634,6 +690,37 @@ impl Ingest {
     }
 }
 
+/// The positions a batch stores: for its partitions and the idle ones
+/// (`(partition, committed next offset)`), the next offset and the
+/// dead-letter position (see [`PartitionState::dlq_position`]).
+fn stored_positions(
+    batch: &Batch,
+    idle: &[(i32, i64)],
+    partitions: &HashMap<i32, PartitionState>,
+    dlq_ends: &HashMap<i32, i64>,
+    partition_of: impl Fn(i32) -> Option<i32>,
+) -> Vec<PartitionOffset> {
+    let mut ends = dlq_ends.clone();
+    for (source, end) in batch.dlq_ends() {
+        if let Some(d) = partition_of(source) {
+            let known = ends.entry(d).or_insert(end);
+            *known = (*known).max(end);
+        }
+    }
+    batch
+        .next_offsets()
+        .chain(idle.iter().copied())
+        .map(|(partition, next_offset)| PartitionOffset {
+            partition,
+            next_offset,
+            dlq_next_offset: partitions.get(&partition).map(|state| {
+                let end = partition_of(partition).and_then(|d| ends.get(&d).copied());
+                state.dlq_position(next_offset, end.unwrap_or(state.dlq_from))
+            }),
+        })
+        .collect()
+}
+
 /// Runs `step` unless `shutdown` comes first; false when it did. A step cut
 /// short leaves its batch in place, so shutdown still commits it in order.
 async fn until(shutdown: &CancellationToken, step: impl Future<Output = ()>) -> bool {
@@ -654,4 +741,55 @@ const ORPHAN_CHECK: Duration = Duration::from_secs(5);
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(dead_lettered: &[i64], dlq_from: i64) -> PartitionState {
+        PartitionState {
+            next: Some(0),
+            dead_lettered: dead_lettered.iter().copied().collect(),
+            dlq_from,
+            positioned: true,
+        }
+    }
+
+    #[test]
+    fn a_position_waits_for_the_letters_still_pending_then_keeps_up() {
+        // Letters of offsets 7 and 9 were read back from position 40.
+        let s = state(&[7, 9], 40);
+        assert_eq!(s.dlq_position(8, 100), 40, "offset 9's letter is pending");
+        assert_eq!(s.dlq_position(10, 100), 100, "all committed: up to the end");
+        assert_eq!(state(&[], 40).dlq_position(0, 100), 100);
+        assert_eq!(state(&[], 40).dlq_position(0, 30), 40, "never backwards");
+    }
+
+    #[test]
+    fn every_owned_partition_stores_a_position_that_follows_the_topic() {
+        let mut batch = Batch::default();
+        let limits = crate::domain::Limits::default();
+        batch.push(None, b"not json", 0, 5, &limits);
+        batch.dead_lettered_at(0, 120);
+        let partitions = HashMap::from([(0, state(&[], 10)), (1, state(&[], 10))]);
+        let ends = HashMap::from([(0, 110)]);
+        // One dead-letter partition for both sources; partition 1 is idle.
+        let stored = stored_positions(&batch, &[(1, 33)], &partitions, &ends, |_| Some(0));
+        assert_eq!(
+            stored,
+            vec![
+                PartitionOffset {
+                    partition: 0,
+                    next_offset: 6,
+                    dlq_next_offset: Some(121)
+                },
+                PartitionOffset {
+                    partition: 1,
+                    next_offset: 33,
+                    dlq_next_offset: Some(121)
+                },
+            ]
+        );
+    }
 }

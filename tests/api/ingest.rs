@@ -483,3 +483,32 @@ fn holds_partition_0(service: &crate::helpers::Service) -> Option<bool> {
         }
     })
 }
+
+/// Every owned partition stores a dead-letter position that keeps up with
+/// the topic, busy or idle, so a restart reads back only what came after
+/// the last commit, however many letters the topic holds.
+#[tokio::test]
+async fn dead_letter_positions_keep_up_on_every_partition() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let broken: Vec<Vec<u8>> = (0..40)
+        .map(|i| format!("not an order #{i}").into_bytes())
+        .collect();
+    // One key: every broken message lands on one partition; the others idle.
+    let messages: Vec<(Option<&str>, &[u8])> = broken
+        .iter()
+        .map(|b| (Some("same-key"), b.as_slice()))
+        .collect();
+    env.produce(&messages).await;
+    let orders = generated_orders(91, 20);
+    store_orders(&env, &orders).await;
+    let letters = env.read_topic(&env.dlq_topic, 1).len() as i64;
+    assert_eq!(letters, 40);
+    env.wait_for_count(
+        "SELECT count(*) FILTER (WHERE dlq_next_offset = 40) FROM consumer_offsets",
+        4,
+        Duration::from_secs(30),
+    )
+    .await;
+}
