@@ -32,7 +32,7 @@ use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::http::Feed;
-use crate::store::{InsertOutcome, PartitionOffset, Store};
+use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
 /// What readiness needs to know about ingest.
@@ -395,13 +395,7 @@ impl Ingest {
             return Ok(());
         }
         let stored = self
-            .committer
-            .store
-            .load_offsets(
-                &self.settings.kafka.group_id,
-                &self.settings.kafka.topic,
-                &self.unloaded,
-            )
+            .stored_offsets(&self.unloaded)
             .await
             .map_err(|e| Stall::database(&e))?;
         let requests: Vec<ReadBack> = self
@@ -432,8 +426,7 @@ impl Ingest {
                 );
             }
             if let Some(d) = dead_letters.partition_of(p) {
-                let end = self.dlq_ends.entry(d).or_insert(sent.end);
-                *end = (*end).max(sent.end);
+                raise_end(&mut self.dlq_ends, d, sent.end);
             }
             self.partitions.insert(
                 p,
@@ -506,15 +499,7 @@ impl Ingest {
         })
         .await??;
         let partitions: Vec<i32> = ends.iter().map(|&(p, _, _)| p).collect();
-        let stored = self
-            .committer
-            .store
-            .load_offsets(
-                &self.settings.kafka.group_id,
-                &self.settings.kafka.topic,
-                &partitions,
-            )
-            .await?;
+        let stored = self.stored_offsets(&partitions).await?;
         Ok(ends
             .into_iter()
             .map(|(partition, low, end)| Progress {
@@ -525,6 +510,21 @@ impl Ingest {
                 end,
             })
             .collect())
+    }
+
+    /// The group's committed positions of `partitions`, from PostgreSQL.
+    async fn stored_offsets(
+        &self,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
+        self.committer
+            .store
+            .load_offsets(
+                &self.settings.kafka.group_id,
+                &self.settings.kafka.topic,
+                partitions,
+            )
+            .await
     }
 
     /// Closes the batch being gathered and commits it.
@@ -629,8 +629,7 @@ impl Ingest {
         let batch = self.closed.take().unwrap_or_default();
         for (source, end) in batch.dlq_ends() {
             if let Some(d) = self.committer.dead_letters.partition_of(source) {
-                let known = self.dlq_ends.entry(d).or_insert(end);
-                *known = (*known).max(end);
+                raise_end(&mut self.dlq_ends, d, end);
             }
         }
         for (p, next) in batch.next_offsets() {
@@ -703,8 +702,7 @@ fn stored_positions(
     let mut ends = dlq_ends.clone();
     for (source, end) in batch.dlq_ends() {
         if let Some(d) = partition_of(source) {
-            let known = ends.entry(d).or_insert(end);
-            *known = (*known).max(end);
+            raise_end(&mut ends, d, end);
         }
     }
     batch
@@ -719,6 +717,12 @@ fn stored_positions(
             }),
         })
         .collect()
+}
+
+/// Records that dead-letter partition `d` reaches at least `end`.
+fn raise_end(ends: &mut HashMap<i32, i64>, d: i32, end: i64) {
+    let known = ends.entry(d).or_insert(end);
+    *known = (*known).max(end);
 }
 
 /// Runs `step` unless `shutdown` comes first; false when it did. A step cut

@@ -576,31 +576,49 @@ async fn assert_paused_once(service: &Service) {
     assert_eq!(logs.matches("ingest resumed").count(), 1, "{logs}");
 }
 
+/// One fault of the environment during the stream: `begin` it at a random
+/// moment, wait until `/readyz` names `cause`, let it last, `end` it, then
+/// reconcile. Not one valid order may be dead-lettered for it.
+async fn environment_fault(
+    env: &TestEnv,
+    service: &Service,
+    label: &str,
+    cause: &str,
+    begin: impl std::future::Future<Output = ()>,
+    end: impl std::future::Future<Output = ()>,
+) {
+    let mut seed = Seed::new(label);
+    let stream = Stream::start(env, seed.value);
+    pause(seed.random_point(0.4)).await;
+    begin.await;
+    wait_paused_by(service, cause).await;
+    pause(env_outage()).await;
+    end.await;
+    let delivered = stream.finish().await;
+    let scenario = format!("{label} {} s", env_outage().as_secs());
+    reconcile(env, &scenario, delivered, service, Some(service)).await;
+    assert_paused_once(service).await;
+}
+
 /// A DBA's permission slip: INSERT on the order tables revoked from the
-/// service role mid-stream, then granted back. Not one valid order may be
-/// dead-lettered for it.
+/// service role mid-stream, then granted back.
 #[tokio::test]
 async fn insert_revoked_then_granted() {
     let env = TestEnv::new().await;
     let service = env.spawn();
     service.wait_ready().await;
-    let mut seed = Seed::new("(f)");
-    let stream = Stream::start(&env, seed.value);
-    pause(seed.random_point(0.4)).await;
-    let tables = "orders, deliveries, payments, items";
-    env.execute(&format!(
-        "REVOKE INSERT ON {tables} FROM {}",
-        env.service_role
-    ))
+    let (tables, role) = ("orders, deliveries, payments, items", &env.service_role);
+    let revoke = format!("REVOKE INSERT ON {tables} FROM {role}");
+    let grant = format!("GRANT INSERT ON {tables} TO {role}");
+    environment_fault(
+        &env,
+        &service,
+        "(f) INSERT revoked",
+        "permission denied for table",
+        env.execute(&revoke),
+        env.execute(&grant),
+    )
     .await;
-    wait_paused_by(&service, "permission denied for table").await;
-    pause(env_outage()).await;
-    env.execute(&format!("GRANT INSERT ON {tables} TO {}", env.service_role))
-        .await;
-    let delivered = stream.finish().await;
-    let scenario = format!("(f) INSERT revoked {} s", env_outage().as_secs());
-    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
-    assert_paused_once(&service).await;
 }
 
 /// A failover to a read-only server and back: the database turns read-only
@@ -610,18 +628,19 @@ async fn database_read_only_then_writable() {
     let env = TestEnv::new().await;
     let service = env.spawn();
     service.wait_ready().await;
-    let mut seed = Seed::new("(g)");
-    let stream = Stream::start(&env, seed.value);
-    pause(seed.random_point(0.4)).await;
-    env.set_read_only(true).await;
-    env.end_service_sessions().await;
-    wait_paused_by(&service, "read-only transaction").await;
-    pause(env_outage()).await;
-    env.set_read_only(false).await;
-    let delivered = stream.finish().await;
-    let scenario = format!("(g) database read-only {} s", env_outage().as_secs());
-    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
-    assert_paused_once(&service).await;
+    let begin = async {
+        env.set_read_only(true).await;
+        env.end_service_sessions().await;
+    };
+    environment_fault(
+        &env,
+        &service,
+        "(g) database read-only",
+        "read-only transaction",
+        begin,
+        env.set_read_only(false),
+    )
+    .await;
 }
 
 /// `serve` started before `migrate`: it waits, naming the missing table,
@@ -660,29 +679,35 @@ async fn password_changed_then_restored() {
     let url = env.service_url_as(&role, &password).await;
     let service = env.spawn_with(&[("DATABASE_URL", url.as_str())]);
     service.wait_ready().await;
-    let mut seed = Seed::new("(i)");
-    let stream = Stream::start(&env, seed.value);
-    pause(seed.random_point(0.4)).await;
     // A role may change its own password; this session outlives the change.
-    let mut own = sqlx::ConnectOptions::connect(
-        &<sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url).unwrap(),
+    let own = tokio::sync::Mutex::new(
+        sqlx::ConnectOptions::connect(
+            &<sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&url).unwrap(),
+        )
+        .await
+        .expect("connect as the rotating role"),
+    );
+    let set_password = |p: String| {
+        let own = &own;
+        async move {
+            let mut own = own.lock().await;
+            sqlx::query(&format!("ALTER ROLE CURRENT_USER PASSWORD '{p}'"))
+                .execute(&mut *own)
+                .await
+                .unwrap();
+        }
+    };
+    let begin = async {
+        set_password("rotated-elsewhere".into()).await;
+        crate::helpers::end_other_sessions(&mut *own.lock().await).await;
+    };
+    environment_fault(
+        &env,
+        &service,
+        "(i) password changed",
+        "password authentication failed",
+        begin,
+        set_password(password.clone()),
     )
-    .await
-    .expect("connect as the rotating role");
-    let set_password = |p: &str| format!("ALTER ROLE CURRENT_USER PASSWORD '{p}'");
-    sqlx::query(&set_password("rotated-elsewhere"))
-        .execute(&mut own)
-        .await
-        .unwrap();
-    crate::helpers::end_other_sessions(&mut own).await;
-    wait_paused_by(&service, "password authentication failed").await;
-    pause(env_outage()).await;
-    sqlx::query(&set_password(&password))
-        .execute(&mut own)
-        .await
-        .unwrap();
-    let delivered = stream.finish().await;
-    let scenario = format!("(i) password changed {} s", env_outage().as_secs());
-    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
-    assert_paused_once(&service).await;
+    .await;
 }
