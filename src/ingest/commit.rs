@@ -185,7 +185,7 @@ impl Committer {
             None => Ok(()),
             Some(error) => Err(Stall::DeadLetters {
                 topic: self.dead_letters.topic().to_owned(),
-                error,
+                error: error.to_string(),
             }),
         }
     }

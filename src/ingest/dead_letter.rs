@@ -90,7 +90,7 @@ impl DeadLetters {
     }
 
     /// The dead-letter partition that holds `source_partition`'s letters.
-    async fn partition_for(&self, source_partition: i32) -> Result<i32, String> {
+    async fn partition_for(&self, source_partition: i32) -> Result<i32, SendError> {
         let count = self
             .partitions
             .get_or_try_init(|| async {
@@ -98,15 +98,13 @@ impl DeadLetters {
                 blocking(move || {
                     let metadata = producer
                         .client()
-                        .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                        .map_err(|e| e.to_string())?;
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5))?;
                     match metadata.topics().first().map(|t| t.partitions().len()) {
                         Some(n) if n > 0 => Ok(n as i32),
-                        _ => Err(format!("topic {topic} does not exist")),
+                        _ => Err(SendError::NoTopic(topic)),
                     }
                 })
-                .await
-                .and_then(|count| count)
+                .await?
             })
             .await?;
         Ok(source_partition % count)
@@ -114,7 +112,7 @@ impl DeadLetters {
 
     /// Sends every letter and waits for the broker's acknowledgement of each.
     /// Returns, per letter, its offset in the dead-letter topic or why it failed.
-    pub async fn send_all(&self, letters: &[&DeadLetter]) -> Vec<Result<i64, String>> {
+    pub async fn send_all(&self, letters: &[&DeadLetter]) -> Vec<Result<i64, SendError>> {
         let sends = letters.iter().map(|letter| self.send(letter));
         join_all(sends).await
     }
@@ -136,10 +134,7 @@ impl DeadLetters {
     ) -> anyhow::Result<HashMap<i32, AlreadySent>> {
         let mut by_partition: HashMap<i32, Vec<ReadBack>> = HashMap::new();
         for request in requests {
-            let partition = self
-                .partition_for(request.source_partition)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let partition = self.partition_for(request.source_partition).await?;
             by_partition.entry(partition).or_default().push(*request);
         }
         let (brokers, topic, source_topic) = (
@@ -147,12 +142,10 @@ impl DeadLetters {
             self.topic.clone(),
             self.source_topic.clone(),
         );
-        blocking(move || read_back(&brokers, &topic, &source_topic, &by_partition))
-            .await
-            .map_err(anyhow::Error::msg)?
+        blocking(move || read_back(&brokers, &topic, &source_topic, &by_partition)).await?
     }
 
-    async fn send(&self, letter: &DeadLetter) -> Result<i64, String> {
+    async fn send(&self, letter: &DeadLetter) -> Result<i64, SendError> {
         let dlq_partition = self.partition_for(letter.partition).await?;
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
@@ -189,7 +182,7 @@ impl DeadLetters {
             .send(record, Duration::from_secs(5))
             .await
             .map(|delivery| delivery.offset)
-            .map_err(|(e, _)| e.to_string())
+            .map_err(|(e, _)| SendError::Kafka(e))
     }
 }
 
@@ -315,13 +308,22 @@ fn read_back(
 /// gives up (and ingest retries it as a fault of its environment).
 const READ_BACK_SILENCE: Duration = Duration::from_secs(30);
 
+/// Why a letter could not be sent, or the topic not read.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Runs blocking client calls off the async threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| format!("background task failed: {e}"))
+) -> Result<T, SendError> {
+    Ok(tokio::task::spawn_blocking(work).await?)
 }
 
 fn header_value<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
