@@ -40,6 +40,8 @@ pub struct Batch {
     /// Per source partition, the dead-letter offset after its last letter here.
     dlq_next: BTreeMap<i32, i64>,
     pub first_at: Option<Instant>,
+    /// The broker's timestamp of each message, in Unix milliseconds, where known.
+    pub broker_times: Vec<i64>,
     messages: usize,
 }
 
@@ -51,6 +53,7 @@ impl Batch {
         payload: &[u8],
         partition: i32,
         offset: i64,
+        broker_time: Option<i64>,
         limits: &Limits,
     ) {
         match parse_order(payload, limits) {
@@ -87,6 +90,7 @@ impl Batch {
             }
         }
         self.next_offsets.insert(partition, offset + 1);
+        self.broker_times.extend(broker_time);
         self.first_at.get_or_insert_with(Instant::now);
         self.messages += 1;
     }

@@ -230,6 +230,7 @@ impl Ingest {
                                 message.payload().unwrap_or_default(),
                                 partition,
                                 offset,
+                                message.timestamp().to_millis(),
                                 &self.settings.validation,
                             );
                             if self.batch.len() >= self.settings.ingest.batch_size && self.closed.is_none() {
@@ -641,7 +642,17 @@ impl Ingest {
         self.metrics
             .batch_commit_seconds
             .observe(started.elapsed().as_secs_f64());
+        let committed_at = std::time::Instant::now();
         self.committed(&batch, &outcome);
+        self.metrics
+            .commit_to_visible_seconds
+            .observe(committed_at.elapsed().as_secs_f64());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for &t in &batch.broker_times {
+            self.metrics
+                .broker_to_commit_seconds
+                .observe((now_ms - t).max(0) as f64 / 1000.0);
+        }
         self.commit_to_kafka(&batch);
         Ok(())
     }
@@ -774,7 +785,7 @@ mod tests {
     fn every_owned_partition_stores_a_position_that_follows_the_topic() {
         let mut batch = Batch::default();
         let limits = crate::domain::Limits::default();
-        batch.push(None, b"not json", 0, 5, &limits);
+        batch.push(None, b"not json", 0, 5, None, &limits);
         batch.dead_lettered_at(0, 120);
         let partitions = HashMap::from([(0, state(&[], 10)), (1, state(&[], 10))]);
         let ends = HashMap::from([(0, 110)]);

@@ -14,6 +14,11 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub batch_size: Histogram,
     pub batch_commit_seconds: Histogram,
+    stage_seconds: HistogramVec,
+    /// From a message's broker timestamp to its commit in PostgreSQL.
+    pub broker_to_commit_seconds: Histogram,
+    /// From a batch's commit to its orders in the memory cache.
+    pub commit_to_visible_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub consumer_paused: IntGauge,
     pub ingest_stalled_seconds: Counter,
@@ -30,6 +35,18 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let stage_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "ingest_stage_duration_seconds",
+                "Where ingest time goes: broker_to_commit, from the message's broker timestamp to \
+                 its commit in PostgreSQL; commit_to_visible, from the commit to the order in the cache.",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["stage"],
+        )
+        .unwrap();
         let m = Self {
             messages_consumed: IntCounter::new(
                 "orders_messages_consumed_total",
@@ -60,6 +77,9 @@ impl Metrics {
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             )
             .unwrap(),
+            broker_to_commit_seconds: stage_seconds.with_label_values(&["broker_to_commit"]),
+            commit_to_visible_seconds: stage_seconds.with_label_values(&["commit_to_visible"]),
+            stage_seconds,
             consumer_lag: IntGaugeVec::new(
                 Opts::new("ingest_consumer_lag_messages", "Messages behind the high watermark, per partition."),
                 &["partition"],
@@ -126,6 +146,7 @@ impl Metrics {
             Box::new(m.dead_letters.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.batch_commit_seconds.clone()),
+            Box::new(m.stage_seconds.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_paused.clone()),
             Box::new(m.ingest_stalled_seconds.clone()),

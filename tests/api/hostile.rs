@@ -163,3 +163,46 @@ async fn hostile_messages_are_dead_lettered_or_stored_verbatim() {
         "memory grew from {rss_before} to {rss_after} bytes"
     );
 }
+
+/// A message of exactly `MAX_MESSAGE_BYTES` (the default) is consumed and
+/// stored, one byte more is dead-lettered as too large, and what follows
+/// them is consumed: no message the service accepts sticks a partition at
+/// the broker's fetch budget.
+#[tokio::test]
+async fn messages_at_the_size_limit_are_consumed_not_stuck() {
+    let env = TestEnv::with_partitions(1).await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let limit = MB;
+    let padded = |uid: &str, size: usize| {
+        let mut bytes = with(uid, |_| {});
+        bytes.resize(size, b' ');
+        bytes
+    };
+    let at_limit = padded("at-limit", limit);
+    let over_limit = padded("over-limit", limit + 1);
+    let after = with("after-them", |_| {});
+    env.produce(&[
+        (Some("at-limit"), &at_limit),
+        (Some("over-limit"), &over_limit),
+        (Some("after-them"), &after),
+    ])
+    .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM orders WHERE order_uid IN ('at-limit', 'after-them')",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    let letters = env.read_topic(&env.dlq_topic, 1);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].header("dlq-stage"), "too_large");
+    assert_eq!(letters[0].key.as_deref(), Some("over-limit"));
+    assert_eq!(
+        letters[0].reasons(),
+        [format!(
+            "message is {} bytes, the limit is {limit}",
+            limit + 1
+        )]
+    );
+}

@@ -78,6 +78,20 @@ async fn metrics_count_a_known_workload_exactly() {
     );
     assert_eq!(service.metric("cache_entries").await, 5.0);
     assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+    assert_eq!(service.metric("ingest_paused_seconds_total").await, 0.0);
+    // Every consumed message is timed from the broker to its commit.
+    assert_eq!(
+        service
+            .metric("ingest_stage_duration_seconds_count{stage=\"broker_to_commit\"}")
+            .await,
+        8.0
+    );
+    assert!(
+        service
+            .metric("ingest_stage_duration_seconds_count{stage=\"commit_to_visible\"}")
+            .await
+            >= 1.0
+    );
     let text = service.get("/metrics").await.text().await.unwrap();
     assert!(
         text.contains("ingest_batch_commit_duration_seconds_count"),
