@@ -204,6 +204,7 @@ async fn two_consumers_share_a_group_through_rebalances() {
     second.wait_ready().await;
     env.wait_for_count(COUNT_ORDERS, 800, Duration::from_secs(60))
         .await;
+    let first_member = member_name(&first);
     assert!(first.terminate().success());
     produce_orders(&env, &orders[800..]).await;
     env.wait_for_count(COUNT_ORDERS, 1200, Duration::from_secs(60))
@@ -212,6 +213,12 @@ async fn two_consumers_share_a_group_through_rebalances() {
     assert!(
         second.log_text().contains("partitions assigned"),
         "the second instance never got partitions"
+    );
+    // Two instances on one host join under different default member names.
+    let second_member = member_name(&second);
+    assert!(
+        first_member.is_some() && second_member.is_some() && first_member != second_member,
+        "{first_member:?} {second_member:?}"
     );
     // The survivor serves orders it did not ingest.
     for (uid, bytes) in orders.iter().step_by(97) {
@@ -511,4 +518,12 @@ async fn dead_letter_positions_keep_up_on_every_partition() {
         Duration::from_secs(30),
     )
     .await;
+}
+
+/// The group member name the instance logged at start.
+fn member_name(service: &crate::helpers::Service) -> Option<String> {
+    service.logs.lock().unwrap().iter().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v["member"].as_str().map(str::to_owned)
+    })
 }
