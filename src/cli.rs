@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::configuration::{LogFormat, Settings};
+use crate::documents::Format;
 use crate::producer::ProduceArgs;
 
 #[derive(Debug, Parser)]
@@ -44,9 +45,14 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// File with a JSON array of orders or one order per line; `-` or nothing reads stdin.
+    /// File of orders; `-` or nothing reads stdin.
     #[arg(value_name = "FILE|-")]
     pub input: Option<PathBuf>,
+    /// How the documents are laid out [default: ndjson for a .ndjson or .jsonl
+    /// file, array when the input starts with `[`, concatenated when its first
+    /// document spans lines, otherwise ndjson]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
     /// Print one JSON object per document instead of text.
     #[arg(long)]
     pub json: bool,

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use serde_json::json;
 
 use crate::cli::ValidateArgs;
-use crate::documents::{for_each_document, Document};
+use crate::documents::{for_each_document, Document, Format};
 use crate::domain::{parse_order, Limits, Rejection};
 
 /// Exit status: 0 all valid, 1 some invalid, 2 usage or I/O error.
@@ -25,7 +25,10 @@ pub fn run(args: &ValidateArgs, limits: &Limits) -> u8 {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let (mut valid, mut invalid, mut position) = (0u64, 0u64, 0u64);
     let mut write_error = None;
-    let read = for_each_document(input, limits.max_message_bytes, |doc| {
+    let format = args
+        .format
+        .or_else(|| args.input.as_deref().and_then(Format::of_path));
+    let read = for_each_document(input, format, limits.max_message_bytes, |doc| {
         position += 1;
         let verdict = match doc {
             Document::Bytes(bytes) => parse_order(bytes, limits),
@@ -77,9 +80,15 @@ pub fn run(args: &ValidateArgs, limits: &Limits) -> u8 {
         eprintln!("error: cannot write the report: {e}");
         return 2;
     }
-    if let Err(e) = read {
-        eprintln!("error: reading input after document #{position}: {e}");
-        return 2;
+    match read {
+        Ok(summary) if summary.blank_lines > 0 => {
+            eprintln!("{} blank lines skipped", summary.blank_lines);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: reading input after document #{position}: {e}");
+            return 2;
+        }
     }
     u8::from(invalid > 0)
 }

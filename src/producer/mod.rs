@@ -4,6 +4,7 @@ mod generator;
 
 use std::collections::VecDeque;
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use tokio::time::Instant;
 
 pub use self::generator::{Generator, InvalidKind};
 use crate::configuration::KafkaSettings;
-use crate::documents::{for_each_document, Document};
+use crate::documents::{for_each_document, Document, Format};
 
 /// The largest message sent. Brokers have their own limit (Apache Kafka's
 /// default is about 1 MB); what they refuse is counted as failed.
@@ -47,9 +48,14 @@ pub struct ProduceArgs {
     /// Share of messages that are exact re-sends of an earlier order (0.0 to 1.0)
     #[arg(long, default_value_t = 0.0, value_name = "F", value_parser = parse_share)]
     pub duplicate_rate: f64,
-    /// Send the documents of a JSON array or NDJSON file instead of generated orders
+    /// Send the documents of a file instead of generated orders
     #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
+    /// How the documents of --file are laid out [default: ndjson for a .ndjson
+    /// or .jsonl file, array when the file starts with `[`, concatenated when
+    /// its first document spans lines, otherwise ndjson]
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "file")]
+    pub format: Option<Format>,
     /// Also write every message to this NDJSON file
     #[arg(long, value_name = "PATH")]
     pub output: Option<PathBuf>,
@@ -156,11 +162,72 @@ impl Tally {
     }
 }
 
+/// Hands over the documents of `path`, as they are, each keyed by its
+/// `order_uid` when it has one.
+fn send_file(
+    path: &std::path::Path,
+    format: Option<Format>,
+    limit: Option<u64>,
+    tx: &mpsc::Sender<anyhow::Result<Outgoing>>,
+) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("--file: cannot open {}", path.display()))?;
+    let (mut sent, mut position, mut too_large) = (0u64, 0u64, None);
+    let summary = for_each_document(
+        std::io::BufReader::new(file),
+        format,
+        MAX_MESSAGE_BYTES,
+        |doc| {
+            position += 1;
+            let doc = match doc {
+                Document::Bytes(doc) => doc,
+                Document::TooLarge { bytes } => {
+                    too_large = Some(bytes);
+                    return ControlFlow::Break(());
+                }
+            };
+            let key = serde_json::from_slice::<serde_json::Value>(doc)
+                .ok()
+                .and_then(|v| v.get("order_uid")?.as_str().map(str::to_owned));
+            let message = Outgoing {
+                key,
+                payload: doc.to_vec(),
+                kind: Kind::File,
+            };
+            sent += 1;
+            if tx.blocking_send(Ok(message)).is_err() || limit.is_some_and(|l| sent >= l) {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .with_context(|| {
+        format!(
+            "--file: reading {} after document #{position}",
+            path.display()
+        )
+    })?;
+    if let Some(bytes) = too_large {
+        anyhow::bail!(
+            "--file: document #{position} of {} is {bytes} bytes; \
+             a message may have at most {MAX_MESSAGE_BYTES}",
+            path.display()
+        );
+    }
+    if summary.blank_lines > 0 {
+        eprintln!("--file: {} blank lines skipped", summary.blank_lines);
+    }
+    Ok(())
+}
+
 /// Generates the messages of a run on a blocking thread (a file may be large)
 /// and hands them over through a bounded channel.
 fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> {
     let (tx, rx) = mpsc::channel(4096);
     let file = args.file.clone();
+    let format = args
+        .format
+        .or_else(|| file.as_deref().and_then(Format::of_path));
     let (seed, max_items, invalid_rate, duplicate_rate, malformed) = (
         args.seed,
         args.max_items,
@@ -171,50 +238,7 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
     let limit = args.count;
     tokio::task::spawn_blocking(move || {
         if let Some(path) = file {
-            let result = std::fs::File::open(&path)
-                .with_context(|| format!("--file: cannot open {}", path.display()))
-                .and_then(|f| {
-                    let (mut sent, mut position, mut too_large) = (0u64, 0u64, None);
-                    for_each_document(std::io::BufReader::new(f), MAX_MESSAGE_BYTES, |doc| {
-                        position += 1;
-                        let doc = match doc {
-                            Document::Bytes(doc) => doc,
-                            Document::TooLarge { bytes } => {
-                                too_large = Some(bytes);
-                                return std::ops::ControlFlow::Break(());
-                            }
-                        };
-                        let key = serde_json::from_slice::<serde_json::Value>(doc)
-                            .ok()
-                            .and_then(|v| {
-                                v.get("order_uid")
-                                    .and_then(|u| u.as_str())
-                                    .map(str::to_owned)
-                            });
-                        let message = Outgoing {
-                            key,
-                            payload: doc.to_vec(),
-                            kind: Kind::File,
-                        };
-                        sent += 1;
-                        if tx.blocking_send(Ok(message)).is_err()
-                            || limit.is_some_and(|l| sent >= l)
-                        {
-                            return std::ops::ControlFlow::Break(());
-                        }
-                        std::ops::ControlFlow::Continue(())
-                    })
-                    .with_context(|| format!("--file: reading {}", path.display()))?;
-                    match too_large {
-                        Some(bytes) => anyhow::bail!(
-                            "--file: document #{position} of {} is {bytes} bytes; \
-                             a message may have at most {MAX_MESSAGE_BYTES}",
-                            path.display()
-                        ),
-                        None => Ok(()),
-                    }
-                });
-            if let Err(e) = result {
+            if let Err(e) = send_file(&path, format, limit, &tx) {
                 let _ = tx.blocking_send(Err(e));
             }
             return;
@@ -340,7 +364,14 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         n = n.saturating_add(1);
         if let Some(out) = &mut output {
             use std::io::Write;
-            out.write_all(&message.payload)
+            // A line break in well-formed JSON is white space, so a
+            // pretty-printed document keeps its meaning on one NDJSON line.
+            let line: Vec<u8> = message
+                .payload
+                .iter()
+                .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
+                .collect();
+            out.write_all(&line)
                 .and_then(|()| out.write_all(b"\n"))
                 .context("--output: write failed")?;
         }

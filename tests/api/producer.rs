@@ -96,6 +96,61 @@ async fn files_are_sent_as_json_arrays_or_ndjson() {
     assert_eq!(messages_in(&env.topic), 6);
 }
 
+/// Every message `--file` would send, from a dry run's `--output`.
+fn sent_from_file(env: &TestEnv, file: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let out = file.with_extension("out");
+    let args = [
+        &["--file", file.to_str().unwrap()],
+        extra,
+        &["--output", out.to_str().unwrap(), "--dry-run"],
+    ]
+    .concat();
+    let (ok, summary) = produce(env, &args);
+    assert!(ok, "{summary}");
+    std::fs::read_to_string(out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A broken line in an NDJSON file is sent as the message it is; its
+/// neighbours are sent whole, each as its own message.
+#[tokio::test]
+async fn file_lines_are_sent_one_message_each_whatever_their_neighbours() {
+    let env = TestEnv::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sample: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    for hostile in ["{", "[", "{\"order_uid\":", "not json", "{} {}", "null"] {
+        let lines = [sample.to_string(), hostile.to_owned(), sample.to_string()];
+        for (name, extra) in [
+            ("orders.json", &[][..]),
+            ("orders.ndjson", &[][..]),
+            ("orders", &["--format", "ndjson"][..]),
+        ] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, lines.join("\n")).unwrap();
+            assert_eq!(
+                sent_from_file(&env, &file, extra),
+                lines,
+                "{hostile:?} in {name}"
+            );
+        }
+    }
+    // Pretty-printed documents one after another: one message each.
+    let file = dir.path().join("pretty.json");
+    let pretty = serde_json::to_string_pretty(&sample).unwrap();
+    std::fs::write(&file, format!("{pretty}\n{pretty}\n")).unwrap();
+    let sent = sent_from_file(&env, &file, &[]);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for message in sent {
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&message).unwrap(),
+            sample
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_file_document_over_the_message_limit_stops_the_run_with_its_position() {
     let env = TestEnv::new().await;

@@ -114,3 +114,101 @@ fn an_oversized_line_is_reported_without_being_held_in_memory() {
         "peak {peak_kib} KiB for a {LINE}-byte line"
     );
 }
+
+/// Two valid orders as one line each, and the same pretty-printed.
+fn neighbours() -> ([String; 2], [String; 2]) {
+    let first: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    let mut last = first.clone();
+    last["order_uid"] = "neighbour-last".into();
+    (
+        [first.to_string(), last.to_string()],
+        [
+            serde_json::to_string_pretty(&first).unwrap(),
+            serde_json::to_string_pretty(&last).unwrap(),
+        ],
+    )
+}
+
+/// The JSON verdicts of `validate --json ARGS` on `input`, summary last.
+fn verdicts(args: &[&str], input: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = validate(&[&["--json"], args].concat(), input);
+    assert_eq!(code, Some(1), "{out}{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn assert_judged_apart(verdicts: &[serde_json::Value], hostile: &str) {
+    assert_eq!(verdicts.len(), 4, "{hostile:?}: {verdicts:?}");
+    assert_eq!(verdicts[0]["position"], 1);
+    assert_eq!(
+        verdicts[0]["order_uid"], "b563feb7b2b84b6test",
+        "{hostile:?}"
+    );
+    assert_eq!(verdicts[1]["position"], 2);
+    assert_eq!(verdicts[1]["valid"], false, "{hostile:?}");
+    assert_eq!(verdicts[2]["position"], 3);
+    assert_eq!(verdicts[2]["order_uid"], "neighbour-last", "{hostile:?}");
+    assert_eq!(verdicts[3], serde_json::json!({"valid": 2, "invalid": 1}));
+}
+
+/// A broken line between two valid orders is judged on its own: NDJSON never
+/// joins lines, whether the layout is declared, named by the file or read
+/// from the content.
+#[test]
+fn ndjson_neighbours_of_a_broken_line_keep_their_verdicts() {
+    let ([first, last], _) = neighbours();
+    let dir = tempfile::tempdir().unwrap();
+    for hostile in [
+        "{",
+        "}",
+        "[",
+        "{\"order_uid\":",
+        "{\"order_uid\":\"cut",
+        "not json",
+        "{} {}",
+        "null",
+        "{}",
+        "[1, 2]",
+    ] {
+        let input = format!("{first}\n{hostile}\n{last}\n");
+        assert_judged_apart(&verdicts(&[], &input), hostile);
+        assert_judged_apart(&verdicts(&["--format", "ndjson"], &input), hostile);
+        let file = dir.path().join("orders.jsonl");
+        std::fs::write(&file, &input).unwrap();
+        assert_judged_apart(&verdicts(&[file.to_str().unwrap()], ""), hostile);
+    }
+}
+
+/// Well-formed documents that are no order, between two valid ones in an
+/// array or a run of pretty-printed documents.
+#[test]
+fn array_and_concatenated_neighbours_keep_their_verdicts() {
+    let (_, [first, last]) = neighbours();
+    for hostile in ["null", "42", "\"text\"", "{}", "[]", "{\"order_uid\": 7}"] {
+        let array = format!("[\n{first},\n{hostile},\n{last}\n]\n");
+        assert_judged_apart(&verdicts(&[], &array), hostile);
+        assert_judged_apart(&verdicts(&["--format", "array"], &array), hostile);
+        let concatenated = format!("{first}\n{hostile}\n{last}\n");
+        assert_judged_apart(&verdicts(&[], &concatenated), hostile);
+        let declared = verdicts(&["--format", "concatenated"], &concatenated);
+        assert_judged_apart(&declared, hostile);
+    }
+    // A broken document ends the read with its position; what came before stands.
+    let (code, out, err) = validate(&[], &format!("{first}\n{{\n\"cut\": \n{last}\n"));
+    assert_eq!(code, Some(2));
+    assert!(out.starts_with("#1 ok b563feb7b2b84b6test\n"), "{out}");
+    assert!(
+        err.contains("after document #1: concatenated JSON"),
+        "{err}"
+    );
+}
+
+#[test]
+fn blank_lines_are_skipped_and_counted() {
+    let ([first, last], _) = neighbours();
+    let (code, out, err) = validate(&[], &format!("\n{first}\n\n  \n{last}\n"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.ends_with("2 valid, 0 invalid\n"), "{out}");
+    assert_eq!(err, "3 blank lines skipped\n");
+}
