@@ -26,8 +26,8 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// Ready when PostgreSQL answers, the consumer holds its assignment and
-/// ingest is not paused. Redis and the warm-up are reported but never make the
+/// Ready when PostgreSQL answers, the consumer holds its assignment, ingest
+/// is not paused and the broker answers in time. Redis and the warm-up are reported but never make the
 /// service unready. `problems` says in words what keeps it unready.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let postgres = matches!(
@@ -51,6 +51,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(cause) = &stalled {
         problems.push(format!("ingest paused: {cause}"));
     }
+    let broker_slow = state.ingest.broker_slow();
+    if let Some(problem) = &broker_slow {
+        problems.push(format!("kafka: {problem}"));
+    }
     let orphaned = state.ingest.orphaned();
     if !orphaned.is_empty() {
         problems.push(format!(
@@ -64,6 +68,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "checks": {
             "postgres": if postgres { "up" } else { "down" },
             "kafka_assignment": if assigned { "assigned" } else { "waiting" },
+            "kafka_broker": if broker_slow.is_some() { "slow" } else { "answering" },
             "ingest": if stalled.is_some() { "paused" } else { "running" },
             "redis": redis,
         },

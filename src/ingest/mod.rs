@@ -6,6 +6,7 @@
 //! for it.
 
 mod batch;
+mod broker_probe;
 mod commit;
 mod consumer;
 pub mod dead_letter;
@@ -45,6 +46,8 @@ pub struct IngestHealth {
     /// Partitions with messages no live member consumes, seen by an instance
     /// that holds none.
     orphaned: Mutex<Vec<i32>>,
+    /// How the broker fails to answer in time, while it does.
+    broker_slow: Mutex<Option<String>>,
 }
 
 impl IngestHealth {
@@ -67,6 +70,22 @@ impl IngestHealth {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// How the broker fails to answer in time, if it does.
+    pub fn broker_slow(&self) -> Option<String> {
+        self.broker_slow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stores the broker's verdict; true when it changed.
+    fn set_broker_slow(&self, problem: Option<String>) -> bool {
+        let mut slow = self.broker_slow.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = slow.is_some() != problem.is_some();
+        *slow = problem;
+        changed
     }
 
     /// Stores the orphaned partitions; true when they changed.
@@ -198,6 +217,16 @@ impl Ingest {
         // live while the loop updates its own state.
         let consumer = self.consumer.clone();
         let stop = &shutdown;
+        // The probe ends with this loop, however it ends.
+        let probe = shutdown.child_token();
+        let _probe_guard = probe.clone().drop_guard();
+        tokio::spawn(broker_probe::watch(
+            consumer.clone(),
+            self.settings.kafka.topic.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+            probe,
+        ));
         loop {
             let flush_at = self.batch.first_at.map(|t| t + linger);
             let finished = tokio::select! {

@@ -2,8 +2,8 @@
 //! in one process (as in tests) keep their counts apart.
 
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub commit_to_visible_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub consumer_paused: IntGauge,
+    /// How long the broker took to answer the last probe.
+    pub broker_probe_seconds: Gauge,
     pub ingest_stalled_seconds: Counter,
     pub db_pool_in_use: IntGauge,
     pub cache_requests: IntCounterVec,
@@ -90,6 +92,11 @@ impl Metrics {
                 "1 while fetching is paused because PostgreSQL or the dead-letter topic is unavailable.",
             )
             .unwrap(),
+            broker_probe_seconds: Gauge::new(
+                "kafka_broker_probe_seconds",
+                "How long the broker took to answer the last request for a partition's end (probed every 2 s).",
+            )
+            .unwrap(),
             ingest_stalled_seconds: Counter::new(
                 "ingest_paused_seconds_total",
                 "Time ingest spent paused because its environment (database, dead-letter topic) failed.",
@@ -149,6 +156,7 @@ impl Metrics {
             Box::new(m.stage_seconds.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_paused.clone()),
+            Box::new(m.broker_probe_seconds.clone()),
             Box::new(m.ingest_stalled_seconds.clone()),
             Box::new(m.db_pool_in_use.clone()),
             Box::new(m.cache_requests.clone()),

@@ -438,6 +438,16 @@ struct Broker {
 }
 
 impl Broker {
+    /// Sends `signal` (`STOP`, `CONT`) to the broker's process.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} the broker");
+    }
+
     fn start(dir: PathBuf, port: u16) -> Self {
         let listener = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
@@ -473,6 +483,18 @@ impl Drop for Broker {
     }
 }
 
+/// A broker of the scenario's own (its storage lives as long as the first
+/// value), a test environment on it and a ready service.
+async fn on_own_broker(settings: &[(&str, &str)]) -> (tempfile::TempDir, Broker, TestEnv, Service) {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start(storage.path().to_owned(), port);
+    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let service = env.spawn_with(settings);
+    service.wait_ready().await;
+    (storage, broker, env, service)
+}
+
 /// A port nothing listens on now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -484,12 +506,7 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn broker_restarted_mid_stream() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
-    let service = env.spawn();
-    service.wait_ready().await;
+    let (_storage, mut broker, env, service) = on_own_broker(&[]).await;
     let mut seed = Seed::new("(d)");
     let stream = Stream::start(&env, seed.value);
     pause(seed.random_point(0.5)).await;
@@ -506,6 +523,75 @@ async fn broker_restarted_mid_stream() {
     )
     .await;
     drop(broker);
+}
+
+/// A broker that stops answering without going away, as one wedged behind a
+/// long storage call: `/readyz` names it and the service logs it once, ingest
+/// waits, and once the broker answers again everything is reconciled. It is
+/// thawed as soon as it is named, inside the group's session timeout: the
+/// local broker does not give a member that timed out its partitions back
+/// (see the README).
+#[tokio::test]
+async fn broker_frozen_then_thawed() {
+    let (_storage, broker, env, service) = on_own_broker(&[]).await;
+    let mut seed = Seed::new("(j)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
+    broker.signal("STOP");
+    wait_unready(
+        &service,
+        "the broker did not answer",
+        ("kafka_broker", "slow"),
+    )
+    .await;
+    broker.signal("CONT");
+    let delivered = stream.finish().await;
+    service.wait_ready().await;
+    reconcile(
+        &env,
+        "(j) broker frozen",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
+    // One line on entering and one on leaving each slow spell (a long stream
+    // can make the local broker slow again on its own).
+    let logs = service.log_text();
+    let (slow, again) = (
+        logs.matches("the broker is slow").count(),
+        logs.matches("the broker answers in time again").count(),
+    );
+    assert!(
+        again >= 1 && (again..=again + 1).contains(&slow),
+        "{slow} slow, {again} recovered:\n{logs}"
+    );
+    assert!(slow <= 3, "logged per probe, not per spell:\n{logs}");
+    drop(broker);
+}
+
+/// SIGTERM while every call to the broker hangs (seeks, reads of the
+/// dead-letter topic, leaving the group): the service still exits, cleanly,
+/// within SHUTDOWN_TIMEOUT_MS and the bound on leaving the group.
+#[tokio::test]
+async fn sigterm_with_the_broker_frozen_exits_within_the_bound() {
+    let (_storage, broker, _env, service) = on_own_broker(&[("SHUTDOWN_TIMEOUT_MS", "3000")]).await;
+    broker.signal("STOP");
+    wait_unready(
+        &service,
+        "the broker did not answer",
+        ("kafka_broker", "slow"),
+    )
+    .await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || service.terminate())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    broker.signal("CONT");
+    assert!(status.success(), "{status:?}");
+    // SHUTDOWN_TIMEOUT_MS, then at most 3 s to leave the group, then exit.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
 }
 
 #[tokio::test]
@@ -544,8 +630,9 @@ fn env_outage() -> Duration {
     Duration::from_secs(setting("FAULT_ENV_OUTAGE_SECS", 10))
 }
 
-/// Waits until `/readyz` answers 503 with a problem that names `cause`.
-async fn wait_paused_by(service: &Service, cause: &str) {
+/// Waits until `/readyz` answers 503 with a problem that names `cause` and
+/// the check `key` reads `value`.
+async fn wait_unready(service: &Service, cause: &str, (key, value): (&str, &str)) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = service.get("/readyz").await;
@@ -554,7 +641,7 @@ async fn wait_paused_by(service: &Service, cause: &str) {
             let named = body["problems"]
                 .as_array()
                 .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
-            if named && body["checks"]["ingest"] == "paused" {
+            if named && body["checks"][key] == value {
                 return;
             }
         }
@@ -567,13 +654,24 @@ async fn wait_paused_by(service: &Service, cause: &str) {
     }
 }
 
-/// Time paused is counted, and the pause was logged once on entering it and
-/// once on leaving it.
-async fn assert_paused_once(service: &Service) {
+async fn wait_paused_by(service: &Service, cause: &str) {
+    wait_unready(service, cause, ("ingest", "paused")).await;
+}
+
+/// Time paused is counted, and the pause for `cause` was logged once on
+/// entering it and ended. (A long stream can also pause on a busy local
+/// broker; such pauses are logged on their own lines, each ended too.)
+async fn assert_paused_once(service: &Service, cause: &str) {
     assert!(service.metric("ingest_paused_seconds_total").await > 0.0);
     let logs = service.log_text();
-    assert_eq!(logs.matches("ingest paused").count(), 1, "{logs}");
-    assert_eq!(logs.matches("ingest resumed").count(), 1, "{logs}");
+    let paused: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("ingest paused"))
+        .collect();
+    let for_cause = paused.iter().filter(|l| l.contains(cause)).count();
+    assert_eq!(for_cause, 1, "{logs}");
+    let resumed = logs.matches("ingest resumed").count();
+    assert_eq!(resumed, paused.len(), "{logs}");
 }
 
 /// One fault of the environment during the stream: `begin` it at a random
@@ -597,7 +695,7 @@ async fn environment_fault(
     let delivered = stream.finish().await;
     let scenario = format!("{label} {} s", env_outage().as_secs());
     reconcile(env, &scenario, delivered, service, Some(service)).await;
-    assert_paused_once(service).await;
+    assert_paused_once(service, cause).await;
 }
 
 /// A DBA's permission slip: INSERT on the order tables revoked from the
@@ -663,7 +761,7 @@ async fn served_before_migrations() {
         Some(&service),
     )
     .await;
-    assert_paused_once(&service).await;
+    assert_paused_once(&service, "does not exist").await;
 }
 
 /// The service role's password changed and its sessions ended (as when a
