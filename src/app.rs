@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{MemoryTier, OrderCache, RedisTier};
 use crate::configuration::{redacted, Settings};
+use crate::events::{Feed, IngestHealth};
 use crate::http::{self, AppState};
-use crate::ingest::{Ingest, IngestHealth};
+use crate::ingest::Ingest;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -42,7 +43,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let health = Arc::new(IngestHealth::default());
-    let feed = http::Feed::default();
+    let feed = Feed::default();
     let listener = TcpListener::bind(settings.http.addr)
         .await
         .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;

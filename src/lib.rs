@@ -7,6 +7,7 @@ pub mod cli;
 pub mod configuration;
 pub mod documents;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod ingest;
 pub mod producer;

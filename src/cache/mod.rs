@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use std::hash::Hasher;
 
-use axum::http::HeaderValue;
 use bytes::Bytes;
 use prometheus::IntCounter;
 use serde::Serialize;
@@ -29,21 +28,26 @@ pub struct OrderCache {
     warmup: WarmupProgress,
 }
 
-/// An order ready to send: its JSON and the strong ETag of those bytes, both
-/// computed once when the order enters the cache, never per request.
+/// An order ready to send: its JSON and the strong ETag of those bytes (a
+/// quoted hex string), both computed once when the order enters the cache,
+/// never per request.
 #[derive(Debug, Clone)]
 pub struct CachedOrder {
     pub json: Bytes,
-    pub etag: HeaderValue,
+    etag: Bytes,
 }
 
 impl CachedOrder {
     pub fn new(json: Bytes) -> Self {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         hasher.write(&json);
-        let etag = HeaderValue::from_str(&format!("\"{:016x}\"", hasher.finish()))
-            .expect("a quoted hex string is a valid header value");
+        let etag = Bytes::from(format!("\"{:016x}\"", hasher.finish()));
         Self { json, etag }
+    }
+
+    /// The ETag, always a quoted hex string: a valid header value.
+    pub fn etag(&self) -> &Bytes {
+        &self.etag
     }
 }
 

@@ -21,11 +21,10 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 
-pub use self::feed::Feed;
 pub use self::server::serve;
 use crate::cache::OrderCache;
 use crate::configuration::HttpSettings;
-use crate::ingest::IngestHealth;
+use crate::events::{Feed, IngestHealth};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 

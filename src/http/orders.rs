@@ -50,7 +50,7 @@ async fn order(
             order_uid: uid.to_string(),
         })?;
     let cache_control = HeaderValue::from_static("public, max-age=86400, immutable");
-    let etag = order.etag.as_bytes();
+    let etag = &order.etag()[..];
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .map(HeaderValue::as_bytes)
@@ -58,11 +58,14 @@ async fn order(
             v.split(|b| *b == b',')
                 .any(|t| t.trim_ascii() == etag || t.trim_ascii() == b"*")
         });
+    // Shares the cached bytes; only checks them.
+    let etag_header = HeaderValue::from_maybe_shared(order.etag().clone())
+        .expect("CachedOrder's ETag is a quoted hex string");
     if matches {
         return Ok((
             StatusCode::NOT_MODIFIED,
             [
-                (header::ETAG, order.etag),
+                (header::ETAG, etag_header),
                 (header::CACHE_CONTROL, cache_control),
             ],
         )
@@ -74,7 +77,7 @@ async fn order(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
-            (header::ETAG, order.etag),
+            (header::ETAG, etag_header),
             (header::CACHE_CONTROL, cache_control),
         ],
         order.json,

@@ -12,7 +12,7 @@ use rdkafka::error::RDKafkaErrorCode::{UnknownPartition, UnknownTopic, UnknownTo
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::OrderConsumer;
-use super::IngestHealth;
+use crate::events::IngestHealth;
 use crate::telemetry::Metrics;
 
 const EVERY: Duration = Duration::from_secs(2);

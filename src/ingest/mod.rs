@@ -14,8 +14,8 @@ mod orphans;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -32,70 +32,9 @@ use self::dead_letter::{DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
-use crate::http::Feed;
+use crate::events::{Feed, IngestHealth};
 use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
-
-/// What readiness needs to know about ingest.
-#[derive(Debug, Default)]
-pub struct IngestHealth {
-    /// The consumer has joined its group and received an assignment (possibly empty).
-    pub assigned: AtomicBool,
-    /// Why fetching is paused, while it is: the environment's fault, named.
-    stalled: Mutex<Option<String>>,
-    /// Partitions with messages no live member consumes, seen by an instance
-    /// that holds none.
-    orphaned: Mutex<Vec<i32>>,
-    /// How the broker fails to answer in time, while it does.
-    broker_slow: Mutex<Option<String>>,
-}
-
-impl IngestHealth {
-    /// The cause of the current pause, if ingest is paused.
-    pub fn stalled(&self) -> Option<String> {
-        self.stalled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_stalled(&self, cause: Option<String>) {
-        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = cause;
-    }
-
-    /// Partitions whose messages wait with no live consumer, if this
-    /// instance holds no partition and sees any.
-    pub fn orphaned(&self) -> Vec<i32> {
-        self.orphaned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// How the broker fails to answer in time, if it does.
-    pub fn broker_slow(&self) -> Option<String> {
-        self.broker_slow
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Stores the broker's verdict; true when it changed.
-    fn set_broker_slow(&self, problem: Option<String>) -> bool {
-        let mut slow = self.broker_slow.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = slow.is_some() != problem.is_some();
-        *slow = problem;
-        changed
-    }
-
-    /// Stores the orphaned partitions; true when they changed.
-    fn set_orphaned(&self, partitions: Vec<i32>) -> bool {
-        let mut orphaned = self.orphaned.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = *orphaned != partitions;
-        *orphaned = partitions;
-        changed
-    }
-}
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
 #[derive(Debug, Clone)]

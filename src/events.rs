@@ -1,0 +1,112 @@
+//! What ingest tells the rest of the service: the orders it stores, as they
+//! are stored, and how it is doing. Ingest writes both, HTTP reads both, and
+//! neither knows the other; the app wires them up.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use crate::domain::Order;
+
+/// Summaries held for slow listeners; one that falls further behind skips ahead.
+const BACKLOG: usize = 1024;
+
+#[derive(Clone)]
+pub struct Feed {
+    sender: broadcast::Sender<Arc<str>>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self {
+            sender: broadcast::channel(BACKLOG).0,
+        }
+    }
+}
+
+impl Feed {
+    /// A listener that receives every summary published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.sender.subscribe()
+    }
+
+    /// Announces a newly stored order; costs nothing when nobody listens.
+    pub fn publish(&self, order: &Order) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let o = order.document();
+        let summary = json!({
+            "order_uid": o.order_uid,
+            "date_created": o.date_created,
+            "customer_id": o.customer_id,
+            "amount": o.payment.amount,
+            "currency": o.payment.currency,
+            "item_count": o.items.len(),
+        });
+        let _ = self.sender.send(summary.to_string().into());
+    }
+}
+
+/// What readiness needs to know about ingest.
+#[derive(Debug, Default)]
+pub struct IngestHealth {
+    /// The consumer has joined its group and received an assignment (possibly empty).
+    pub assigned: AtomicBool,
+    /// Why fetching is paused, while it is: the environment's fault, named.
+    stalled: Mutex<Option<String>>,
+    /// Partitions with messages no live member consumes, seen by an instance
+    /// that holds none.
+    orphaned: Mutex<Vec<i32>>,
+    /// How the broker fails to answer in time, while it does.
+    broker_slow: Mutex<Option<String>>,
+}
+
+impl IngestHealth {
+    /// The cause of the current pause, if ingest is paused.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_stalled(&self, cause: Option<String>) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = cause;
+    }
+
+    /// Partitions whose messages wait with no live consumer, if this
+    /// instance holds no partition and sees any.
+    pub fn orphaned(&self) -> Vec<i32> {
+        self.orphaned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How the broker fails to answer in time, if it does.
+    pub fn broker_slow(&self) -> Option<String> {
+        self.broker_slow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stores the broker's verdict; true when it changed.
+    pub(crate) fn set_broker_slow(&self, problem: Option<String>) -> bool {
+        let mut slow = self.broker_slow.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = slow.is_some() != problem.is_some();
+        *slow = problem;
+        changed
+    }
+
+    /// Stores the orphaned partitions; true when they changed.
+    pub(crate) fn set_orphaned(&self, partitions: Vec<i32>) -> bool {
+        let mut orphaned = self.orphaned.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *orphaned != partitions;
+        *orphaned = partitions;
+        changed
+    }
+}
