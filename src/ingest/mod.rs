@@ -351,11 +351,32 @@ impl Ingest {
             Rebalance::Assigned(assigned) => {
                 tracing::info!(partitions = ?assigned, "partitions assigned");
                 self.health.assigned.store(true, Ordering::Relaxed);
+                self.follow_pause(&assigned);
                 self.unloaded.extend(assigned);
                 if let Err(stall) = self.load_offsets().await {
                     self.stall(stall);
                 }
             }
+        }
+    }
+
+    /// librdkafka keeps a partition's pause through a revoke and a new
+    /// assignment: a partition paused during a stall that a rebalance took
+    /// away and gave back would stay paused after the stall, for good. So each
+    /// assigned partition is paused or resumed to match ingest's state.
+    fn follow_pause(&self, partitions: &[i32]) {
+        let mut list = TopicPartitionList::new();
+        for &p in partitions {
+            list.add_partition(&self.settings.kafka.topic, p);
+        }
+        let stalled = self.health.stalled().is_some();
+        let set = if stalled {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        if let Err(e) = set {
+            tracing::warn!(error = %e, stalled, partitions = ?partitions, "cannot set the pause of assigned partitions");
         }
     }
 

@@ -8,7 +8,8 @@
 //!
 //! Sizes come from FAULT_ORDERS (messages per scenario, default 1500),
 //! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3),
-//! FAULT_PG_OUTAGE_SECS (default 30) and FAULT_ENV_OUTAGE_SECS (default 10).
+//! FAULT_PG_OUTAGE_SECS (default 30), FAULT_ENV_OUTAGE_SECS (default 10) and
+//! FAULT_FREEZE_SECS (default 25).
 //! Each scenario prints its seed (the producer's stream and the moments of
 //! its faults); FAULT_SEED=N replays it.
 
@@ -24,7 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::helpers::{Service, TcpProxy, TestEnv};
+use crate::helpers::{self, Service, TcpProxy, TestEnv};
 
 const PARTITIONS: i32 = 4;
 
@@ -438,14 +439,9 @@ struct Broker {
 }
 
 impl Broker {
-    /// Sends `signal` (`STOP`, `CONT`) to the broker's process.
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} the broker");
+    /// Sends `name` (`STOP`, `CONT`) to the broker's process.
+    fn signal(&self, name: &str) {
+        helpers::signal(&self.child, name);
     }
 
     fn start(dir: PathBuf, port: u16) -> Self {
@@ -592,6 +588,26 @@ async fn sigterm_with_the_broker_frozen_exits_within_the_bound() {
     assert!(status.success(), "{status:?}");
     // SHUTDOWN_TIMEOUT_MS, then at most 3 s to leave the group, then exit.
     assert!(took < Duration::from_secs(8), "took {took:?}");
+}
+
+/// A laptop asleep, a VM paused, a process stopped in a debugger: the
+/// service freezes for longer than the group's session timeout, with its
+/// default settings, and then goes on. The group took its partitions away
+/// meanwhile; it must get them back and reconcile exactly.
+#[tokio::test]
+async fn service_frozen_past_the_session_timeout() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let mut seed = Seed::new("(k)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
+    service.signal("STOP");
+    pause(Duration::from_secs(setting("FAULT_FREEZE_SECS", 25))).await;
+    service.signal("CONT");
+    let delivered = stream.finish().await;
+    let scenario = format!("(k) service frozen {} s", setting("FAULT_FREEZE_SECS", 25));
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
 }
 
 #[tokio::test]

@@ -573,11 +573,26 @@ impl Service {
         self.child.wait().unwrap()
     }
 
+    /// Sends `name` (`STOP`, `CONT`) to the service's process.
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
+    }
+
     /// SIGKILL: a crash, no chance to finish anything.
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends the signal `name` (`STOP`, `CONT`, …) to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {}", child.id());
 }
 
 impl Drop for Service {
