@@ -1,6 +1,7 @@
 //! Settings, layered: defaults < TOML file (`--config`) < environment < flags.
 //! The environment and flags are read by clap (see `cli`); this module owns the
-//! defaults, the file and the checks. Nothing else reads the environment.
+//! defaults, the file and the checks. The one other variable read is RUST_LOG
+//! (the log level, read by `telemetry`).
 
 use std::net::SocketAddr;
 use std::path::Path;

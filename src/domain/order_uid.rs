@@ -25,18 +25,19 @@ impl OrderUid {
         if candidate.is_empty() {
             return Err("must not be empty".into());
         }
-        if candidate.len() > MAX_ORDER_UID_LEN {
-            return Err(format!(
-                "is {} characters long, the limit is {MAX_ORDER_UID_LEN}",
-                candidate.chars().count()
-            ));
-        }
         if let Some(bad) = candidate
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
         {
             return Err(format!(
                 "contains {bad:?}; only letters, digits, '_' and '-' are allowed"
+            ));
+        }
+        // Every character is ASCII now, so bytes are characters.
+        if candidate.len() > MAX_ORDER_UID_LEN {
+            return Err(format!(
+                "is {} characters long, the limit is {MAX_ORDER_UID_LEN}",
+                candidate.len()
             ));
         }
         Ok(Self(candidate.to_owned()))
@@ -86,6 +87,11 @@ mod tests {
             ),
             (
                 "zé",
+                "contains 'é'; only letters, digits, '_' and '-' are allowed",
+            ),
+            // 66 bytes but 33 characters: the reason is the character, not a length.
+            (
+                &"é".repeat(33),
                 "contains 'é'; only letters, digits, '_' and '-' are allowed",
             ),
         ] {

@@ -20,7 +20,7 @@ pub enum ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
+        let (status, body) = match self {
             ApiError::BadRequest { reason, order_uid } => {
                 let mut body = json!({ "error": reason });
                 if let Some(uid) = order_uid {
@@ -33,7 +33,8 @@ impl IntoResponse for ApiError {
                 json!({ "error": "order not found", "order_uid": order_uid }),
             ),
             ApiError::Unavailable(e) => {
-                tracing::error!(error = %e, "storage error while serving a request");
+                let cause = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(error = cause, "storage error while serving a request");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({ "error": "storage unavailable, try again shortly" }),

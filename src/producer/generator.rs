@@ -178,7 +178,7 @@ impl Generator {
         let region: String = StateName().fake_with_rng(rng);
         let currency = CURRENCIES[rng.random_range(0..CURRENCIES.len())];
 
-        let count = rng.random_range(1..=self.max_items.min(5));
+        let count = rng.random_range(1..=self.max_items);
         let mut goods_total = 0i64;
         let items: Vec<Value> = (0..count)
             .map(|_| {
@@ -284,7 +284,7 @@ mod tests {
     proptest! {
         #[test]
         fn generated_orders_are_valid_and_round_trip(seed in any::<u64>()) {
-            let mut generator = Generator::new(seed, 1000);
+            let mut generator = Generator::new(seed, 5);
             for _ in 0..5 {
                 let order = generator.valid();
                 let bytes = serde_json::to_vec(&order).unwrap();
@@ -297,8 +297,19 @@ mod tests {
     }
 
     #[test]
+    fn item_counts_span_one_to_max_items() {
+        let mut generator = Generator::new(3, 40);
+        let counts: Vec<usize> = (0..200)
+            .map(|_| generator.valid()["items"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(counts.iter().min(), Some(&1));
+        assert!(counts.iter().all(|&n| n <= 40), "{counts:?}");
+        assert!(counts.iter().any(|&n| n > 30), "{counts:?}");
+    }
+
+    #[test]
     fn each_invalid_kind_fails_for_its_reason() {
-        let mut generator = Generator::new(7, 1000);
+        let mut generator = Generator::new(7, 5);
         for kind in InvalidKind::ALL {
             let order = generator.invalid(kind);
             let rejection =
@@ -314,7 +325,7 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_parse_rejections() {
-        let mut generator = Generator::new(1, 1000);
+        let mut generator = Generator::new(1, 5);
         for _ in 0..50 {
             let rejection = parse_order(&generator.malformed(), &Limits::default()).unwrap_err();
             assert_eq!(rejection.stage(), crate::domain::Stage::Parse);
@@ -325,13 +336,13 @@ mod tests {
     fn the_same_seed_gives_the_same_orders() {
         let a: Vec<Value> = (0..3)
             .map({
-                let mut g = Generator::new(9, 1000);
+                let mut g = Generator::new(9, 5);
                 move |_| g.valid()
             })
             .collect();
         let b: Vec<Value> = (0..3)
             .map({
-                let mut g = Generator::new(9, 1000);
+                let mut g = Generator::new(9, 5);
                 move |_| g.valid()
             })
             .collect();

@@ -62,8 +62,9 @@ pub struct ProduceArgs {
     /// Only write --output; send nothing
     #[arg(long, requires = "output")]
     pub dry_run: bool,
-    /// Most items in a generated order
-    #[arg(long, default_value_t = 5, value_name = "N")]
+    /// Most items in a generated order (1 to 1000, the service's default VALIDATION_MAX_ITEMS)
+    #[arg(long, default_value_t = 5, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub max_items: usize,
 }
 
