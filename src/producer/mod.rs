@@ -28,7 +28,7 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, clap::Args)]
 pub struct ProduceArgs {
     /// Orders per second; 0 sends as fast as the broker takes them
-    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    #[arg(long, default_value_t = 100.0, value_name = "N", value_parser = parse_rate)]
     pub rate: f64,
     /// Stop after this many messages [default: run until Ctrl-C]
     #[arg(long, value_name = "N", conflicts_with = "duration")]
@@ -75,22 +75,25 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A bare number is seconds; anything else as humantime reads it (30s, 5m, 1h 30m).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (number, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{s:?} is not a duration like 30s, 5m or 1h")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
+    match s.parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})")),
+    }
+}
+
+/// Orders per second: 0 (as fast as the broker takes them) or a rate whose
+/// interval a clock can count, from one a day to ten million a second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v == 0.0 || (1.0 / 86_400.0..=1e7).contains(&v) => Ok(v),
+        _ => Err(
+            "must be 0 or a number of orders per second from 0.0000116 (one a day) to 10000000"
+                .into(),
+        ),
+    }
 }
 
 /// One message to send, and what kind it is for the summary.
@@ -335,7 +338,8 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     let mut tally = Tally::default();
     let mut in_flight = FuturesUnordered::new();
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + d);
+    // A duration past what the clock can hold means no deadline.
+    let deadline = args.duration.and_then(|d| started.checked_add(d));
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -505,7 +509,16 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("soon").is_err());
+        assert!(
+            parse_duration("99999999999999999999h").is_err(),
+            "no overflow panic"
+        );
+        assert!(parse_rate("0").is_ok() && parse_rate("1000").is_ok());
+        for bad in ["-1", "1e-300", "1e300", "NaN", "inf"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
         assert!(parse_share("0.25").is_ok());
         assert!(parse_share("1.5").is_err());
     }
