@@ -521,6 +521,17 @@ async fn broker_restarted_mid_stream() {
     drop(broker);
 }
 
+/// Freezes the broker (SIGSTOP) and waits until `/readyz` names it.
+async fn freeze_until_named(broker: &Broker, service: &Service) {
+    broker.signal("STOP");
+    wait_unready(
+        service,
+        "the broker did not answer",
+        ("kafka_broker", "slow"),
+    )
+    .await;
+}
+
 /// A broker that stops answering without going away, as one wedged behind a
 /// long storage call: `/readyz` names it and the service logs it once, ingest
 /// waits, and once the broker answers again everything is reconciled. It is
@@ -533,13 +544,7 @@ async fn broker_frozen_then_thawed() {
     let mut seed = Seed::new("(j)");
     let stream = Stream::start(&env, seed.value);
     pause(seed.random_point(0.5)).await;
-    broker.signal("STOP");
-    wait_unready(
-        &service,
-        "the broker did not answer",
-        ("kafka_broker", "slow"),
-    )
-    .await;
+    freeze_until_named(&broker, &service).await;
     broker.signal("CONT");
     let delivered = stream.finish().await;
     service.wait_ready().await;
@@ -572,13 +577,7 @@ async fn broker_frozen_then_thawed() {
 #[tokio::test]
 async fn sigterm_with_the_broker_frozen_exits_within_the_bound() {
     let (_storage, broker, _env, service) = on_own_broker(&[("SHUTDOWN_TIMEOUT_MS", "3000")]).await;
-    broker.signal("STOP");
-    wait_unready(
-        &service,
-        "the broker did not answer",
-        ("kafka_broker", "slow"),
-    )
-    .await;
+    freeze_until_named(&broker, &service).await;
     let started = Instant::now();
     let status = tokio::task::spawn_blocking(move || service.terminate())
         .await
