@@ -28,7 +28,24 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
             .await
             .with_context(|| format!("granting access to role {service_role}"))?;
     }
+    // Before PostgreSQL 15 `public` belongs to the superuser and the REVOKE
+    // above is only a warning; the promise is checked, not assumed.
+    let can_create: bool =
+        sqlx::query_scalar("SELECT has_schema_privilege($1, 'public', 'CREATE')")
+            .bind(service_role)
+            .fetch_one(&pool)
+            .await
+            .context("checking the service role's privileges")?;
     pool.close().await;
+    if can_create {
+        anyhow::bail!(
+            "the service role {service_role} can create objects in schema public, so it is not \
+             least-privilege (on PostgreSQL before 15 the schema belongs to the superuser and \
+             the owner role cannot revoke it; a superuser service role can always). As a \
+             superuser run: REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}; and use a \
+             service role that is not a superuser"
+        );
+    }
     Ok(())
 }
 

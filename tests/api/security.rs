@@ -63,6 +63,26 @@ async fn the_service_role_has_least_privilege() {
     }
 }
 
+/// A service role that can still create in `public` (as on PostgreSQL before
+/// 15, where the owner role's REVOKE is only a warning) fails `migrate`,
+/// naming the fix, instead of passing with the promise broken.
+#[tokio::test]
+async fn migrate_refuses_a_service_role_that_can_create_in_public() {
+    let env = TestEnv::new().await;
+    env.execute(&format!(
+        "GRANT CREATE ON SCHEMA public TO {}",
+        env.service_role
+    ))
+    .await;
+    let error = env.try_migrate().await.expect_err("migrate must refuse");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("can create objects in schema public")
+            && error.contains("REVOKE CREATE ON SCHEMA public"),
+        "{error}"
+    );
+}
+
 /// Passwords reach neither the logs, nor /metrics, nor an error body.
 #[tokio::test]
 async fn passwords_never_appear_in_output() {
