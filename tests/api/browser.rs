@@ -22,18 +22,26 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
-        let driver = Command::new("chromedriver")
+        // Debian's packages by default; elsewhere (Ubuntu ships only snap
+        // stubs) TEST_CHROMEDRIVER and TEST_CHROMIUM name a matching pair.
+        let chromedriver =
+            std::env::var("TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let chromium =
+            std::env::var("TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("chromedriver is installed (scripts/stack test installs it)");
+            .unwrap_or_else(|e| {
+                panic!("{chromedriver}: {e} (scripts/stack test installs Debian's; TEST_CHROMEDRIVER names another)")
+            });
         let profile = tempfile::tempdir().unwrap();
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
             "goog:chromeOptions".into(),
             serde_json::json!({
-                "binary": "/usr/bin/chromium",
+                "binary": chromium,
                 "args": [
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
