@@ -255,15 +255,23 @@ async fn a_database_outage_pauses_ingest_and_loses_nothing() {
 
     proxy.cut();
     produce_orders(&env, &orders[200..]).await;
+    // The readiness probe of PostgreSQL can see the outage before ingest
+    // tries to commit the new messages and pauses: wait for both.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ready = service.get("/readyz").await;
         if ready.status() == 503 {
             let body: serde_json::Value = ready.json().await.unwrap();
-            assert_eq!(body["checks"]["postgres"], "down");
-            break;
+            if body["checks"]["ingest"] == "paused" {
+                assert_eq!(body["checks"]["postgres"], "down");
+                break;
+            }
         }
-        assert!(Instant::now() < deadline, "never reported not ready");
+        assert!(
+            Instant::now() < deadline,
+            "never reported paused:\n{}",
+            service.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
