@@ -89,6 +89,8 @@ pub struct Ingest {
     retry_at: Option<Instant>,
     /// Since when ingest is paused, and when the paused time was last counted.
     stalled_since: Option<(Instant, Instant)>,
+    /// The causes told in the log during the current pause.
+    stall_causes: HashSet<String>,
     /// When to try again to seek partitions that could not be positioned yet.
     reposition_at: Option<Instant>,
     orphans: Orphans,
@@ -141,6 +143,7 @@ impl Ingest {
             backoff: Duration::ZERO,
             retry_at: None,
             stalled_since: None,
+            stall_causes: HashSet::new(),
             reposition_at: None,
             orphans: Orphans::default(),
             orphans_at: Instant::now() + ORPHAN_CHECK,
@@ -539,16 +542,23 @@ impl Ingest {
             // The retry must not reuse a session opened under the fault.
             self.committer.store.recycle_sessions();
         }
+        let cause = stall.to_string();
         if self.health.stalled().is_none() {
-            tracing::error!(cause = %stall, "ingest paused; retrying until it succeeds");
+            tracing::error!(cause, "ingest paused; retrying until it succeeds");
             self.metrics.consumer_paused.set(1);
             let now = Instant::now();
             self.stalled_since = Some((now, now));
+            self.stall_causes.clear();
             if let Ok(assignment) = self.consumer.assignment() {
                 self.consumer.pause(&assignment).ok();
             }
+        } else if !self.stall_causes.contains(&cause) {
+            // One fault often shows as another on retry (sessions ended, then
+            // a refused password): each new cause is told once per spell.
+            tracing::error!(cause, "ingest still paused; the cause changed");
         }
-        self.health.set_stalled(Some(stall.to_string()));
+        self.stall_causes.insert(cause.clone());
+        self.health.set_stalled(Some(cause));
     }
 
     /// Adds the time paused since it was last counted to the metric.
