@@ -606,7 +606,9 @@ async fn service_frozen_past_the_session_timeout() {
     service.signal("CONT");
     let delivered = stream.finish().await;
     let scenario = format!("(k) service frozen {} s", setting("FAULT_FREEZE_SECS", 25));
-    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+    // No counter check: the group took the partitions away mid-batch, so the
+    // instance consumes some messages twice (once per assignment) by design.
+    reconcile(&env, &scenario, delivered, &service, None).await;
 }
 
 #[tokio::test]
