@@ -67,36 +67,27 @@ pub struct IngestHealth {
 impl IngestHealth {
     /// The cause of the current pause, if ingest is paused.
     pub fn stalled(&self) -> Option<String> {
-        self.stalled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.stalled).clone()
     }
 
     pub(crate) fn set_stalled(&self, cause: Option<String>) {
-        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = cause;
+        *lock(&self.stalled) = cause;
     }
 
     /// Partitions whose messages wait with no live consumer, if this
     /// instance holds no partition and sees any.
     pub fn orphaned(&self) -> Vec<i32> {
-        self.orphaned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.orphaned).clone()
     }
 
     /// How the broker fails to answer in time, if it does.
     pub fn broker_slow(&self) -> Option<String> {
-        self.broker_slow
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.broker_slow).clone()
     }
 
     /// Stores the broker's verdict; true when it changed.
     pub(crate) fn set_broker_slow(&self, problem: Option<String>) -> bool {
-        let mut slow = self.broker_slow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slow = lock(&self.broker_slow);
         let changed = slow.is_some() != problem.is_some();
         *slow = problem;
         changed
@@ -104,9 +95,15 @@ impl IngestHealth {
 
     /// Stores the orphaned partitions; true when they changed.
     pub(crate) fn set_orphaned(&self, partitions: Vec<i32>) -> bool {
-        let mut orphaned = self.orphaned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut orphaned = lock(&self.orphaned);
         let changed = *orphaned != partitions;
         *orphaned = partitions;
         changed
     }
+}
+
+/// The value behind `mutex`; a writer that panicked left a whole value (each
+/// write is one assignment), so a poisoned lock is still read.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
