@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::dead_letter::DeadLetter;
+use super::dead_letter::{DeadLetter, InFlight};
 use crate::domain::{parse_order, Limits, Stage};
 use crate::store::Incoming;
 
@@ -37,6 +37,9 @@ pub struct Batch {
     /// Dead letters already acknowledged by the broker, by (partition, offset),
     /// so a retried batch does not send them again.
     pub acknowledged: HashSet<(i32, i64)>,
+    /// Letters handed to the producer and not answered yet; a retry waits for
+    /// these instead of sending them again.
+    pub in_flight: InFlight,
     /// Per source partition, the dead-letter offset after its last letter here.
     dlq_next: BTreeMap<i32, i64>,
     pub first_at: Option<Instant>,
@@ -116,6 +119,11 @@ impl Batch {
 
     /// A letter for `partition` was acknowledged at `dlq_offset`.
     pub fn dead_lettered_at(&mut self, partition: i32, dlq_offset: i64) {
+        // A broker that recognises a resent letter as one it already holds
+        // acknowledges it without an offset.
+        if dlq_offset < 0 {
+            return;
+        }
         let next = self.dlq_next.entry(partition).or_insert(0);
         *next = (*next).max(dlq_offset + 1);
     }
@@ -158,6 +166,7 @@ impl Batch {
         self.valid.retain(|m| !revoked.contains(&m.partition));
         self.rejected.retain(|m| !revoked.contains(&m.partition));
         self.acknowledged.retain(|(p, _)| !revoked.contains(p));
+        self.in_flight.forget(revoked);
         for p in revoked {
             self.next_offsets.remove(p);
             self.dlq_next.remove(p);

@@ -5,6 +5,9 @@
 //! broker is waited on.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::{timeout_at, Instant};
 
 use super::batch::{Batch, Refusal};
 use super::dead_letter::{DeadLetter, DeadLetters};
@@ -137,56 +140,92 @@ impl Committer {
         Ok(Attempt::Refused(refused))
     }
 
-    /// Sends the batch's letters not yet acknowledged and waits for the broker.
+    /// Sends the batch's letters not yet acknowledged and waits for the broker,
+    /// at most [`ACK_PATIENCE`] per attempt. Letters still unanswered then stay
+    /// in flight: the retry waits for them, it never sends them again.
     async fn send_letters(
         &self,
         batch: &mut Batch,
         partitions: &HashMap<i32, PartitionState>,
     ) -> Result<(), Stall> {
+        let stall = |error: String| Stall::DeadLetters {
+            topic: self.dead_letters.topic().to_owned(),
+            error,
+        };
         let already_sent = |l: &DeadLetter| {
             partitions
                 .get(&l.partition)
                 .is_some_and(|s| s.dead_lettered.contains(&l.offset))
         };
-        let pending: Vec<&DeadLetter> = batch
-            .rejected
-            .iter()
-            .filter(|l| !batch.acknowledged.contains(&(l.partition, l.offset)) && !already_sent(l))
-            .collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let results = self.dead_letters.send_all(&pending).await;
-        let mut acknowledged = Vec::new();
         let mut failure = None;
-        for (letter, result) in pending.iter().zip(results) {
-            match result {
-                Ok(dlq_offset) => {
-                    tracing::info!(
-                        topic = %self.topic,
-                        partition = letter.partition,
-                        offset = letter.offset,
-                        // Producers key orders by order_uid; the key is all that is known of a rejected one.
-                        order_uid = letter.key.as_deref().map(String::from_utf8_lossy).as_deref().unwrap_or(""),
-                        stage = letter.stage,
-                        reasons = %letter.reasons.join("; "),
-                        "message dead-lettered"
-                    );
-                    acknowledged.push((letter.partition, letter.offset, dlq_offset));
-                }
-                Err(e) => failure = Some(e),
+        for letter in &batch.rejected {
+            let done = batch
+                .acknowledged
+                .contains(&(letter.partition, letter.offset))
+                || already_sent(letter)
+                || batch.in_flight.contains(letter);
+            if done {
+                continue;
+            }
+            if let Err(e) = self
+                .dead_letters
+                .enqueue(letter, &mut batch.in_flight)
+                .await
+            {
+                failure = Some(e.to_string());
+                break;
             }
         }
-        for (partition, offset, dlq_offset) in acknowledged {
-            batch.dead_lettered_at(partition, dlq_offset);
-            batch.acknowledged.insert((partition, offset));
+        let deadline = Instant::now() + ACK_PATIENCE;
+        while !batch.in_flight.is_empty() {
+            let Ok(answer) = timeout_at(deadline, batch.in_flight.next()).await else {
+                failure.get_or_insert_with(|| {
+                    format!(
+                        "{} letter(s) not acknowledged within {ACK_PATIENCE:?}; still waiting for them",
+                        batch.in_flight.len()
+                    )
+                });
+                break;
+            };
+            let Some(((partition, offset), result)) = answer else {
+                break;
+            };
+            match result {
+                Ok(dlq_offset) => {
+                    if let Some(letter) = batch
+                        .rejected
+                        .iter()
+                        .find(|l| (l.partition, l.offset) == (partition, offset))
+                    {
+                        log_dead_lettered(&self.topic, letter);
+                    }
+                    batch.dead_lettered_at(partition, dlq_offset);
+                    batch.acknowledged.insert((partition, offset));
+                }
+                // Refused by the broker, so not written: the retry sends it again.
+                Err(e) => failure = Some(e.to_string()),
+            }
         }
         match failure {
             None => Ok(()),
-            Some(error) => Err(Stall::DeadLetters {
-                topic: self.dead_letters.topic().to_owned(),
-                error: error.to_string(),
-            }),
+            Some(error) => Err(stall(error)),
         }
     }
+}
+
+/// How long one commit attempt waits for its letters' acknowledgements before
+/// ingest reports a stall; the letters stay in flight and the wait goes on.
+const ACK_PATIENCE: Duration = Duration::from_secs(15);
+
+fn log_dead_lettered(topic: &str, letter: &DeadLetter) {
+    tracing::info!(
+        topic,
+        partition = letter.partition,
+        offset = letter.offset,
+        // Producers key orders by order_uid; the key is all that is known of a rejected one.
+        order_uid = letter.key.as_deref().map(String::from_utf8_lossy).as_deref().unwrap_or(""),
+        stage = letter.stage,
+        reasons = %letter.reasons.join("; "),
+        "message dead-lettered"
+    );
 }

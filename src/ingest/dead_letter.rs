@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::future::join_all;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -73,7 +75,11 @@ impl DeadLetters {
                 "message.max.bytes",
                 (max_message_bytes + 64 * 1024).max(1_000_000).to_string(),
             )
-            .set("message.timeout.ms", "15000")
+            // A letter never expires in the client. An idempotent producer whose
+            // message times out bumps its epoch (some brokers cannot follow) and
+            // the timed-out copy may still land, so a resend could double it.
+            // The commit waits on the same delivery instead, however long.
+            .set("message.timeout.ms", "0")
             .create()
             .context("KAFKA_BROKERS: cannot create the dead-letter producer")?;
         Ok(Self {
@@ -110,13 +116,6 @@ impl DeadLetters {
         Ok(source_partition % count)
     }
 
-    /// Sends every letter and waits for the broker's acknowledgement of each.
-    /// Returns, per letter, its offset in the dead-letter topic or why it failed.
-    pub async fn send_all(&self, letters: &[&DeadLetter]) -> Vec<Result<i64, SendError>> {
-        let sends = letters.iter().map(|letter| self.send(letter));
-        join_all(sends).await
-    }
-
     /// The dead-letter partition of `source_partition`, once the topic's
     /// partition count is known (after the first send or read-back).
     pub fn partition_of(&self, source_partition: i32) -> Option<i32> {
@@ -145,7 +144,13 @@ impl DeadLetters {
         blocking(move || read_back(&brokers, &topic, &source_topic, &by_partition)).await?
     }
 
-    async fn send(&self, letter: &DeadLetter) -> Result<i64, SendError> {
+    /// Hands `letter` to the producer; its acknowledgement arrives through
+    /// `in_flight`. Fails only if the letter was not handed over.
+    pub async fn enqueue(
+        &self,
+        letter: &DeadLetter,
+        in_flight: &mut InFlight,
+    ) -> Result<(), SendError> {
         let dlq_partition = self.partition_for(letter.partition).await?;
         let partition = letter.partition.to_string();
         let offset = letter.offset.to_string();
@@ -178,11 +183,76 @@ impl DeadLetters {
         if let Some(key) = &letter.key {
             record = record.key(&key[..]);
         }
-        self.producer
-            .send(record, Duration::from_secs(5))
-            .await
-            .map(|delivery| delivery.offset)
-            .map_err(|(e, _)| SendError::Kafka(e))
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| SendError::Kafka(e))?;
+        let key = (letter.partition, letter.offset);
+        in_flight.keys.insert(key);
+        in_flight.deliveries.push(
+            async move {
+                let result = match delivery.await {
+                    Ok(Ok(delivery)) => Ok(delivery.offset),
+                    Ok(Err((e, _))) => Err(SendError::Kafka(e)),
+                    Err(_) => Err(SendError::Dropped),
+                };
+                (key, result)
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+}
+
+/// The answer to one letter: its (source partition, source offset) and its
+/// offset in the dead-letter topic, or why the broker refused it.
+pub type Acknowledgement = ((i32, i64), Result<i64, SendError>);
+
+/// Letters handed to the producer and not yet answered. None is sent again
+/// while it is here: waiting longer is always safe, a second copy is not.
+#[derive(Default)]
+pub struct InFlight {
+    keys: HashSet<(i32, i64)>,
+    deliveries: FuturesUnordered<BoxFuture<'static, Acknowledgement>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("letters", &self.keys.len())
+            .finish()
+    }
+}
+
+impl InFlight {
+    pub fn contains(&self, letter: &DeadLetter) -> bool {
+        self.keys.contains(&(letter.partition, letter.offset))
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Stops expecting the letters of `revoked` partitions; their answers are
+    /// dropped when they come.
+    pub fn forget(&mut self, revoked: &[i32]) {
+        self.keys.retain(|(p, _)| !revoked.contains(p));
+    }
+
+    /// The next answer for a letter still expected; none once all are in.
+    /// Cancel-safe: an answer is either returned or still waiting.
+    pub async fn next(&mut self) -> Option<Acknowledgement> {
+        while !self.keys.is_empty() {
+            let (key, result) = self.deliveries.next().await?;
+            if self.keys.remove(&key) {
+                return Some((key, result));
+            }
+        }
+        None
     }
 }
 
@@ -315,6 +385,8 @@ pub enum SendError {
     NoTopic(String),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error("the producer dropped the letter before an answer")]
+    Dropped,
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }

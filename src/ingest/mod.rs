@@ -304,14 +304,21 @@ impl Ingest {
                 .into_iter()
                 .map(|(partition, target)| {
                     let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
-                    (partition, target, seek)
+                    let earliest = match (&seek, target) {
+                        (Ok(()), Offset::Offset(_)) => consumer
+                            .fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                            .ok()
+                            .map(|(low, _)| low),
+                        _ => None,
+                    };
+                    (partition, target, seek, earliest)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
         let mut pending = false;
-        for (partition, target, seek) in seeks {
+        for (partition, target, seek, earliest) in seeks {
             match (seek, self.partitions.get_mut(&partition)) {
                 (Ok(()), Some(state)) => {
                     tracing::debug!(
@@ -320,6 +327,9 @@ impl Ingest {
                         "positioned at the offset stored in PostgreSQL"
                     );
                     state.positioned = true;
+                    if let (Offset::Offset(next), Some(earliest)) = (target, earliest) {
+                        report_expired(&self.metrics, partition, next, earliest);
+                    }
                 }
                 // Revoked meanwhile: nothing to do.
                 (_, None) => {}
@@ -730,6 +740,26 @@ fn stored_positions(
 }
 
 /// Records that dead-letter partition `d` reaches at least `end`.
+/// The broker deleted records of `partition` (retention) from `next`, where
+/// this group stopped, to `earliest`, before they were consumed: they can
+/// be neither stored nor dead-lettered, so it is said loudly, once per
+/// assignment, and counted.
+fn report_expired(metrics: &Metrics, partition: i32, next: i64, earliest: i64) {
+    if earliest <= next {
+        return;
+    }
+    let count = earliest - next;
+    metrics.messages_expired.inc_by(count.unsigned_abs());
+    tracing::error!(
+        partition,
+        from = next,
+        to = earliest,
+        count,
+        "messages expired on the broker before they were consumed (its retention is shorter \
+         than this group was away); they are gone from the topic and cannot be stored"
+    );
+}
+
 fn raise_end(ends: &mut HashMap<i32, i64>, d: i32, end: i64) {
     let known = ends.entry(d).or_insert(end);
     *known = (*known).max(end);

@@ -319,7 +319,10 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
                 .set("acks", "all")
                 .set("compression.type", "lz4")
                 .set("linger.ms", "5")
-                .set("message.timeout.ms", "30000")
+                // Never expire a message in the client: an idempotent producer
+                // whose message times out bumps its epoch, which some brokers
+                // cannot follow. A slow broker is waited for; Ctrl-C stops.
+                .set("message.timeout.ms", "0")
                 .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
                 .set("queue.buffering.max.messages", "100000")
                 .create()
@@ -411,11 +414,21 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         }
     }
 
-    // Whatever is in flight is delivered (or fails) before the summary.
-    while let Some(result) = in_flight.next().await {
-        settle(&mut tally, result);
+    // Whatever is in flight is delivered (or fails) before the summary; a
+    // Ctrl-C (a second one, if the first ended the run) stops the wait.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut unconfirmed = 0;
+    while !in_flight.is_empty() {
+        tokio::select! {
+            Some(result) = in_flight.next() => settle(&mut tally, result),
+            _ = &mut ctrl_c => {
+                unconfirmed = in_flight.len();
+                break;
+            }
+        }
     }
-    if let Some(producer) = &producer {
+    if let (Some(producer), 0) = (&producer, unconfirmed) {
         producer.flush(Duration::from_secs(30)).ok();
     }
     if let Some(mut out) = output {
@@ -425,11 +438,14 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     tally.print();
+    if unconfirmed > 0 {
+        eprintln!("{unconfirmed} not confirmed by the broker (interrupted while waiting)");
+    }
     eprintln!(
         "in {elapsed:.1} s ({:.0} messages/s)",
         Tally::total(&tally.sent) as f64 / elapsed.max(0.001)
     );
-    Ok(Tally::total(&tally.failed) == 0)
+    Ok(Tally::total(&tally.failed) == 0 && unconfirmed == 0)
 }
 
 type DeliveryResult = Result<

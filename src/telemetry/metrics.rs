@@ -9,6 +9,7 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub messages_consumed: IntCounter,
+    pub messages_expired: IntCounter,
     pub orders_stored: IntCounter,
     pub duplicates: IntCounter,
     pub dead_letters: IntCounterVec,
@@ -53,6 +54,11 @@ impl Metrics {
             messages_consumed: IntCounter::new(
                 "orders_messages_consumed_total",
                 "Messages read from the orders topic.",
+            )
+            .unwrap(),
+            messages_expired: IntCounter::new(
+                "orders_messages_expired_total",
+                "Messages the broker deleted (retention) before this group consumed them.",
             )
             .unwrap(),
             orders_stored: IntCounter::new("orders_stored_total", "Orders written to PostgreSQL.").unwrap(),
@@ -148,6 +154,7 @@ impl Metrics {
             .set(1);
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.messages_consumed.clone()),
+            Box::new(m.messages_expired.clone()),
             Box::new(m.orders_stored.clone()),
             Box::new(m.duplicates.clone()),
             Box::new(m.dead_letters.clone()),
