@@ -145,6 +145,15 @@ pub struct SettingsArgs {
         value_name = "NAME"
     )]
     pub kafka_group_instance_id: Option<String>,
+    /// How long the group waits for a silent member before moving its partitions, in ms [default: 10000]
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_SESSION_TIMEOUT_MS",
+        help_heading = "Kafka",
+        value_name = "MS"
+    )]
+    pub kafka_session_timeout_ms: Option<u64>,
 
     /// Messages per database transaction, at most [default: 2000]
     #[arg(
@@ -334,6 +343,10 @@ impl SettingsArgs {
         set(
             &mut s.kafka.group_instance_id,
             self.kafka_group_instance_id.map(Some),
+        );
+        set(
+            &mut s.kafka.session_timeout_ms,
+            self.kafka_session_timeout_ms,
         );
         set(&mut s.ingest.batch_size, self.ingest_batch_size);
         set(&mut s.ingest.batch_linger_ms, self.ingest_batch_linger_ms);

@@ -64,6 +64,9 @@ pub struct KafkaSettings {
     /// takes its partitions back at once instead of waiting for a rebalance.
     /// Unset: derived from the host name and the HTTP address; empty: none.
     pub group_instance_id: Option<String>,
+    /// How long the group waits for a silent member before it counts it gone
+    /// and moves its partitions.
+    pub session_timeout_ms: u64,
 }
 
 impl KafkaSettings {
@@ -101,6 +104,7 @@ impl Default for KafkaSettings {
             dlq_topic: "orders.dlq".into(),
             group_id: "order-service".into(),
             group_instance_id: None,
+            session_timeout_ms: 10_000,
         }
     }
 }
@@ -245,6 +249,11 @@ impl Settings {
         )?;
         positive("MAX_ITEMS", self.validation.max_items as u64)?;
         positive("MAX_STRING_CHARS", self.validation.max_string_chars as u64)?;
+        // Kafka's brokers accept 6 s to 30 min by default; heartbeats go every 2 s.
+        anyhow::ensure!(
+            (6_000..=1_800_000).contains(&self.kafka.session_timeout_ms),
+            "KAFKA_SESSION_TIMEOUT_MS: must be between 6000 and 1800000"
+        );
         for (name, value) in [
             ("KAFKA_BROKERS", &self.kafka.brokers),
             ("KAFKA_TOPIC", &self.kafka.topic),
@@ -275,6 +284,10 @@ impl Settings {
             Some(role) => Ok(role.clone()),
             None => Ok(self.service_options()?.get_username().to_owned()),
         }
+    }
+
+    pub fn session_timeout(&self) -> Duration {
+        Duration::from_millis(self.kafka.session_timeout_ms)
     }
 
     pub fn batch_linger(&self) -> Duration {

@@ -14,9 +14,6 @@ use crate::telemetry::Metrics;
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
 
-/// How long the group waits for a silent member before it counts it gone.
-pub const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 #[derive(Debug)]
 pub enum Rebalance {
     Assigned(Vec<i32>),
@@ -102,10 +99,7 @@ pub fn subscribe(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
         // A crashed instance's partitions move to the others after this long.
-        .set(
-            "session.timeout.ms",
-            SESSION_TIMEOUT.as_millis().to_string(),
-        )
+        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", "2000")
         .set("statistics.interval.ms", "5000")
         // A message over our limit must still be fetched, to be dead-lettered.

@@ -463,9 +463,9 @@ impl Ingest {
                 return;
             }
         };
-        let orphaned = self
-            .orphans
-            .update(&progress, Instant::now(), consumer::SESSION_TIMEOUT);
+        let orphaned =
+            self.orphans
+                .update(&progress, Instant::now(), self.settings.session_timeout());
         self.report_orphans(orphaned);
     }
 

@@ -8,8 +8,8 @@
 //!
 //! Sizes come from FAULT_ORDERS (messages per scenario, default 1500),
 //! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3),
-//! FAULT_PG_OUTAGE_SECS (default 30), FAULT_ENV_OUTAGE_SECS (default 10) and
-//! FAULT_FREEZE_SECS (default 25).
+//! FAULT_PG_OUTAGE_SECS (default 30), FAULT_ENV_OUTAGE_SECS (default 10),
+//! FAULT_FREEZE_SECS (default 25) and FAULT_BROKER_FREEZE_SECS (default 35).
 //! Each scenario prints its seed (the producer's stream and the moments of
 //! its faults); FAULT_SEED=N replays it.
 
@@ -23,6 +23,10 @@ use futures::StreamExt;
 use order_service::domain::{parse_order, Limits};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 use crate::helpers::{self, Service, TcpProxy, TestEnv};
@@ -445,11 +449,15 @@ impl Broker {
     }
 
     fn start(dir: PathBuf, port: u16) -> Self {
+        Self::start_with_storage(dir, port, "sqlite://tansu.db")
+    }
+
+    fn start_with_storage(dir: PathBuf, port: u16, storage: &str) -> Self {
         let listener = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
             .args(["broker", "--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", storage])
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -521,6 +529,103 @@ async fn broker_restarted_mid_stream() {
     drop(broker);
 }
 
+/// Records the broker deleted for its retention before the group read them
+/// can be neither stored nor dead-lettered. The service must not pass over
+/// them in silence: on the assignment it logs the partition and the offsets
+/// once, counts them, and goes on with what follows. The group stopped at
+/// offset 10; offsets 0 to 29 carry a timestamp older than the topic's
+/// retention and are deleted, offset 30 is recent and stays.
+#[tokio::test]
+async fn records_expired_before_they_were_consumed_are_reported() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start_with_storage(
+        storage.path().to_owned(),
+        port,
+        "sqlite://tansu.db?maintenance_interval=1s",
+    );
+    let brokers = format!("127.0.0.1:{port}");
+    let env = TestEnv::on_broker(brokers.clone(), 1).await;
+    let topic = format!("{}-retained", env.topic);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let retained = NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "600000");
+    for result in admin
+        .create_topics(&[retained], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.expect("topic created");
+    }
+    sqlx::query(
+        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, 0, 10)",
+    )
+    .bind(&env.group)
+    .bind(&topic)
+    .execute(&env.db)
+    .await
+    .unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    for (i, (uid, order)) in helpers::generated_orders(7, 31).iter().enumerate() {
+        let old = i < 30;
+        let record = FutureRecord::to(&topic)
+            .key(uid)
+            .payload(order)
+            .timestamp(if old { now - 3_600_000 } else { now });
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("acknowledged");
+    }
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (low, _) = consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .unwrap();
+        if low == 30 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "retention never ran: low {low}");
+        pause(Duration::from_millis(500)).await;
+    }
+
+    let service = env.spawn_with(&[("KAFKA_TOPIC", topic.as_str())]);
+    service.wait_ready().await;
+    env.wait_for_count("SELECT count(*) FROM orders", 1, Duration::from_secs(30))
+        .await;
+    let metrics = service.get("/metrics").await.text().await.unwrap();
+    assert_eq!(sum_of(&metrics, "orders_messages_expired_total"), 20.0);
+    let logs = service.log_text();
+    let reports: Vec<Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("messages expired"))
+        })
+        .collect();
+    assert_eq!(reports.len(), 1, "{logs}");
+    assert_eq!(
+        (&reports[0]["from"], &reports[0]["to"], &reports[0]["count"]),
+        (&Value::from(10), &Value::from(30), &Value::from(20)),
+        "{logs}"
+    );
+    drop(broker);
+}
+
 /// Freezes the broker (SIGSTOP) and waits until `/readyz` names it.
 async fn freeze_until_named(broker: &Broker, service: &Service) {
     broker.signal("STOP");
@@ -568,6 +673,34 @@ async fn broker_frozen_then_thawed() {
         "{slow} slow, {again} recovered:\n{logs}"
     );
     assert!(slow <= 3, "logged per probe, not per spell:\n{logs}");
+    drop(broker);
+}
+
+/// The broker frozen for 35 s, as a broker host that swaps: longer than a
+/// producer's message would once wait (30 s for the producer, 15 s for
+/// letters), inside a session timeout raised for it (the local broker does
+/// not give a group whose coordinator froze past the session timeout its
+/// partitions back; see the README). Producers must wait, not give up: an
+/// idempotent producer whose message times out renumbers its messages under
+/// a new epoch, which the local broker cannot follow (its storage task
+/// panics and it fails every later request), and a message resent after a
+/// timeout may be stored twice. After the thaw everything is reconciled.
+#[tokio::test]
+async fn broker_frozen_past_the_producers_patience() {
+    let frozen = Duration::from_secs(setting("FAULT_BROKER_FREEZE_SECS", 35));
+    let session = (frozen.as_millis() * 2 + 10_000).to_string();
+    let (_storage, broker, env, service) =
+        on_own_broker(&[("KAFKA_SESSION_TIMEOUT_MS", session.as_str())]).await;
+    let mut seed = Seed::new("(l)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
+    broker.signal("STOP");
+    pause(frozen).await;
+    broker.signal("CONT");
+    let delivered = stream.finish().await;
+    service.wait_ready().await;
+    let scenario = format!("(l) broker frozen {} s", frozen.as_secs());
+    reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
     drop(broker);
 }
 
