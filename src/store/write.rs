@@ -7,7 +7,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
-use super::Store;
+use super::{classify, ErrorClass, Store};
 use crate::domain::Order;
 
 /// A valid order with its canonical JSON and where it came from.
@@ -53,51 +53,62 @@ impl Store {
 impl BatchTx {
     /// Inserts the orders that are new and classifies the rest by comparing
     /// their JSON with what is stored (or with an earlier copy in the batch).
+    ///
+    /// The orders not found stored are written with `COPY`, PostgreSQL's
+    /// fastest path; if one of them was stored by another writer meanwhile (or
+    /// the database refuses a row), that attempt is rolled back to a savepoint
+    /// and the batch takes the conflict-aware `INSERT … ON CONFLICT` path.
     pub async fn insert_orders(
         &mut self,
         topic: &str,
         batch: &[Incoming],
     ) -> Result<InsertOutcome, sqlx::Error> {
+        let uid = |i: usize| batch[i].order.uid().as_str();
         let mut first_by_uid: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-        let firsts: Vec<usize> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, incoming)| {
-                *first_by_uid
-                    .entry(incoming.order.uid().as_str())
-                    .or_insert(*i)
-                    == *i
-            })
-            .map(|(i, _)| i)
+        let firsts: Vec<usize> = (0..batch.len())
+            .filter(|&i| *first_by_uid.entry(uid(i)).or_insert(i) == i)
             .collect();
 
-        let inserted = self.insert_order_rows(topic, batch, &firsts).await?;
+        let mut existing = self
+            .stored_documents(firsts.iter().map(|&i| uid(i)))
+            .await?;
         let new: Vec<usize> = firsts
             .iter()
             .copied()
-            .filter(|i| inserted.contains_key(batch[*i].order.uid().as_str()))
+            .filter(|&i| !existing.contains_key(uid(i)))
             .collect();
-        self.insert_children(batch, &new).await?;
-
-        let existing_uids: Vec<&str> = firsts
-            .iter()
-            .map(|i| batch[*i].order.uid().as_str())
-            .filter(|uid| !inserted.contains_key(*uid))
-            .collect();
-        let existing: HashMap<String, String> = if existing_uids.is_empty() {
-            HashMap::new()
-        } else {
-            sqlx::query_as("SELECT order_uid, document FROM orders WHERE order_uid = ANY($1)")
-                .bind(&existing_uids)
-                .fetch_all(&mut *self.tx)
-                .await?
-                .into_iter()
-                .collect()
+        sqlx::query("SAVEPOINT copy_new")
+            .execute(&mut *self.tx)
+            .await?;
+        let inserted: HashMap<&str, usize> = match self.copy_orders(topic, batch, &new).await {
+            Ok(()) => new.iter().map(|&i| (uid(i), i)).collect(),
+            Err(e) if matches!(classify(&e), ErrorClass::OrderData { .. }) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
+                    .execute(&mut *self.tx)
+                    .await?;
+                let inserted = self.insert_order_rows(topic, batch, &new).await?;
+                let fresh: Vec<usize> = new
+                    .iter()
+                    .copied()
+                    .filter(|&i| inserted.contains_key(uid(i)))
+                    .collect();
+                self.insert_children(batch, &fresh).await?;
+                let raced = new
+                    .iter()
+                    .map(|&i| uid(i))
+                    .filter(|u| !inserted.contains_key(*u));
+                existing.extend(self.stored_documents(raced).await?);
+                new.iter()
+                    .filter(|&&i| inserted.contains_key(uid(i)))
+                    .map(|&i| (uid(i), i))
+                    .collect()
+            }
+            Err(e) => return Err(e),
         };
 
         let mut outcome = InsertOutcome::default();
         for (i, incoming) in batch.iter().enumerate() {
-            let uid = incoming.order.uid().as_str();
+            let uid = uid(i);
             if inserted.get(uid) == Some(&i) {
                 outcome.stored.push(i);
                 continue;
@@ -113,6 +124,45 @@ impl BatchTx {
             }
         }
         Ok(outcome)
+    }
+
+    /// The stored document of each of `uids` that is stored.
+    async fn stored_documents<'a>(
+        &mut self,
+        uids: impl Iterator<Item = &'a str>,
+    ) -> Result<HashMap<String, String>, sqlx::Error> {
+        let uids: Vec<&str> = uids.collect();
+        if uids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT order_uid, document FROM orders WHERE order_uid = ANY($1)")
+                .bind(&uids)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Writes the `rows` of `batch` and their children with one `COPY` per table.
+    async fn copy_orders(
+        &mut self,
+        topic: &str,
+        batch: &[Incoming],
+        rows: &[usize],
+    ) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tables = CopyTables::default();
+        for &i in rows {
+            tables.push(topic, &batch[i]);
+        }
+        for (statement, data) in tables.statements() {
+            let mut copy = self.tx.copy_in_raw(statement).await?;
+            copy.send(data.into_bytes()).await?;
+            copy.finish().await?;
+        }
+        Ok(())
     }
 
     /// Returns the uids inserted, each with its index in `batch`.
@@ -278,6 +328,139 @@ impl BatchTx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         self.tx.commit().await
     }
+}
+
+/// The rows of the four tables in PostgreSQL's CSV format, every text field
+/// quoted (so an empty string stays empty, never NULL).
+#[derive(Default)]
+struct CopyTables {
+    orders: String,
+    deliveries: String,
+    payments: String,
+    items: String,
+}
+
+impl CopyTables {
+    fn push(&mut self, topic: &str, incoming: &Incoming) {
+        let o = incoming.order.document();
+        let uid = o.order_uid.as_str();
+        let created = o.date_created.at().with_timezone(&Utc).to_rfc3339();
+        // Canonical JSON is built by serde_json and is always UTF-8.
+        let document = String::from_utf8_lossy(&incoming.json);
+        let row = &mut self.orders;
+        for text in [
+            uid,
+            &o.track_number,
+            &o.entry,
+            &o.locale,
+            &o.internal_signature,
+            &o.customer_id,
+            &o.delivery_service,
+            &o.shardkey,
+        ] {
+            text_field(row, text);
+        }
+        number_field(row, o.sm_id);
+        for text in [created.as_str(), &o.oof_shard, &document, topic] {
+            text_field(row, text);
+        }
+        number_field(row, incoming.partition.into());
+        number_field(row, incoming.offset);
+        end_row(row);
+
+        let (d, row) = (&o.delivery, &mut self.deliveries);
+        for text in [
+            uid, &d.name, &d.phone, &d.zip, &d.city, &d.address, &d.region, &d.email,
+        ] {
+            text_field(row, text);
+        }
+        end_row(row);
+
+        let (p, row) = (&o.payment, &mut self.payments);
+        for text in [uid, &p.transaction, &p.request_id, &p.currency, &p.provider] {
+            text_field(row, text);
+        }
+        number_field(row, p.amount);
+        number_field(row, p.payment_dt);
+        text_field(row, &p.bank);
+        for number in [p.delivery_cost, p.goods_total, p.custom_fee] {
+            number_field(row, number);
+        }
+        end_row(row);
+
+        let row = &mut self.items;
+        for (position, item) in o.items.iter().enumerate() {
+            text_field(row, uid);
+            number_field(row, position as i64);
+            number_field(row, item.chrt_id);
+            text_field(row, &item.track_number);
+            number_field(row, item.price);
+            text_field(row, &item.rid);
+            text_field(row, &item.name);
+            number_field(row, item.sale);
+            text_field(row, &item.size);
+            number_field(row, item.total_price);
+            number_field(row, item.nm_id);
+            text_field(row, &item.brand);
+            number_field(row, item.status);
+            end_row(row);
+        }
+    }
+
+    /// Parents first: the children's foreign keys are checked row by row.
+    fn statements(self) -> [(&'static str, String); 4] {
+        [
+            (
+                "COPY orders (order_uid, track_number, entry, locale, internal_signature, customer_id,
+                     delivery_service, shardkey, sm_id, date_created, oof_shard, document,
+                     source_topic, source_partition, source_offset) FROM STDIN WITH (FORMAT csv)",
+                self.orders,
+            ),
+            (
+                "COPY deliveries (order_uid, name, phone, zip, city, address, region, email)
+                 FROM STDIN WITH (FORMAT csv)",
+                self.deliveries,
+            ),
+            (
+                "COPY payments (order_uid, transaction, request_id, currency, provider, amount,
+                     payment_dt, bank, delivery_cost, goods_total, custom_fee) FROM STDIN WITH (FORMAT csv)",
+                self.payments,
+            ),
+            (
+                "COPY items (order_uid, position, chrt_id, track_number, price, rid, name, sale, size,
+                     total_price, nm_id, brand, status) FROM STDIN WITH (FORMAT csv)",
+                self.items,
+            ),
+        ]
+    }
+}
+
+fn text_field(row: &mut String, text: &str) {
+    separate(row);
+    row.push('"');
+    for (i, part) in text.split('"').enumerate() {
+        if i > 0 {
+            row.push_str("\"\"");
+        }
+        row.push_str(part);
+    }
+    row.push('"');
+}
+
+fn number_field(row: &mut String, number: i64) {
+    use std::fmt::Write;
+    separate(row);
+    let _ = write!(row, "{number}");
+}
+
+fn separate(row: &mut String) {
+    if !row.is_empty() && !row.ends_with('\n') {
+        row.push(',');
+    }
+}
+
+fn end_row(row: &mut String) {
+    row.push('\n');
 }
 
 #[derive(Default)]

@@ -10,4 +10,5 @@ mod observability;
 mod producer;
 mod security;
 mod skeleton;
+mod store;
 mod validate;
