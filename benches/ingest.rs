@@ -361,8 +361,42 @@ async fn progress(client: &reqwest::Client, addr: &str) -> Progress {
     }
 }
 
+/// Busy and total CPU time of the machine so far, in clock ticks (/proc/stat).
+fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    // idle and iowait
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// CPU time a process used so far, in clock ticks (user + system).
+fn process_cpu(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 after the state.
+    fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)
+}
+
 /// (a) The service, from the first stored order to the last. Also returns the
-/// share of that time spent committing, i.e. waiting for PostgreSQL.
+/// share of that time spent committing, i.e. waiting for PostgreSQL, and
+/// prints how busy the machine and the service were meanwhile.
 async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (f64, f64) {
     let (_, url) = bench.database(database).await;
     let (mut child, addr) = bench.service(topic, &url);
@@ -373,6 +407,7 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
         at = progress(&client, &addr).await;
     }
     let (first, first_stored, first_committing) = (Instant::now(), at.stored, at.committing);
+    let (machine_from, service_from) = (machine_cpu(), process_cpu(child.id()));
     let deadline = first + Duration::from_secs(600);
     while at.stored < n as f64 {
         assert!(Instant::now() < deadline, "ingest did not finish");
@@ -380,6 +415,13 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
         at = progress(&client, &addr).await;
     }
     let elapsed = first.elapsed().as_secs_f64();
+    let (machine_to, service_to) = (machine_cpu(), process_cpu(child.id()));
+    let (busy, total) = (machine_to.0 - machine_from.0, machine_to.1 - machine_from.1);
+    println!(
+        "  while (a) ran: machine CPU {:.0} % busy; the service process used {:.0} % of it",
+        busy as f64 * 100.0 / total.max(1) as f64,
+        (service_to - service_from) as f64 * 100.0 / busy.max(1) as f64
+    );
     let _ = child.kill();
     let _ = child.wait();
     (
