@@ -114,6 +114,9 @@ impl Default for KafkaSettings {
 pub struct IngestSettings {
     /// A batch is written when it holds this many messages...
     pub batch_size: usize,
+    /// ...or this many bytes of messages (so that large orders cannot make a
+    /// batch too large for memory)...
+    pub batch_max_bytes: usize,
     /// ...or when its first message has waited this long.
     pub batch_linger_ms: u64,
     /// Longest wait between retries while PostgreSQL is down.
@@ -126,6 +129,7 @@ impl Default for IngestSettings {
     fn default() -> Self {
         Self {
             batch_size: 2000,
+            batch_max_bytes: 16 * 1024 * 1024,
             batch_linger_ms: 20,
             max_backoff_ms: 5000,
             shutdown_timeout_ms: 10_000,
@@ -238,6 +242,7 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("REDIS_URL: not a Redis URL ({e})"))?;
         }
         positive("INGEST_BATCH_SIZE", self.ingest.batch_size as u64)?;
+        positive("INGEST_BATCH_MAX_BYTES", self.ingest.batch_max_bytes as u64)?;
         positive(
             "DATABASE_MAX_CONNECTIONS",
             u64::from(self.database.max_connections),

@@ -184,197 +184,61 @@ impl Setting {
 }
 
 /// Every setting, in the order `--help` and the README show them.
-pub const SETTINGS: &[Setting] =
-    &[
-        setting!(
-            "DATABASE_URL",
-            database.url,
-            "Database",
-            "URL",
-            "PostgreSQL URL of the service role",
-            secret = true
-        ),
-        setting!(
-            "MIGRATION_DATABASE_URL",
-            database.migration_url,
-            "Database",
-            "URL",
-            "PostgreSQL URL of the owner role, used by `migrate`",
-            secret = true
-        ),
-        setting!(
-            "DATABASE_SERVICE_ROLE",
-            database.service_role,
-            "Database",
-            "ROLE",
-            "Role that `migrate` grants read and write access to",
-            unset = Some("the user in DATABASE_URL")
-        ),
-        setting!(
-            "DATABASE_MAX_CONNECTIONS",
-            database.max_connections,
-            "Database",
-            "N",
-            "Connections in the service's pool"
-        ),
-        setting!(
-            "KAFKA_BROKERS",
-            kafka.brokers,
-            "Kafka",
-            "LIST",
-            "Kafka bootstrap servers, comma-separated host:port"
-        ),
-        setting!(
-            "KAFKA_TOPIC",
-            kafka.topic,
-            "Kafka",
-            "TOPIC",
-            "Topic the orders arrive on"
-        ),
-        setting!(
-            "KAFKA_DLQ_TOPIC",
-            kafka.dlq_topic,
-            "Kafka",
-            "TOPIC",
-            "Topic rejected messages go to, with the reasons in headers"
-        ),
-        setting!(
-            "KAFKA_GROUP_ID",
-            kafka.group_id,
-            "Kafka",
-            "GROUP",
-            "Consumer group; instances in one group share the partitions"
-        ),
-        setting!("KAFKA_GROUP_INSTANCE_ID", kafka.group_instance_id, "Kafka", "NAME",
+#[rustfmt::skip]
+pub const SETTINGS: &[Setting] = &[
+    setting!("DATABASE_URL", database.url, "Database", "URL",
+        "PostgreSQL URL of the service role", secret = true),
+    setting!("MIGRATION_DATABASE_URL", database.migration_url, "Database", "URL",
+        "PostgreSQL URL of the owner role, used by `migrate`", secret = true),
+    setting!("DATABASE_SERVICE_ROLE", database.service_role, "Database", "ROLE",
+        "Role that `migrate` grants read and write access to", unset = Some("the user in DATABASE_URL")),
+    setting!("DATABASE_MAX_CONNECTIONS", database.max_connections, "Database", "N",
+        "Connections in the service's pool"),
+    setting!("KAFKA_BROKERS", kafka.brokers, "Kafka", "LIST",
+        "Kafka bootstrap servers, comma-separated host:port"),
+    setting!("KAFKA_TOPIC", kafka.topic, "Kafka", "TOPIC", "Topic the orders arrive on"),
+    setting!("KAFKA_DLQ_TOPIC", kafka.dlq_topic, "Kafka", "TOPIC",
+        "Topic rejected messages go to, with the reasons in headers"),
+    setting!("KAFKA_GROUP_ID", kafka.group_id, "Kafka", "GROUP",
+        "Consumer group; instances in one group share the partitions"),
+    setting!("KAFKA_GROUP_INSTANCE_ID", kafka.group_instance_id, "Kafka", "NAME",
         "Stable member name of this instance in the group (static membership), e.g. the pod name"),
-        setting!(
-            "KAFKA_SESSION_TIMEOUT_MS",
-            kafka.session_timeout_ms,
-            "Kafka",
-            "MS",
-            "How long the group waits for a silent member before moving its partitions, in ms"
-        ),
-        setting!(
-            "INGEST_BATCH_SIZE",
-            ingest.batch_size,
-            "Ingest",
-            "N",
-            "Messages per database transaction, at most"
-        ),
-        setting!(
-            "INGEST_BATCH_LINGER_MS",
-            ingest.batch_linger_ms,
-            "Ingest",
-            "MS",
-            "Longest wait before a partial batch is written, in ms"
-        ),
-        setting!(
-            "INGEST_MAX_BACKOFF_MS",
-            ingest.max_backoff_ms,
-            "Ingest",
-            "MS",
-            "Longest pause between retries while PostgreSQL is unreachable, in ms"
-        ),
-        setting!(
-            "SHUTDOWN_TIMEOUT_MS",
-            ingest.shutdown_timeout_ms,
-            "Ingest",
-            "MS",
-            "Time allowed on SIGTERM/SIGINT to finish the batch in hand and leave the group, in ms"
-        ),
-        setting!(
-            "MAX_MESSAGE_BYTES",
-            validation.max_message_bytes,
-            "Validation",
-            "BYTES",
-            "Messages larger than this are dead-lettered unread, in bytes"
-        ),
-        setting!(
-            "MAX_ITEMS",
-            validation.max_items,
-            "Validation",
-            "N",
-            "Most items in one order"
-        ),
-        setting!(
-            "MAX_STRING_CHARS",
-            validation.max_string_chars,
-            "Validation",
-            "N",
-            "Longest text field, in characters"
-        ),
-        setting!(
-            "REDIS_URL",
-            redis.url,
-            "Cache",
-            "URL",
-            "Redis URL of the shared cache tier; unset means no Redis tier",
-            secret = true
-        ),
-        setting!(
-            "REDIS_TTL_SECS",
-            redis.ttl_secs,
-            "Cache",
-            "SECS",
-            "How long orders stay in Redis, in seconds"
-        ),
-        setting!(
-            "REDIS_KEY_PREFIX",
-            redis.key_prefix,
-            "Cache",
-            "PREFIX",
-            "Prefix of every Redis key, so deployments can share one Redis"
-        ),
-        setting!(
-            "CACHE_MAX_BYTES",
-            cache.max_bytes,
-            "Cache",
-            "BYTES",
-            "Memory budget of the in-process cache, in bytes"
-        ),
-        setting!(
-            "CACHE_WARMUP_ORDERS",
-            cache.warmup_orders,
-            "Cache",
-            "N",
-            "Most recent orders loaded into the in-process cache at start"
-        ),
-        setting!(
-            "HTTP_ADDR",
-            http.addr,
-            "HTTP",
-            "HOST:PORT",
-            "Address the HTTP server listens on"
-        ),
-        setting!(
-            "HTTP_REQUEST_TIMEOUT_MS",
-            http.request_timeout_ms,
-            "HTTP",
-            "MS",
-            "Time allowed for one request, in ms"
-        ),
-        setting!(
-            "HTTP_HEADER_READ_TIMEOUT_MS",
-            http.header_read_timeout_ms,
-            "HTTP",
-            "MS",
-            "Time a client may take to send its request head, in ms; slower ones are cut off"
-        ),
-        setting!(
-            "HTTP_MAX_CONCURRENCY",
-            http.max_concurrency,
-            "HTTP",
-            "N",
-            "Requests handled at once; more wait"
-        ),
-        setting!(
-            "LOG_FORMAT",
-            log.format,
-            "Logging",
-            "FORMAT",
-            "Log format; the level is set with RUST_LOG (e.g. info, order_service=debug)"
-        ),
-    ];
+    setting!("KAFKA_SESSION_TIMEOUT_MS", kafka.session_timeout_ms, "Kafka", "MS",
+        "How long the group waits for a silent member before moving its partitions, in ms"),
+    setting!("INGEST_BATCH_SIZE", ingest.batch_size, "Ingest", "N",
+        "Messages per database transaction, at most"),
+    setting!("INGEST_BATCH_MAX_BYTES", ingest.batch_max_bytes, "Ingest", "BYTES",
+        "Bytes of messages per database transaction, at most (a batch is written at either limit)"),
+    setting!("INGEST_BATCH_LINGER_MS", ingest.batch_linger_ms, "Ingest", "MS",
+        "Longest wait before a partial batch is written, in ms"),
+    setting!("INGEST_MAX_BACKOFF_MS", ingest.max_backoff_ms, "Ingest", "MS",
+        "Longest pause between retries while PostgreSQL is unreachable, in ms"),
+    setting!("SHUTDOWN_TIMEOUT_MS", ingest.shutdown_timeout_ms, "Ingest", "MS",
+        "Time allowed on SIGTERM/SIGINT to finish the batch in hand and leave the group, in ms"),
+    setting!("MAX_MESSAGE_BYTES", validation.max_message_bytes, "Validation", "BYTES",
+        "Messages larger than this are dead-lettered unread, in bytes"),
+    setting!("MAX_ITEMS", validation.max_items, "Validation", "N", "Most items in one order"),
+    setting!("MAX_STRING_CHARS", validation.max_string_chars, "Validation", "N",
+        "Longest text field, in characters"),
+    setting!("REDIS_URL", redis.url, "Cache", "URL",
+        "Redis URL of the shared cache tier; unset means no Redis tier", secret = true),
+    setting!("REDIS_TTL_SECS", redis.ttl_secs, "Cache", "SECS", "How long orders stay in Redis, in seconds"),
+    setting!("REDIS_KEY_PREFIX", redis.key_prefix, "Cache", "PREFIX",
+        "Prefix of every Redis key, so deployments can share one Redis"),
+    setting!("CACHE_MAX_BYTES", cache.max_bytes, "Cache", "BYTES",
+        "Memory budget of the in-process cache, in bytes"),
+    setting!("CACHE_WARMUP_ORDERS", cache.warmup_orders, "Cache", "N",
+        "Most recent orders loaded into the in-process cache at start"),
+    setting!("HTTP_ADDR", http.addr, "HTTP", "HOST:PORT", "Address the HTTP server listens on"),
+    setting!("HTTP_REQUEST_TIMEOUT_MS", http.request_timeout_ms, "HTTP", "MS",
+        "Time allowed for one request, in ms"),
+    setting!("HTTP_HEADER_READ_TIMEOUT_MS", http.header_read_timeout_ms, "HTTP", "MS",
+        "Time a client may take to send its request head, in ms; slower ones are cut off"),
+    setting!("HTTP_MAX_CONCURRENCY", http.max_concurrency, "HTTP", "N",
+        "Requests handled at once; more wait"),
+    setting!("LOG_FORMAT", log.format, "Logging", "FORMAT",
+        "Log format; the level is set with RUST_LOG (e.g. info, order_service=debug)"),
+];
 
 /// The settings given as flags or in the environment, by [`SETTINGS`] entry.
 /// Nothing given: the file or the default stands.

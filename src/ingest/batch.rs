@@ -46,6 +46,8 @@ pub struct Batch {
     /// The broker's timestamp of each message, in Unix milliseconds, where known.
     pub broker_times: Vec<i64>,
     messages: usize,
+    /// The messages' payload bytes.
+    bytes: usize,
 }
 
 impl Batch {
@@ -96,10 +98,17 @@ impl Batch {
         self.broker_times.extend(broker_time);
         self.first_at.get_or_insert_with(Instant::now);
         self.messages += 1;
+        self.bytes += payload.len();
     }
 
     pub fn len(&self) -> usize {
         self.messages
+    }
+
+    /// Whether the batch should be written now rather than grow: it holds
+    /// `max_messages` messages or `max_bytes` bytes of them.
+    pub fn is_full(&self, max_messages: usize, max_bytes: usize) -> bool {
+        self.messages >= max_messages || self.bytes >= max_bytes
     }
 
     pub fn is_empty(&self) -> bool {

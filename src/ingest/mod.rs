@@ -204,7 +204,8 @@ impl Ingest {
                                 message.timestamp().to_millis(),
                                 &self.settings.validation,
                             );
-                            if self.batch.len() >= self.settings.ingest.batch_size && self.closed.is_none() {
+                            let ingest = &self.settings.ingest;
+                            if self.batch.is_full(ingest.batch_size, ingest.batch_max_bytes) && self.closed.is_none() {
                                 finished &= until(stop, self.flush()).await;
                             }
                         }

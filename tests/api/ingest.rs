@@ -330,6 +330,30 @@ async fn sigterm_commits_and_exits_cleanly() {
     assert_eq!(env.count(COUNT_ORDERS).await, 1);
 }
 
+/// A batch is written once its messages reach INGEST_BATCH_MAX_BYTES, however
+/// few they are and however long its linger: large orders cannot pile up.
+#[tokio::test]
+async fn a_batch_is_written_when_its_bytes_reach_the_bound() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(31, 40);
+    produce_orders(&env, &orders).await;
+    let service = env.spawn_with(&[
+        ("INGEST_BATCH_LINGER_MS", "60000"),
+        ("INGEST_BATCH_SIZE", "100000"),
+        // Every message reaches it: one message per batch.
+        ("INGEST_BATCH_MAX_BYTES", "1"),
+    ]);
+    env.wait_for_count(COUNT_ORDERS, 40, Duration::from_secs(30))
+        .await;
+    // Counted just after its commit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while service.metric("ingest_batch_messages_count").await < 40.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(service.metric("ingest_batch_messages_count").await, 40.0);
+    assert_eq!(service.metric("ingest_batch_messages_sum").await, 40.0);
+}
+
 /// A crash after dead letters were acknowledged but before their batch was
 /// committed: the restarted instance finds them in the dead-letter topic and
 /// does not send them again.
