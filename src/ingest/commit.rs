@@ -177,6 +177,13 @@ impl Committer {
             }
         }
         let deadline = Instant::now() + ACK_PATIENCE;
+        // Built per call: `drop_partitions` removes letters in place between calls.
+        let by_origin: HashMap<(i32, i64), usize> = batch
+            .rejected
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ((l.partition, l.offset), i))
+            .collect();
         while !batch.in_flight.is_empty() {
             let Ok(answer) = timeout_at(deadline, batch.in_flight.next()).await else {
                 failure.get_or_insert_with(|| {
@@ -192,12 +199,8 @@ impl Committer {
             };
             match result {
                 Ok(dlq_offset) => {
-                    if let Some(letter) = batch
-                        .rejected
-                        .iter()
-                        .find(|l| (l.partition, l.offset) == (partition, offset))
-                    {
-                        log_dead_lettered(&self.topic, letter);
+                    if let Some(&i) = by_origin.get(&(partition, offset)) {
+                        log_dead_lettered(&self.topic, &batch.rejected[i]);
                     }
                     batch.dead_lettered_at(partition, dlq_offset);
                     batch.acknowledged.insert((partition, offset));
