@@ -135,6 +135,8 @@ impl Bench {
                 ("LOG_FORMAT", "json"),
                 ("RUST_LOG", "warn,order_service::app=info"),
             ])
+            // Ingest settings to compare against the defaults, e.g. INGEST_BATCH_LINGER_MS.
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("INGEST_")))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
