@@ -34,7 +34,13 @@ pub struct Setting {
 
 impl Setting {
     pub fn flag(&self) -> String {
-        self.env.to_lowercase().replace('_', "-")
+        self.id().replace('_', "-")
+    }
+
+    /// The argument's id in clap: a subcommand's own argument of the same
+    /// name (`produce --max-items`) takes its place there.
+    fn id(&self) -> String {
+        self.env.to_lowercase()
     }
 
     /// The help line, ending with the default taken from [`Settings::default`].
@@ -47,7 +53,7 @@ impl Setting {
     }
 
     fn arg(&self, defaults: &Settings) -> Arg {
-        let arg = Arg::new(self.env)
+        let arg = Arg::new(self.id())
             .long(self.flag())
             .env(self.env)
             .global(true)
@@ -263,7 +269,7 @@ impl FromArgMatches for SettingsArgs {
         let given = SETTINGS
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| Some((i, matches.get_one::<String>(s.env)?.clone())))
+            .filter_map(|(i, s)| Some((i, matches.try_get_one::<String>(&s.id()).ok()??.clone())))
             .collect();
         Ok(Self { given })
     }
@@ -295,6 +301,13 @@ mod tests {
 
     fn shown(settings: &Settings) -> Vec<Option<String>> {
         SETTINGS.iter().map(|s| (s.default)(settings)).collect()
+    }
+
+    /// Clap's own checks of every subcommand (unique ids and flags, among others).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 
     #[test]
