@@ -130,7 +130,7 @@ impl Default for IngestSettings {
         Self {
             batch_size: 2000,
             batch_max_bytes: 16 * 1024 * 1024,
-            batch_linger_ms: 20,
+            batch_linger_ms: 5,
             max_backoff_ms: 5000,
             shutdown_timeout_ms: 10_000,
         }
