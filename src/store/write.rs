@@ -77,33 +77,10 @@ impl BatchTx {
             .copied()
             .filter(|&i| !existing.contains_key(uid(i)))
             .collect();
-        sqlx::query("SAVEPOINT copy_new")
-            .execute(&mut *self.tx)
-            .await?;
-        let inserted: HashMap<&str, usize> = match self.copy_orders(topic, batch, &new).await {
-            Ok(()) => new.iter().map(|&i| (uid(i), i)).collect(),
-            Err(e) if matches!(classify(&e), ErrorClass::OrderData { .. }) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
-                    .execute(&mut *self.tx)
-                    .await?;
-                let inserted = self.insert_order_rows(topic, batch, &new).await?;
-                let fresh: Vec<usize> = new
-                    .iter()
-                    .copied()
-                    .filter(|&i| inserted.contains_key(uid(i)))
-                    .collect();
-                self.insert_children(batch, &fresh).await?;
-                let raced = new
-                    .iter()
-                    .map(|&i| uid(i))
-                    .filter(|u| !inserted.contains_key(*u));
-                existing.extend(self.stored_documents(raced).await?);
-                new.iter()
-                    .filter(|&&i| inserted.contains_key(uid(i)))
-                    .map(|&i| (uid(i), i))
-                    .collect()
-            }
-            Err(e) => return Err(e),
+        let inserted = if new.is_empty() {
+            HashMap::new()
+        } else {
+            self.insert_new(topic, batch, &new, &mut existing).await?
         };
 
         let mut outcome = InsertOutcome::default();
@@ -124,6 +101,38 @@ impl BatchTx {
             }
         }
         Ok(outcome)
+    }
+
+    /// Writes the `new` orders of `batch` with `COPY`, or, when that is refused
+    /// (another writer stored one of them meanwhile, or the database refuses a
+    /// row), rolls it back and writes them with `INSERT … ON CONFLICT`; the ones
+    /// found stored then join `existing`. Returns the uids inserted, each with
+    /// its index in `batch`.
+    async fn insert_new<'b>(
+        &mut self,
+        topic: &str,
+        batch: &'b [Incoming],
+        new: &[usize],
+        existing: &mut HashMap<String, String>,
+    ) -> Result<HashMap<&'b str, usize>, sqlx::Error> {
+        let uid = |i: usize| batch[i].order.uid().as_str();
+        sqlx::query("SAVEPOINT copy_new")
+            .execute(&mut *self.tx)
+            .await?;
+        match self.copy_orders(topic, batch, new).await {
+            Ok(()) => return Ok(new.iter().map(|&i| (uid(i), i)).collect()),
+            Err(e) if matches!(classify(&e), ErrorClass::OrderData { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
+            .execute(&mut *self.tx)
+            .await?;
+        let inserted = self.insert_order_rows(topic, batch, new).await?;
+        let (fresh, raced): (Vec<usize>, Vec<usize>) =
+            new.iter().partition(|&&i| inserted.contains_key(uid(i)));
+        self.insert_children(batch, &fresh).await?;
+        existing.extend(self.stored_documents(raced.iter().map(|&i| uid(i))).await?);
+        Ok(fresh.iter().map(|&i| (uid(i), i)).collect())
     }
 
     /// The stored document of each of `uids` that is stored.
@@ -150,9 +159,6 @@ impl BatchTx {
         batch: &[Incoming],
         rows: &[usize],
     ) -> Result<(), sqlx::Error> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let mut tables = CopyTables::default();
         for &i in rows {
             tables.push(topic, &batch[i]);
