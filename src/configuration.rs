@@ -123,6 +123,9 @@ pub struct IngestSettings {
     pub max_backoff_ms: u64,
     /// How long SIGTERM may take to finish the batch in hand and leave the group.
     pub shutdown_timeout_ms: u64,
+    /// How many of a dead letter's first bytes its record in PostgreSQL keeps
+    /// (the whole original stays on the dead-letter topic).
+    pub dead_letter_preview_bytes: usize,
 }
 
 impl Default for IngestSettings {
@@ -133,6 +136,7 @@ impl Default for IngestSettings {
             batch_linger_ms: 5,
             max_backoff_ms: 5000,
             shutdown_timeout_ms: 10_000,
+            dead_letter_preview_bytes: 64 * 1024,
         }
     }
 }

@@ -42,6 +42,7 @@ impl Feed {
             "order_uid": o.order_uid,
             "date_created": o.date_created,
             "customer_id": o.customer_id,
+            "track_number": o.track_number,
             "amount": o.payment.amount,
             "currency": o.payment.currency,
             "item_count": o.items.len(),

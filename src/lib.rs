@@ -5,6 +5,7 @@ pub mod app;
 pub mod cache;
 pub mod cli;
 pub mod configuration;
+pub mod dead_letters;
 pub mod documents;
 pub mod domain;
 pub mod events;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use order_service::cli::{Cli, Command};
-use order_service::{app, producer, store, telemetry, validate};
+use order_service::{app, dead_letters, producer, store, telemetry, validate};
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
                 Ok(true)
             }
             Command::Produce(args) => producer::run(*args, &settings.kafka).await,
+            Command::DeadLetters(command) => dead_letters::run(command, &settings).await,
             Command::Validate(_) => unreachable!("handled before the runtime starts"),
         }
     });

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub use self::settings::{Setting, SettingsArgs, SETTINGS};
 use crate::configuration::Settings;
+use crate::dead_letters::DeadLettersCommand;
 use crate::documents::Format;
 use crate::producer::ProduceArgs;
 
@@ -44,6 +45,9 @@ pub enum Command {
     Produce(Box<ProduceArgs>),
     /// Check orders from a JSON array or NDJSON file (or stdin) and print why each is invalid.
     Validate(ValidateArgs),
+    /// List rejected messages recorded in PostgreSQL, or replay them to the orders topic.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
 }
 
 #[derive(Debug, Args)]

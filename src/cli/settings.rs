@@ -221,6 +221,8 @@ pub const SETTINGS: &[Setting] = &[
         "Longest pause between retries while PostgreSQL is unreachable, in ms"),
     setting!("SHUTDOWN_TIMEOUT_MS", ingest.shutdown_timeout_ms, "Ingest", "MS",
         "Time allowed on SIGTERM/SIGINT to finish the batch in hand and leave the group, in ms"),
+    setting!("DEAD_LETTER_PREVIEW_BYTES", ingest.dead_letter_preview_bytes, "Ingest", "BYTES",
+        "First bytes of each rejected message kept in PostgreSQL with its reasons (0: none)"),
     setting!("MAX_MESSAGE_BYTES", validation.max_message_bytes, "Validation", "BYTES",
         "Messages larger than this are dead-lettered unread, in bytes"),
     setting!("MAX_ITEMS", validation.max_items, "Validation", "N", "Most items in one order"),

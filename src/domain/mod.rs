@@ -1,6 +1,7 @@
 //! The order and the decision whether a message is one.
 
 mod fast_path;
+mod fields;
 mod order;
 mod order_uid;
 mod parse;
@@ -8,9 +9,9 @@ mod rejection;
 pub mod rules;
 
 pub use order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
-pub use order_uid::{OrderUid, MAX_ORDER_UID_LEN};
+pub use order_uid::{claimed_uid, OrderUid, MAX_ORDER_UID_LEN};
 pub use parse::{parse_order, Limits};
-pub use rejection::{Problem, Rejection, Stage};
+pub use rejection::{Problem, Rejection, Stage, LETTER_STAGES};
 
 /// The published sample order, valid under every rule.
 pub const SAMPLE_ORDER: &str = include_str!("sample_order.json");

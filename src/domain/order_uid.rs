@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,39 @@ impl OrderUid {
     }
 }
 
+/// Most characters kept of an id claimed by a rejected message.
+pub const MAX_CLAIMED_UID_CHARS: usize = 128;
+
+/// The `order_uid` a message claims, read even from an invalid or truncated
+/// order (only a string counts), so its dead letter can be found by it.
+pub fn claimed_uid(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Claim<'a> {
+        #[serde(borrow)]
+        order_uid: Option<Cow<'a, str>>,
+    }
+    let uid = match serde_json::from_slice::<Claim>(payload) {
+        Ok(claim) => claim.order_uid.map(Cow::into_owned),
+        Err(_) => scan_for_uid(payload),
+    }?;
+    (!uid.is_empty()).then(|| uid.chars().take(MAX_CLAIMED_UID_CHARS).collect())
+}
+
+/// The first `"order_uid": "…"` in text that is not a whole JSON document
+/// (cut short, a stray comma); an id with escapes is not guessed at.
+fn scan_for_uid(payload: &[u8]) -> Option<String> {
+    const FIELD: &[u8] = b"\"order_uid\"";
+    let at = payload.windows(FIELD.len()).position(|w| w == FIELD)?;
+    let rest = payload[at + FIELD.len()..].trim_ascii_start();
+    let rest = rest.strip_prefix(b":")?.trim_ascii_start();
+    let rest = rest.strip_prefix(b"\"")?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    String::from_utf8(rest[..end].to_vec()).ok()
+}
+
 impl AsRef<str> for OrderUid {
     fn as_ref(&self) -> &str {
         &self.0
@@ -70,6 +104,39 @@ mod tests {
         assert!(OrderUid::parse("a").is_ok());
         assert!(OrderUid::parse(&"x".repeat(64)).is_ok());
         assert!(OrderUid::parse("A_b-9").is_ok());
+    }
+
+    #[test]
+    fn an_id_is_read_from_messages_that_are_not_valid_orders() {
+        for (payload, claimed) in [
+            (
+                &br#"{"order_uid":"bad id!","track_number":7}"#[..],
+                Some("bad id!"),
+            ),
+            (
+                br#"{"entry":"WBIL", "order_uid" : "cut-short", "items": [{"#,
+                Some("cut-short"),
+            ),
+            (br#"{"order_uid":"a\"b"}"#, Some("a\"b")),
+            (br#"{"order_uid":"a\"b", "#, None),
+            (br#"{"order_uid":42}"#, None),
+            (br#"{"order_uid":""}"#, None),
+            (b"not json", None),
+            (b"[1,2]", None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                claimed_uid(payload).as_deref(),
+                claimed,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+        let long = format!(r#"{{"order_uid":"{}"}}"#, "x".repeat(500));
+        assert_eq!(
+            claimed_uid(long.as_bytes()).map(|u| u.len()),
+            Some(MAX_CLAIMED_UID_CHARS)
+        );
     }
 
     #[test]

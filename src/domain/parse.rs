@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
+use super::fields::{Field, Kind, DELIVERY, ITEM, ORDER, PAYMENT};
+use super::order::{Item, Order, OrderDocument, Payment, Timestamp};
 use super::rejection::{Problem, Rejection, Stage};
 use super::rules::{self, RuleResult};
 use super::{fast_path, OrderUid};
@@ -86,103 +87,74 @@ pub(super) fn read_tree(text: &str, limits: &Limits) -> Result<Order, Rejection>
 
 // Every field is read before any `?`, so one bad field never hides another.
 fn read_order(mut o: Object, p: &mut Problems, l: &Limits) -> Option<OrderDocument> {
-    let order_uid = o.text(p, l, "order_uid").and_then(|v| {
-        OrderUid::parse(&v)
-            .map_err(|reason| p.add(o.path_of("order_uid"), reason))
-            .ok()
-    });
-    let track_number = o.text_with(p, l, "track_number", rules::non_empty);
-    let entry = o.text_with(p, l, "entry", rules::non_empty);
-    let delivery = o.object(p, "delivery").and_then(|d| read_delivery(d, p, l));
-    let payment = o.object(p, "payment").and_then(|d| read_payment(d, p, l));
-    let items = read_items(&mut o, p, l, track_number.as_deref());
-    let locale = o.text_with(p, l, "locale", rules::locale);
-    let internal_signature = o.text(p, l, "internal_signature");
-    let customer_id = o.text_with(p, l, "customer_id", rules::non_empty);
-    let delivery_service = o.text_with(p, l, "delivery_service", rules::non_empty);
-    let shardkey = o.text_with(p, l, "shardkey", rules::digits);
-    let sm_id = o.integer_with(p, "sm_id", rules::positive);
-    let date_created = o.text(p, l, "date_created").and_then(|v| {
-        Timestamp::parse(&v).or_else(|| {
-            p.add(
-                o.path_of("date_created"),
-                format!(
-                    "{} is not an RFC 3339 date-time such as 2021-11-26T06:22:19Z",
-                    rules::shown(&v)
-                ),
-            );
-            None
-        })
-    });
-    let oof_shard = o.text_with(p, l, "oof_shard", rules::digits);
+    let mut valid = Map::new();
+    let mut all_ok = true;
+    let (mut delivery, mut payment, mut items) = (None, None, None);
+    for field in &ORDER {
+        all_ok &= match (&field.kind, field.name) {
+            (Kind::Own, "order_uid") => {
+                o.text(p, l, "order_uid")
+                    .is_some_and(|v| match OrderUid::parse(&v) {
+                        Ok(_) => {
+                            valid.insert("order_uid".into(), Value::String(v));
+                            true
+                        }
+                        Err(reason) => {
+                            p.add(o.path_of("order_uid"), reason);
+                            false
+                        }
+                    })
+            }
+            (Kind::Own, "delivery") => {
+                delivery = o
+                    .object(p, "delivery")
+                    .and_then(|d| d.read(p, l, &DELIVERY));
+                delivery.is_some()
+            }
+            (Kind::Own, "payment") => {
+                payment = o.object(p, "payment").and_then(|d| d.read(p, l, &PAYMENT));
+                payment.is_some()
+            }
+            (Kind::Own, "items") => {
+                let track = valid.get("track_number").and_then(Value::as_str);
+                items = read_items(&mut o, p, l, track);
+                items.is_some()
+            }
+            (Kind::Own, "date_created") => o.text(p, l, "date_created").is_some_and(|v| {
+                if Timestamp::parse(&v).is_some() {
+                    valid.insert("date_created".into(), Value::String(v));
+                    true
+                } else {
+                    p.add(
+                        o.path_of("date_created"),
+                        format!(
+                            "{} is not an RFC 3339 date-time such as 2021-11-26T06:22:19Z",
+                            rules::shown(&v)
+                        ),
+                    );
+                    false
+                }
+            }),
+            _ => o.field(p, l, field, &mut valid),
+        };
+    }
     o.finish(p);
 
     if let (Some(payment), Some(items)) = (&payment, &items) {
         check_money_adds_up(payment, items, p);
     }
-
-    Some(OrderDocument {
-        order_uid: order_uid?,
-        track_number: track_number?,
-        entry: entry?,
-        delivery: delivery?,
-        payment: payment?,
-        items: items?,
-        locale: locale?,
-        internal_signature: internal_signature?,
-        customer_id: customer_id?,
-        delivery_service: delivery_service?,
-        shardkey: shardkey?,
-        sm_id: sm_id?,
-        date_created: date_created?,
-        oof_shard: oof_shard?,
-    })
-}
-
-fn read_delivery(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Delivery> {
-    let name = o.text_with(p, l, "name", rules::non_empty);
-    let phone = o.text_with(p, l, "phone", rules::e164);
-    let zip = o.text_with(p, l, "zip", rules::digits);
-    let city = o.text_with(p, l, "city", rules::non_empty);
-    let address = o.text_with(p, l, "address", rules::non_empty);
-    let region = o.text(p, l, "region");
-    let email = o.text_with(p, l, "email", rules::email);
-    o.finish(p);
-    Some(Delivery {
-        name: name?,
-        phone: phone?,
-        zip: zip?,
-        city: city?,
-        address: address?,
-        region: region?,
-        email: email?,
-    })
-}
-
-fn read_payment(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Payment> {
-    let transaction = o.text_with(p, l, "transaction", rules::non_empty);
-    let request_id = o.text(p, l, "request_id");
-    let currency = o.text_with(p, l, "currency", rules::currency);
-    let provider = o.text_with(p, l, "provider", rules::non_empty);
-    let amount = o.integer_with(p, "amount", rules::non_negative);
-    let payment_dt = o.integer_with(p, "payment_dt", rules::unix_time);
-    let bank = o.text(p, l, "bank");
-    let delivery_cost = o.integer_with(p, "delivery_cost", rules::non_negative);
-    let goods_total = o.integer_with(p, "goods_total", rules::non_negative);
-    let custom_fee = o.integer_with(p, "custom_fee", rules::non_negative);
-    o.finish(p);
-    Some(Payment {
-        transaction: transaction?,
-        request_id: request_id?,
-        currency: currency?,
-        provider: provider?,
-        amount: amount?,
-        payment_dt: payment_dt?,
-        bank: bank?,
-        delivery_cost: delivery_cost?,
-        goods_total: goods_total?,
-        custom_fee: custom_fee?,
-    })
+    if !all_ok {
+        return None;
+    }
+    // The nested parts were read typed already; the document takes them back.
+    for (name, part) in [
+        ("delivery", serde_json::to_value(delivery?)),
+        ("payment", serde_json::to_value(payment?)),
+        ("items", serde_json::to_value(items?)),
+    ] {
+        valid.insert(name.into(), part.ok()?);
+    }
+    typed(valid)
 }
 
 fn read_items(
@@ -229,36 +201,22 @@ fn read_items(
 }
 
 fn read_item(mut o: Object, p: &mut Problems, l: &Limits) -> Option<Item> {
-    let chrt_id = o.integer_with(p, "chrt_id", rules::positive);
-    let track_number = o.text_with(p, l, "track_number", rules::non_empty);
-    let price = o.integer_with(p, "price", rules::non_negative);
-    let rid = o.text_with(p, l, "rid", rules::non_empty);
-    let name = o.text_with(p, l, "name", rules::non_empty);
-    let sale = o.integer_with(p, "sale", rules::percent);
-    let size = o.text(p, l, "size");
-    let total_price = o.integer_with(p, "total_price", rules::non_negative);
-    let nm_id = o.integer_with(p, "nm_id", rules::positive);
-    let brand = o.text(p, l, "brand");
-    let status = o.integer_with(p, "status", rules::item_status);
-    if let (Some(price), Some(sale), Some(total)) = (price, sale, total_price) {
+    let (valid, all_ok) = o.fields(p, l, &ITEM);
+    let integer = |name: &str| valid.get(name).and_then(Value::as_i64);
+    if let (Some(price), Some(sale), Some(total)) =
+        (integer("price"), integer("sale"), integer("total_price"))
+    {
         if let Err(reason) = rules::item_total(price, sale, total) {
             p.add(o.path_of("total_price"), reason);
         }
     }
     o.finish(p);
-    Some(Item {
-        chrt_id: chrt_id?,
-        track_number: track_number?,
-        price: price?,
-        rid: rid?,
-        name: name?,
-        sale: sale?,
-        size: size?,
-        total_price: total_price?,
-        nm_id: nm_id?,
-        brand: brand?,
-        status: status?,
-    })
+    all_ok.then(|| typed(valid)).flatten()
+}
+
+/// The typed value of fields that all passed their checks.
+fn typed<T: serde::de::DeserializeOwned>(valid: Map<String, Value>) -> Option<T> {
+    serde_json::from_value(Value::Object(valid)).ok()
 }
 
 /// `goods_total` is what the items cost, and `amount` is what was charged:
@@ -372,6 +330,56 @@ impl Object {
         }
     }
 
+    /// Reads an object with no fields of its own kind: every field checked,
+    /// then the typed value if all hold.
+    fn read<T: serde::de::DeserializeOwned>(
+        mut self,
+        p: &mut Problems,
+        l: &Limits,
+        fields: &[Field<T>],
+    ) -> Option<T> {
+        let (valid, all_ok) = self.fields(p, l, fields);
+        self.finish(p);
+        all_ok.then(|| typed(valid)).flatten()
+    }
+
+    /// Takes and checks each of `fields`; the values that hold, and whether all did.
+    fn fields<T>(
+        &mut self,
+        p: &mut Problems,
+        l: &Limits,
+        fields: &[Field<T>],
+    ) -> (Map<String, Value>, bool) {
+        let mut valid = Map::new();
+        let mut all_ok = true;
+        for field in fields {
+            all_ok &= self.field(p, l, field, &mut valid);
+        }
+        (valid, all_ok)
+    }
+
+    /// Takes `field` out of the object and checks its type and rule; a value
+    /// that holds goes into `valid`.
+    fn field<T>(
+        &mut self,
+        p: &mut Problems,
+        l: &Limits,
+        field: &Field<T>,
+        valid: &mut Map<String, Value>,
+    ) -> bool {
+        let value = match field.kind {
+            Kind::Text(_, rule) => self
+                .text(p, l, field.name)
+                .filter(|text| rule.is_none_or(|rule| self.check(p, field.name, rule(text))))
+                .map(Value::String),
+            Kind::Integer(_, rule) => self.integer_with(p, field.name, rule).map(Value::from),
+            Kind::Own => unreachable!("{} has a reader of its own", field.name),
+        };
+        let Some(value) = value else { return false };
+        valid.insert(field.name.to_owned(), value);
+        true
+    }
+
     /// A string within the length limit and free of control characters.
     fn text(&mut self, p: &mut Problems, l: &Limits, name: &str) -> Option<String> {
         let text = match self.take(p, name)? {
@@ -389,17 +397,6 @@ impl Object {
             return None;
         }
         Some(text)
-    }
-
-    fn text_with(
-        &mut self,
-        p: &mut Problems,
-        l: &Limits,
-        name: &str,
-        rule: fn(&str) -> RuleResult,
-    ) -> Option<String> {
-        let text = self.text(p, l, name)?;
-        self.check(p, name, rule(&text)).then_some(text)
     }
 
     /// A JSON integer that fits in i64. Larger or fractional numbers are

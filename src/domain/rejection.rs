@@ -22,6 +22,10 @@ impl Stage {
     }
 }
 
+/// Every stage a dead letter can name: the decision's three, then `conflict`
+/// (the id is stored with other content) and `store` (PostgreSQL refused it).
+pub const LETTER_STAGES: [&str; 5] = ["too_large", "parse", "validate", "conflict", "store"];
+
 /// One broken rule: the JSON path of the field (empty for the whole message) and
 /// a short reason a person understands.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,13 @@ pub enum ApiError {
         order_uid: Option<String>,
     },
     #[error("order not found")]
-    NotFound { order_uid: String },
+    NotFound {
+        order_uid: String,
+        /// Letters of messages that claimed this id, as the API shows them.
+        dead_letters: Vec<serde_json::Value>,
+    },
+    #[error("no dead letter at that position")]
+    NoDeadLetter,
     #[error("storage unavailable")]
     Unavailable(#[source] sqlx::Error),
 }
@@ -28,9 +34,19 @@ impl IntoResponse for ApiError {
                 }
                 (StatusCode::BAD_REQUEST, body)
             }
-            ApiError::NotFound { order_uid } => (
+            ApiError::NotFound {
+                order_uid,
+                dead_letters,
+            } => {
+                let mut body = json!({ "error": "order not found", "order_uid": order_uid });
+                if !dead_letters.is_empty() {
+                    body["dead_letters"] = json!(dead_letters);
+                }
+                (StatusCode::NOT_FOUND, body)
+            }
+            ApiError::NoDeadLetter => (
                 StatusCode::NOT_FOUND,
-                json!({ "error": "order not found", "order_uid": order_uid }),
+                json!({ "error": "no dead letter at that position" }),
             ),
             ApiError::Unavailable(e) => {
                 let cause = format!("{:#}", anyhow::Error::new(e));

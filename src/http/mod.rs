@@ -1,9 +1,11 @@
 //! The HTTP API and web page.
 
+mod dead_letters;
 mod error;
 mod feed;
 mod health;
 mod orders;
+mod paging;
 mod server;
 mod ui;
 
@@ -53,6 +55,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     ];
     let mut router = Router::new()
         .merge(orders::router())
+        .merge(dead_letters::router())
         .merge(health::router())
         .merge(feed::router())
         .merge(ui::router())

@@ -8,12 +8,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::dead_letters::letters_of_order;
 use super::error::ApiError;
+use super::paging::Page;
 use super::AppState;
 use crate::domain::OrderUid;
-
-const MAX_PAGE: i64 = 100;
-const DEFAULT_PAGE: i64 = 20;
+use crate::store::OrderFilter;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -41,14 +41,13 @@ async fn order(
         reason: format!("invalid order_uid: {reason} (expected {})", OrderUid::RULE),
         order_uid: Some(raw.chars().take(80).collect()),
     })?;
-    let order = state
-        .cache
-        .get(&uid)
-        .await
-        .map_err(ApiError::Unavailable)?
-        .ok_or_else(|| ApiError::NotFound {
+    let order = state.cache.get(&uid).await.map_err(ApiError::Unavailable)?;
+    let Some(order) = order else {
+        return Err(ApiError::NotFound {
+            dead_letters: letters_of_order(&state.store, &uid).await,
             order_uid: uid.to_string(),
-        })?;
+        });
+    };
     let cache_control = HeaderValue::from_static("public, max-age=86400, immutable");
     let etag = &order.etag()[..];
     let matches = headers
@@ -85,43 +84,25 @@ async fn order(
         .into_response())
 }
 
-/// The most recently ingested orders as summaries, newest first. `before` is
-/// the `next_cursor` of the previous page.
+/// The most recently ingested orders as summaries, newest first, narrowed by
+/// exact `track_number`, `customer_id` or payment `transaction` when given.
+/// `before` is the `next_cursor` of the previous page.
 async fn recent(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let bad = |reason: String| ApiError::BadRequest {
-        reason,
-        order_uid: None,
-    };
-    if let Some(unknown) = params.keys().find(|k| *k != "limit" && *k != "before") {
-        return Err(bad(format!(
-            "unknown parameter {unknown:?}; use limit and before"
-        )));
-    }
-    let limit = match params.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| bad(format!("limit must be a whole number from 1 to {MAX_PAGE}")))?,
-    };
-    let before = match params.get("before") {
-        None => None,
-        Some(v) => Some(v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            bad("before must be a next_cursor value from an earlier page".into())
-        })?),
+    let page = Page::from_params(&params, &["track_number", "customer_id", "transaction"])?;
+    let filter = OrderFilter {
+        track_number: params.get("track_number").cloned(),
+        customer_id: params.get("customer_id").cloned(),
+        transaction: params.get("transaction").cloned(),
     };
     let orders = state
         .store
-        .recent_orders(limit, before)
+        .recent_orders(&filter, page.limit, page.before)
         .await
         .map_err(ApiError::Unavailable)?;
-    let next_cursor = (orders.len() as i64 == limit)
-        .then(|| orders.last().map(|o| o.ingest_seq.to_string()))
-        .flatten();
+    let next_cursor = page.next_cursor(orders.len(), orders.last().map(|o| o.ingest_seq));
     Ok(Json(
         json!({ "orders": orders, "next_cursor": next_cursor }),
     ))

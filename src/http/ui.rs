@@ -16,6 +16,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(index))
         .route("/orders/{order_uid}", get(index))
+        .route("/rejected", get(index))
         .route("/assets/app.js", get(script))
         .route("/assets/app.css", get(style))
 }

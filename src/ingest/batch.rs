@@ -7,13 +7,27 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::dead_letter::{DeadLetter, InFlight};
-use crate::domain::{parse_order, Limits, Stage};
+use crate::domain::{claimed_uid, parse_order, Limits, OrderUid, Stage};
 use crate::store::Incoming;
+
+/// A message as the consumer hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Received<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub partition: i32,
+    pub offset: i64,
+    /// The broker's timestamp, in Unix milliseconds, where known.
+    pub broker_time: Option<i64>,
+    /// The letter it was replayed from, if it is a replay.
+    pub replay_of: Option<&'a str>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Source {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    pub replay_of: Option<String>,
 }
 
 /// A valid order turned away later, by its index in [`Batch::valid`].
@@ -52,15 +66,15 @@ pub struct Batch {
 
 impl Batch {
     /// Decides one message and adds it.
-    pub fn push(
-        &mut self,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        partition: i32,
-        offset: i64,
-        broker_time: Option<i64>,
-        limits: &Limits,
-    ) {
+    pub fn push(&mut self, message: Received<'_>, limits: &Limits) {
+        let Received {
+            key,
+            payload,
+            partition,
+            offset,
+            broker_time,
+            replay_of,
+        } = message;
         match parse_order(payload, limits) {
             Ok(order) => {
                 let json = Bytes::from(order.to_json());
@@ -73,6 +87,7 @@ impl Batch {
                 self.valid_sources.push(Source {
                     key: key.map(<[u8]>::to_vec),
                     payload: payload.to_vec(),
+                    replay_of: replay_of.map(str::to_owned),
                 });
             }
             Err(rejection) => {
@@ -91,6 +106,14 @@ impl Batch {
                     offset,
                     stage: rejection.stage().as_str(),
                     reasons: rejection.reasons(),
+                    // Producers key orders by their id: the key stands in when
+                    // the payload names none.
+                    order_uid: claimed_uid(payload).or_else(|| {
+                        key.and_then(|k| std::str::from_utf8(k).ok())
+                            .and_then(|k| OrderUid::parse(k).ok())
+                            .map(|uid| uid.as_str().to_owned())
+                    }),
+                    replay_of: replay_of.map(str::to_owned),
                 });
             }
         }
@@ -157,6 +180,8 @@ impl Batch {
                 offset: incoming.offset,
                 stage,
                 reasons: vec![reason],
+                order_uid: Some(incoming.order.uid().to_string()),
+                replay_of: source.replay_of,
             });
         }
     }

@@ -12,7 +12,7 @@ use tokio::time::{timeout_at, Instant};
 use super::batch::{Batch, Refusal};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::PartitionState;
-use crate::store::{classify, ErrorClass, InsertOutcome, PartitionOffset, Store};
+use crate::store::{classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store};
 
 /// Why a batch cannot be committed now: the environment, never the orders.
 /// Ingest pauses, reports the cause and retries until it succeeds. The text
@@ -50,6 +50,8 @@ pub struct Committer {
     pub dead_letters: DeadLetters,
     pub topic: String,
     pub group_id: String,
+    /// How many of a letter's first bytes its record in PostgreSQL keeps.
+    pub preview_bytes: usize,
 }
 
 impl Committer {
@@ -101,6 +103,24 @@ impl Committer {
             });
             return Ok(Attempt::Refused(conflicts.collect()));
         }
+        let letters: Vec<NewLetter> = batch
+            .rejected
+            .iter()
+            .map(|l| NewLetter {
+                partition: l.partition,
+                offset: l.offset,
+                key: l.key.as_deref(),
+                order_uid: l.order_uid.as_deref(),
+                stage: l.stage,
+                reasons: &l.reasons,
+                payload_bytes: l.omitted_bytes.unwrap_or(l.payload.len()),
+                preview: &l.payload[..l.payload.len().min(self.preview_bytes)],
+                replay_of: l.replay_of.as_deref(),
+            })
+            .collect();
+        tx.record_dead_letters(&self.topic, &letters)
+            .await
+            .map_err(|e| Stall::database(&e))?;
         tx.save_offsets(&self.group_id, &self.topic, &offsets(batch))
             .await
             .map_err(|e| Stall::database(&e))?;

@@ -29,6 +29,25 @@ pub mod header {
     pub const TIME: &str = "dlq-time";
     /// Size of an original left out of the letter; it stays at its source offset.
     pub const PAYLOAD_OMITTED: &str = "dlq-payload-omitted-bytes";
+    /// On a replayed message and on its letter if it is rejected again: the
+    /// letter it was replayed from, as `topic/partition/offset`.
+    pub const REPLAY_OF: &str = "dlq-replay-of";
+}
+
+/// The letter a consumed message was replayed from: its `dlq-replay-of`
+/// header, when that names a position (`topic/partition/offset`).
+pub fn replay_of<M: Message>(message: &M) -> Option<&str> {
+    let value = message
+        .headers()?
+        .iter()
+        .find(|h| h.key == header::REPLAY_OF)?
+        .value?;
+    let value = std::str::from_utf8(value).ok()?;
+    let mut parts = value.rsplitn(3, '/');
+    let well_formed = parts.next().is_some_and(|o| o.parse::<u64>().is_ok())
+        && parts.next().is_some_and(|p| p.parse::<u32>().is_ok())
+        && parts.next().is_some_and(|t| (1..=249).contains(&t.len()));
+    well_formed.then_some(value)
 }
 
 /// A message that will not be stored, and why.
@@ -43,6 +62,10 @@ pub struct DeadLetter {
     /// `too_large`, `parse`, `validate`, `conflict` or `store`.
     pub stage: &'static str,
     pub reasons: Vec<String>,
+    /// The id the message claims, valid or not, when one can be read.
+    pub order_uid: Option<String>,
+    /// The letter this message was replayed from.
+    pub replay_of: Option<String>,
 }
 
 /// Letters of one source partition all go to one dead-letter partition, in
@@ -164,6 +187,9 @@ impl DeadLetters {
         let omitted = letter.omitted_bytes.map(|n| n.to_string());
         if let Some(omitted) = &omitted {
             headers = headers.insert(header_value(header::PAYLOAD_OMITTED, omitted));
+        }
+        if let Some(replay_of) = &letter.replay_of {
+            headers = headers.insert(header_value(header::REPLAY_OF, replay_of));
         }
         for reason in letter.reasons.iter().take(MAX_REASON_HEADERS) {
             headers = headers.insert(header_value(header::REASON, reason));

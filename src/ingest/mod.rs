@@ -25,10 +25,10 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
-use self::batch::Batch;
+use self::batch::{Batch, Received};
 use self::commit::{Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
-use self::dead_letter::{DeadLetters, ReadBack};
+use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
@@ -96,6 +96,9 @@ pub struct Ingest {
     orphans: Orphans,
     /// When to look for orphaned partitions next.
     orphans_at: Instant,
+    /// Since when this instance has waited for its first assignment, and
+    /// whether that wait was reported.
+    unassigned_since: Option<(Instant, bool)>,
 }
 
 impl Ingest {
@@ -129,6 +132,7 @@ impl Ingest {
                 dead_letters,
                 topic: settings.kafka.topic.clone(),
                 group_id: settings.kafka.group_id.clone(),
+                preview_bytes: settings.ingest.dead_letter_preview_bytes,
             },
             cache,
             metrics,
@@ -147,6 +151,7 @@ impl Ingest {
             reposition_at: None,
             orphans: Orphans::default(),
             orphans_at: Instant::now() + ORPHAN_CHECK,
+            unassigned_since: Some((Instant::now(), false)),
         })
     }
 
@@ -196,14 +201,15 @@ impl Ingest {
                         let (partition, offset) = (message.partition(), message.offset());
                         if self.accept(partition, offset) {
                             self.metrics.messages_consumed.inc();
-                            self.batch.push(
-                                message.key(),
-                                message.payload().unwrap_or_default(),
+                            let received = Received {
+                                key: message.key(),
+                                payload: message.payload().unwrap_or_default(),
                                 partition,
                                 offset,
-                                message.timestamp().to_millis(),
-                                &self.settings.validation,
-                            );
+                                broker_time: message.timestamp().to_millis(),
+                                replay_of: replay_of(&message),
+                            };
+                            self.batch.push(received, &self.settings.validation);
                             let ingest = &self.settings.ingest;
                             if self.batch.is_full(ingest.batch_size, ingest.batch_max_bytes) && self.closed.is_none() {
                                 finished &= until(stop, self.flush()).await;
@@ -364,6 +370,13 @@ impl Ingest {
             }
             Rebalance::Assigned(assigned) => {
                 tracing::info!(partitions = ?assigned, "partitions assigned");
+                if let Some((since, true)) = self.unassigned_since {
+                    tracing::info!(
+                        waited_s = since.elapsed().as_secs(),
+                        "the group assigned partitions at last"
+                    );
+                }
+                self.unassigned_since = None;
                 self.health.assigned.store(true, Ordering::Relaxed);
                 self.follow_pause(&assigned);
                 self.unloaded.extend(assigned);
@@ -451,6 +464,7 @@ impl Ingest {
     /// have waited with no commit for longer than the session timeout.
     async fn look_for_orphans(&mut self) {
         self.orphans_at = Instant::now() + ORPHAN_CHECK;
+        self.report_unassigned();
         let holds_none = self.partitions.is_empty() && self.unloaded.is_empty();
         if !holds_none || !self.health.assigned.load(Ordering::Relaxed) {
             self.orphans.clear();
@@ -468,6 +482,25 @@ impl Ingest {
             self.orphans
                 .update(&progress, Instant::now(), self.settings.session_timeout());
         self.report_orphans(orphaned);
+    }
+
+    /// An instance that joined its group and has had no assignment for three
+    /// session timeouts says so once: the group's rebalance is not completing
+    /// (on the local broker, after its leader was killed).
+    fn report_unassigned(&mut self) {
+        let patience = 3 * self.settings.session_timeout();
+        if let Some((since, reported @ false)) = &mut self.unassigned_since {
+            if since.elapsed() >= patience {
+                *reported = true;
+                tracing::warn!(
+                    group = %self.settings.kafka.group_id,
+                    waited_s = since.elapsed().as_secs(),
+                    "no partition assignment since joining the group: its rebalance does not \
+                     complete; /readyz stays 503 until it does (on the local broker, a group whose \
+                     leader was killed never completes one)"
+                );
+            }
+        }
     }
 
     fn report_orphans(&self, orphaned: Vec<i32>) {
@@ -681,6 +714,23 @@ impl Ingest {
                 .with_label_values(&[letter.stage])
                 .inc();
         }
+        let replays = |indexes: &[usize]| {
+            indexes
+                .iter()
+                .filter(|&&i| batch.valid_sources[i].replay_of.is_some())
+                .count() as u64
+        };
+        let letters = batch.rejected.iter().filter(|l| l.replay_of.is_some());
+        for (outcome, count) in [
+            ("stored", replays(&outcome.stored)),
+            ("duplicate", replays(&outcome.duplicates)),
+            ("dead_lettered", letters.count() as u64),
+        ] {
+            self.metrics
+                .replays
+                .with_label_values(&[outcome])
+                .inc_by(count);
+        }
         for &i in &outcome.duplicates {
             let m = &batch.valid[i];
             tracing::debug!(topic = %self.settings.kafka.topic, partition = m.partition, offset = m.offset, order_uid = %m.order.uid(), "duplicate order skipped");
@@ -815,7 +865,15 @@ mod tests {
     fn every_owned_partition_stores_a_position_that_follows_the_topic() {
         let mut batch = Batch::default();
         let limits = crate::domain::Limits::default();
-        batch.push(None, b"not json", 0, 5, None, &limits);
+        let received = Received {
+            key: None,
+            payload: b"not json",
+            partition: 0,
+            offset: 5,
+            broker_time: None,
+            replay_of: None,
+        };
+        batch.push(received, &limits);
         batch.dead_lettered_at(0, 120);
         let partitions = HashMap::from([(0, state(&[], 10)), (1, state(&[], 10))]);
         let ends = HashMap::from([(0, 110)]);

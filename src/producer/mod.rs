@@ -3,6 +3,7 @@
 mod generator;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -166,6 +167,24 @@ impl Tally {
     }
 }
 
+/// A producer for the orders topic: idempotent, acknowledged by every replica.
+pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        // Never expire a message in the client: an idempotent producer
+        // whose message times out bumps its epoch, which some brokers
+        // cannot follow. A slow broker is waited for; Ctrl-C stops.
+        .set("message.timeout.ms", "0")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("queue.buffering.max.messages", "100000")
+        .create()
+        .context("KAFKA_BROKERS: cannot create the producer")
+}
+
 /// Hands over the documents of `path`, as they are, each keyed by its
 /// `order_uid` when it has one.
 fn send_file(
@@ -312,22 +331,7 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     let producer: Option<FutureProducer> = if args.dry_run {
         None
     } else {
-        Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", &kafka.brokers)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("compression.type", "lz4")
-                .set("linger.ms", "5")
-                // Never expire a message in the client: an idempotent producer
-                // whose message times out bumps its epoch, which some brokers
-                // cannot follow. A slow broker is waited for; Ctrl-C stops.
-                .set("message.timeout.ms", "0")
-                .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
-                .set("queue.buffering.max.messages", "100000")
-                .create()
-                .context("KAFKA_BROKERS: cannot create the producer")?,
-        )
+        Some(order_producer(kafka)?)
     };
     let mut output = match &args.output {
         Some(path) => Some(std::io::BufWriter::new(
@@ -416,18 +420,10 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
 
     // Whatever is in flight is delivered (or fails) before the summary; a
     // Ctrl-C (a second one, if the first ended the run) stops the wait.
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut unconfirmed = 0;
-    while !in_flight.is_empty() {
-        tokio::select! {
-            Some(result) = in_flight.next() => settle(&mut tally, result),
-            _ = &mut ctrl_c => {
-                unconfirmed = in_flight.len();
-                break;
-            }
-        }
-    }
+    let unconfirmed = drain(&mut in_flight, tokio::signal::ctrl_c(), |result| {
+        settle(&mut tally, result)
+    })
+    .await;
     if let (Some(producer), 0) = (&producer, unconfirmed) {
         producer.flush(Duration::from_secs(30)).ok();
     }
@@ -446,6 +442,23 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         Tally::total(&tally.sent) as f64 / elapsed.max(0.001)
     );
     Ok(Tally::total(&tally.failed) == 0 && unconfirmed == 0)
+}
+
+/// Waits for every delivery in flight, handing each answer to `settle`,
+/// until `interrupt` (a Ctrl-C) ends the wait; returns how many were left.
+pub async fn drain<F: Future>(
+    in_flight: &mut FuturesUnordered<F>,
+    interrupt: impl Future,
+    mut settle: impl FnMut(F::Output),
+) -> usize {
+    tokio::pin!(interrupt);
+    while !in_flight.is_empty() {
+        tokio::select! {
+            Some(result) = in_flight.next() => settle(result),
+            _ = &mut interrupt => return in_flight.len(),
+        }
+    }
+    0
 }
 
 type DeliveryResult = Result<

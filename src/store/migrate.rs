@@ -2,8 +2,8 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Applies the migrations as the owner role, then grants `service_role` exactly
-/// what the service needs: read and insert orders, read and write offsets. No
-/// DDL, no DELETE, no TRUNCATE.
+/// what the service needs: read and insert orders and dead letters, read and
+/// write offsets. No DDL, no DELETE, no TRUNCATE.
 pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
@@ -19,7 +19,9 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
     let grants = [
         "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
         format!("GRANT USAGE ON SCHEMA public TO {role}"),
-        format!("GRANT SELECT, INSERT ON orders, deliveries, payments, items TO {role}"),
+        format!(
+            "GRANT SELECT, INSERT ON orders, deliveries, payments, items, dead_letters TO {role}"
+        ),
         format!("GRANT SELECT, INSERT, UPDATE ON consumer_offsets TO {role}"),
     ];
     for grant in grants {
@@ -36,7 +38,25 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
             .fetch_one(&pool)
             .await
             .context("checking the service role's privileges")?;
+    // The write path stages rows in temporary tables when another writer
+    // stored some of a batch's orders first (PUBLIC may create them by default).
+    let mut can_stage = has_temporary(&pool, service_role).await?;
+    if !can_stage {
+        let grant = format!(
+            "GRANT TEMPORARY ON DATABASE {} TO {role}",
+            current_database(&pool).await?
+        );
+        can_stage = sqlx::query(&grant).execute(&pool).await.is_ok()
+            && has_temporary(&pool, service_role).await?;
+    }
     pool.close().await;
+    if !can_stage {
+        anyhow::bail!(
+            "the service role {service_role} cannot create temporary tables in this database, \
+             which ingest needs when another writer stored some of a batch's orders first; as \
+             the database's owner run: GRANT TEMPORARY ON DATABASE <database> TO {role}"
+        );
+    }
     if can_create {
         anyhow::bail!(
             "the service role {service_role} can create objects in schema public, so it is not \
@@ -47,6 +67,22 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
         );
     }
     Ok(())
+}
+
+async fn has_temporary(pool: &sqlx::PgPool, role: &str) -> anyhow::Result<bool> {
+    sqlx::query_scalar("SELECT has_database_privilege($1, current_database(), 'TEMPORARY')")
+        .bind(role)
+        .fetch_one(pool)
+        .await
+        .context("checking the service role's privileges")
+}
+
+async fn current_database(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .context("reading the database's name")?;
+    Ok(quote_ident(&name))
 }
 
 /// A role name as a quoted SQL identifier; identifiers cannot be bound as parameters.

@@ -1,5 +1,6 @@
 //! PostgreSQL: the durable record of orders and of the offsets they came from.
 
+mod dead_letters;
 mod migrate;
 mod read;
 mod write;
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+pub use dead_letters::{Cursor, LetterFilter, LetterRecord, NewLetter};
 pub use migrate::migrate;
-pub use read::{OrderSummary, StoredDocument, StoredOffset};
+pub use read::{OrderFilter, OrderSummary, StoredDocument, StoredOffset};
 pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 
 /// The service's handle on PostgreSQL, connected as the service role.

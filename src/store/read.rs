@@ -2,6 +2,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::{Postgres, QueryBuilder};
 
 use super::Store;
 
@@ -13,9 +14,19 @@ pub struct OrderSummary {
     pub order_uid: String,
     pub date_created: DateTime<Utc>,
     pub customer_id: String,
+    pub track_number: String,
     pub amount: i64,
     pub currency: String,
     pub item_count: i64,
+}
+
+/// Orders to list by exact match; every field set narrows the list.
+#[derive(Debug, Clone, Default)]
+pub struct OrderFilter {
+    pub track_number: Option<String>,
+    pub customer_id: Option<String>,
+    /// The payment's transaction id.
+    pub transaction: Option<String>,
 }
 
 /// An order's canonical JSON as stored.
@@ -34,25 +45,38 @@ impl Store {
             .await
     }
 
-    /// The most recently ingested orders, newest first, before the `before`
-    /// cursor (an ingest sequence number) when given.
+    /// The most recently ingested orders matching `filter`, newest first,
+    /// before the `before` cursor (an ingest sequence number) when given.
     pub async fn recent_orders(
         &self,
+        filter: &OrderFilter,
         limit: i64,
         before: Option<i64>,
     ) -> Result<Vec<OrderSummary>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT o.ingest_seq, o.order_uid, o.date_created, o.customer_id, p.amount, p.currency::text AS currency,
+        // One statement per combination of filters, so each is planned over
+        // the index it needs.
+        let mut query = QueryBuilder::<Postgres>::new(
+            "SELECT o.ingest_seq, o.order_uid, o.date_created, o.customer_id, o.track_number,
+                    p.amount, p.currency::text AS currency,
                     (SELECT count(*) FROM items i WHERE i.order_uid = o.order_uid) AS item_count
-             FROM orders o JOIN payments p USING (order_uid)
-             WHERE $1::bigint IS NULL OR o.ingest_seq < $1
-             ORDER BY o.ingest_seq DESC
-             LIMIT $2",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
+             FROM orders o JOIN payments p USING (order_uid) WHERE true",
+        );
+        if let Some(track_number) = &filter.track_number {
+            query.push(" AND o.track_number = ").push_bind(track_number);
+        }
+        if let Some(customer_id) = &filter.customer_id {
+            query.push(" AND o.customer_id = ").push_bind(customer_id);
+        }
+        if let Some(transaction) = &filter.transaction {
+            query.push(" AND p.transaction = ").push_bind(transaction);
+        }
+        if let Some(before) = before {
+            query.push(" AND o.ingest_seq < ").push_bind(before);
+        }
+        query
+            .push(" ORDER BY o.ingest_seq DESC LIMIT ")
+            .push_bind(limit);
+        query.build_query_as().fetch_all(self.pool()).await
     }
 
     /// Up to `limit` documents ingested before `before` (an ingest sequence

@@ -1,10 +1,10 @@
 //! One transaction per batch: the orders, their children and the offsets they
 //! cover, written with one multi-row statement per table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::{Postgres, Transaction};
 
 use super::{classify, ErrorClass, Store};
@@ -39,7 +39,7 @@ pub struct InsertOutcome {
 }
 
 pub struct BatchTx {
-    tx: Transaction<'static, Postgres>,
+    pub(super) tx: Transaction<'static, Postgres>,
 }
 
 impl Store {
@@ -127,10 +127,9 @@ impl BatchTx {
         sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
             .execute(&mut *self.tx)
             .await?;
-        let inserted = self.insert_order_rows(topic, batch, new).await?;
+        let inserted = self.insert_staged(topic, batch, new).await?;
         let (fresh, raced): (Vec<usize>, Vec<usize>) =
-            new.iter().partition(|&&i| inserted.contains_key(uid(i)));
-        self.insert_children(batch, &fresh).await?;
+            new.iter().partition(|&&i| inserted.contains(uid(i)));
         existing.extend(self.stored_documents(raced.iter().map(|&i| uid(i))).await?);
         Ok(fresh.iter().map(|&i| (uid(i), i)).collect())
     }
@@ -159,144 +158,69 @@ impl BatchTx {
         batch: &[Incoming],
         rows: &[usize],
     ) -> Result<(), sqlx::Error> {
+        self.copy_rows(topic, batch, rows, "").await
+    }
+
+    /// `COPY` of the `rows` of `batch` into the tables named `{prefix}{table}`.
+    async fn copy_rows(
+        &mut self,
+        topic: &str,
+        batch: &[Incoming],
+        rows: &[usize],
+        prefix: &str,
+    ) -> Result<(), sqlx::Error> {
         let mut tables = CopyTables::default();
         for &i in rows {
             tables.push(topic, &batch[i]);
         }
-        for (statement, data) in tables.statements() {
-            let mut copy = self.tx.copy_in_raw(statement).await?;
+        for ((table, columns), data) in TABLES.into_iter().zip(tables.into_rows()) {
+            let statement =
+                format!("COPY {prefix}{table} ({columns}) FROM STDIN WITH (FORMAT csv)");
+            let mut copy = self.tx.copy_in_raw(&statement).await?;
             copy.send(data.into_bytes()).await?;
             copy.finish().await?;
         }
         Ok(())
     }
 
-    /// Returns the uids inserted, each with its index in `batch`.
-    async fn insert_order_rows(
+    /// Writes the `rows` of `batch` whose order is not stored yet, through this
+    /// session's staging tables: the same `COPY` as the fast path, then one
+    /// `INSERT … SELECT` per table, skipping orders another writer stored
+    /// meanwhile. Returns the uids inserted.
+    async fn insert_staged(
         &mut self,
         topic: &str,
         batch: &[Incoming],
         rows: &[usize],
-    ) -> Result<HashMap<String, usize>, sqlx::Error> {
-        let mut c = OrderColumns::with_capacity(rows.len());
-        for &i in rows {
-            c.push(&batch[i]);
+    ) -> Result<HashSet<String>, sqlx::Error> {
+        // Temporary tables without the real ones' constraints, emptied at each
+        // commit; a row the database refuses is refused by the INSERT below.
+        for (table, columns) in TABLES {
+            sqlx::query(&format!(
+                "CREATE TEMP TABLE IF NOT EXISTS staged_{table} ON COMMIT DELETE ROWS
+                 AS SELECT {columns} FROM {table} WITH NO DATA"
+            ))
+            .execute(&mut *self.tx)
+            .await?;
         }
-        let inserted: Vec<(String,)> = sqlx::query_as(
-            "INSERT INTO orders (order_uid, track_number, entry, locale, internal_signature, customer_id,
-                 delivery_service, shardkey, sm_id, date_created, oof_shard, document,
-                 source_topic, source_partition, source_offset)
-             SELECT uid, track, entry, locale, sig, customer, service, shardkey, sm_id, created, oof, doc,
-                 $13, part, off
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                 $8::text[], $9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $14::int[], $15::bigint[])
-                 AS u(uid, track, entry, locale, sig, customer, service, shardkey, sm_id, created, oof, doc, part, off)
-             ON CONFLICT (order_uid) DO NOTHING
-             RETURNING order_uid",
-        )
-        .bind(&c.uid)
-        .bind(&c.track_number)
-        .bind(&c.entry)
-        .bind(&c.locale)
-        .bind(&c.internal_signature)
-        .bind(&c.customer_id)
-        .bind(&c.delivery_service)
-        .bind(&c.shardkey)
-        .bind(&c.sm_id)
-        .bind(&c.date_created)
-        .bind(&c.oof_shard)
-        .bind(&c.document)
-        .bind(topic)
-        .bind(&c.partition)
-        .bind(&c.offset)
+        self.copy_rows(topic, batch, rows, "staged_").await?;
+        let [(orders, order_columns), children @ ..] = TABLES;
+        let inserted: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {orders} ({order_columns}) SELECT {order_columns} FROM staged_{orders}
+             ON CONFLICT (order_uid) DO NOTHING RETURNING order_uid"
+        ))
         .fetch_all(&mut *self.tx)
         .await?;
-        let index: HashMap<&str, usize> = rows
-            .iter()
-            .map(|&i| (batch[i].order.uid().as_str(), i))
-            .collect();
-        Ok(inserted
-            .into_iter()
-            .map(|(uid,)| {
-                let i = index[uid.as_str()];
-                (uid, i)
-            })
-            .collect())
-    }
-
-    async fn insert_children(
-        &mut self,
-        batch: &[Incoming],
-        rows: &[usize],
-    ) -> Result<(), sqlx::Error> {
-        if rows.is_empty() {
-            return Ok(());
+        for (table, columns) in children {
+            sqlx::query(&format!(
+                "INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_{table}
+                 WHERE order_uid = ANY($1)"
+            ))
+            .bind(&inserted)
+            .execute(&mut *self.tx)
+            .await?;
         }
-        let mut d = DeliveryColumns::default();
-        let mut p = PaymentColumns::default();
-        let mut it = ItemColumns::default();
-        for &i in rows {
-            let doc = batch[i].order.document();
-            d.push(doc);
-            p.push(doc);
-            it.push(doc);
-        }
-        sqlx::query(
-            "INSERT INTO deliveries (order_uid, name, phone, zip, city, address, region, email)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                 $7::text[], $8::text[])",
-        )
-        .bind(&d.uid)
-        .bind(&d.name)
-        .bind(&d.phone)
-        .bind(&d.zip)
-        .bind(&d.city)
-        .bind(&d.address)
-        .bind(&d.region)
-        .bind(&d.email)
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO payments (order_uid, transaction, request_id, currency, provider, amount, payment_dt,
-                 bank, delivery_cost, goods_total, custom_fee)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                 $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], $11::bigint[])",
-        )
-        .bind(&p.uid)
-        .bind(&p.transaction)
-        .bind(&p.request_id)
-        .bind(&p.currency)
-        .bind(&p.provider)
-        .bind(&p.amount)
-        .bind(&p.payment_dt)
-        .bind(&p.bank)
-        .bind(&p.delivery_cost)
-        .bind(&p.goods_total)
-        .bind(&p.custom_fee)
-        .execute(&mut *self.tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO items (order_uid, position, chrt_id, track_number, price, rid, name, sale, size,
-                 total_price, nm_id, brand, status)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::bigint[], $6::text[],
-                 $7::text[], $8::smallint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::int[])",
-        )
-        .bind(&it.uid)
-        .bind(&it.position)
-        .bind(&it.chrt_id)
-        .bind(&it.track_number)
-        .bind(&it.price)
-        .bind(&it.rid)
-        .bind(&it.name)
-        .bind(&it.sale)
-        .bind(&it.size)
-        .bind(&it.total_price)
-        .bind(&it.nm_id)
-        .bind(&it.brand)
-        .bind(&it.status)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        Ok(inserted.into_iter().collect())
     }
 
     /// Records the next offset per partition; offsets only move forward.
@@ -413,33 +337,36 @@ impl CopyTables {
         }
     }
 
-    /// Parents first: the children's foreign keys are checked row by row.
-    fn statements(self) -> [(&'static str, String); 4] {
-        [
-            (
-                "COPY orders (order_uid, track_number, entry, locale, internal_signature, customer_id,
-                     delivery_service, shardkey, sm_id, date_created, oof_shard, document,
-                     source_topic, source_partition, source_offset) FROM STDIN WITH (FORMAT csv)",
-                self.orders,
-            ),
-            (
-                "COPY deliveries (order_uid, name, phone, zip, city, address, region, email)
-                 FROM STDIN WITH (FORMAT csv)",
-                self.deliveries,
-            ),
-            (
-                "COPY payments (order_uid, transaction, request_id, currency, provider, amount,
-                     payment_dt, bank, delivery_cost, goods_total, custom_fee) FROM STDIN WITH (FORMAT csv)",
-                self.payments,
-            ),
-            (
-                "COPY items (order_uid, position, chrt_id, track_number, price, rid, name, sale, size,
-                     total_price, nm_id, brand, status) FROM STDIN WITH (FORMAT csv)",
-                self.items,
-            ),
-        ]
+    /// The rows of each table, in the order of [`TABLES`].
+    fn into_rows(self) -> [String; 4] {
+        [self.orders, self.deliveries, self.payments, self.items]
     }
 }
+
+/// The tables a batch writes, parents first (the children's foreign keys are
+/// checked row by row), with the columns in the order [`CopyTables`] writes them.
+const TABLES: [(&str, &str); 4] = [
+    (
+        "orders",
+        "order_uid, track_number, entry, locale, internal_signature, customer_id, \
+         delivery_service, shardkey, sm_id, date_created, oof_shard, document, \
+         source_topic, source_partition, source_offset",
+    ),
+    (
+        "deliveries",
+        "order_uid, name, phone, zip, city, address, region, email",
+    ),
+    (
+        "payments",
+        "order_uid, transaction, request_id, currency, provider, amount, payment_dt, bank, \
+         delivery_cost, goods_total, custom_fee",
+    ),
+    (
+        "items",
+        "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, \
+         total_price, nm_id, brand, status",
+    ),
+];
 
 fn text_field(row: &mut String, text: &str) {
     separate(row);
@@ -467,149 +394,4 @@ fn separate(row: &mut String) {
 
 fn end_row(row: &mut String) {
     row.push('\n');
-}
-
-#[derive(Default)]
-struct OrderColumns {
-    uid: Vec<String>,
-    track_number: Vec<String>,
-    entry: Vec<String>,
-    locale: Vec<String>,
-    internal_signature: Vec<String>,
-    customer_id: Vec<String>,
-    delivery_service: Vec<String>,
-    shardkey: Vec<String>,
-    sm_id: Vec<i64>,
-    date_created: Vec<DateTime<Utc>>,
-    oof_shard: Vec<String>,
-    document: Vec<String>,
-    partition: Vec<i32>,
-    offset: Vec<i64>,
-}
-
-impl OrderColumns {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            uid: Vec::with_capacity(n),
-            document: Vec::with_capacity(n),
-            ..Self::default()
-        }
-    }
-
-    fn push(&mut self, incoming: &Incoming) {
-        let o = incoming.order.document();
-        self.uid.push(o.order_uid.to_string());
-        self.track_number.push(o.track_number.clone());
-        self.entry.push(o.entry.clone());
-        self.locale.push(o.locale.clone());
-        self.internal_signature.push(o.internal_signature.clone());
-        self.customer_id.push(o.customer_id.clone());
-        self.delivery_service.push(o.delivery_service.clone());
-        self.shardkey.push(o.shardkey.clone());
-        self.sm_id.push(o.sm_id);
-        self.date_created
-            .push(o.date_created.at().with_timezone(&Utc));
-        self.oof_shard.push(o.oof_shard.clone());
-        // Canonical JSON is built by serde_json and is always UTF-8.
-        self.document
-            .push(String::from_utf8_lossy(&incoming.json).into_owned());
-        self.partition.push(incoming.partition);
-        self.offset.push(incoming.offset);
-    }
-}
-
-#[derive(Default)]
-struct DeliveryColumns {
-    uid: Vec<String>,
-    name: Vec<String>,
-    phone: Vec<String>,
-    zip: Vec<String>,
-    city: Vec<String>,
-    address: Vec<String>,
-    region: Vec<String>,
-    email: Vec<String>,
-}
-
-impl DeliveryColumns {
-    fn push(&mut self, o: &crate::domain::OrderDocument) {
-        let d = &o.delivery;
-        self.uid.push(o.order_uid.to_string());
-        self.name.push(d.name.clone());
-        self.phone.push(d.phone.clone());
-        self.zip.push(d.zip.clone());
-        self.city.push(d.city.clone());
-        self.address.push(d.address.clone());
-        self.region.push(d.region.clone());
-        self.email.push(d.email.clone());
-    }
-}
-
-#[derive(Default)]
-struct PaymentColumns {
-    uid: Vec<String>,
-    transaction: Vec<String>,
-    request_id: Vec<String>,
-    currency: Vec<String>,
-    provider: Vec<String>,
-    amount: Vec<i64>,
-    payment_dt: Vec<i64>,
-    bank: Vec<String>,
-    delivery_cost: Vec<i64>,
-    goods_total: Vec<i64>,
-    custom_fee: Vec<i64>,
-}
-
-impl PaymentColumns {
-    fn push(&mut self, o: &crate::domain::OrderDocument) {
-        let p = &o.payment;
-        self.uid.push(o.order_uid.to_string());
-        self.transaction.push(p.transaction.clone());
-        self.request_id.push(p.request_id.clone());
-        self.currency.push(p.currency.clone());
-        self.provider.push(p.provider.clone());
-        self.amount.push(p.amount);
-        self.payment_dt.push(p.payment_dt);
-        self.bank.push(p.bank.clone());
-        self.delivery_cost.push(p.delivery_cost);
-        self.goods_total.push(p.goods_total);
-        self.custom_fee.push(p.custom_fee);
-    }
-}
-
-#[derive(Default)]
-struct ItemColumns {
-    uid: Vec<String>,
-    position: Vec<i32>,
-    chrt_id: Vec<i64>,
-    track_number: Vec<String>,
-    price: Vec<i64>,
-    rid: Vec<String>,
-    name: Vec<String>,
-    sale: Vec<i16>,
-    size: Vec<String>,
-    total_price: Vec<i64>,
-    nm_id: Vec<i64>,
-    brand: Vec<String>,
-    status: Vec<i32>,
-}
-
-impl ItemColumns {
-    fn push(&mut self, o: &crate::domain::OrderDocument) {
-        for (position, item) in o.items.iter().enumerate() {
-            self.uid.push(o.order_uid.to_string());
-            // Bounded by the item limit and the rules (sale 0..=100, status 0..=999).
-            self.position.push(position as i32);
-            self.chrt_id.push(item.chrt_id);
-            self.track_number.push(item.track_number.clone());
-            self.price.push(item.price);
-            self.rid.push(item.rid.clone());
-            self.name.push(item.name.clone());
-            self.sale.push(item.sale as i16);
-            self.size.push(item.size.clone());
-            self.total_price.push(item.total_price);
-            self.nm_id.push(item.nm_id);
-            self.brand.push(item.brand.clone());
-            self.status.push(item.status as i32);
-        }
-    }
 }

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub orders_stored: IntCounter,
     pub duplicates: IntCounter,
     pub dead_letters: IntCounterVec,
+    /// Replayed messages (those with a `dlq-replay-of` header) by what became of them.
+    pub replays: IntCounterVec,
     pub batch_size: Histogram,
     pub batch_commit_seconds: Histogram,
     stage_seconds: HistogramVec,
@@ -70,6 +72,15 @@ impl Metrics {
             dead_letters: IntCounterVec::new(
                 Opts::new("orders_dead_letters_total", "Messages sent to the dead-letter topic."),
                 &["stage"],
+            )
+            .unwrap(),
+            replays: IntCounterVec::new(
+                Opts::new(
+                    "orders_replays_total",
+                    "Replayed dead letters consumed again, by outcome: stored, duplicate (already \
+                     stored) or dead_lettered (rejected again).",
+                ),
+                &["outcome"],
             )
             .unwrap(),
             batch_size: Histogram::with_opts(
@@ -158,6 +169,7 @@ impl Metrics {
             Box::new(m.orders_stored.clone()),
             Box::new(m.duplicates.clone()),
             Box::new(m.dead_letters.clone()),
+            Box::new(m.replays.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.batch_commit_seconds.clone()),
             Box::new(m.stage_seconds.clone()),
@@ -181,8 +193,11 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         // Every known series starts at 0, so rates and ratios work from the first scrape.
-        for stage in ["too_large", "parse", "validate", "conflict", "store"] {
+        for stage in crate::domain::LETTER_STAGES {
             m.dead_letters.with_label_values(&[stage]);
+        }
+        for outcome in ["stored", "duplicate", "dead_lettered"] {
+            m.replays.with_label_values(&[outcome]);
         }
         for tier in ["memory", "redis", "postgres"] {
             for result in ["hit", "miss"] {

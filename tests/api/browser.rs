@@ -183,7 +183,12 @@ async fn a_person_finds_and_reads_an_order() {
     browser.screenshot("not-found").await;
 
     browser.search("bad id!").await;
-    browser.wait_text("#status", "Invalid order id").await;
+    browser
+        .wait_text(
+            "#status",
+            "Nothing found for bad id!: it is not a valid order id",
+        )
+        .await;
     browser.screenshot("invalid-id").await;
 
     // Back returns to the order.
@@ -267,5 +272,103 @@ async fn the_recent_list_grows_while_orders_arrive() {
         .await
         .unwrap();
     browser.wait_text("#order h1", "live-after").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_person_finds_orders_without_their_id_and_reads_why_one_was_rejected() {
+    let env = TestEnv::new().await;
+    let service = service_with_orders(&env, &["browser-a", "browser-b"]).await;
+    let mut rejected = sample_with_uid("browser-rejected");
+    rejected["payment"]["amount"] = (-1).into();
+    let hostile = br#"{"order_uid":"browser-xss","entry":"<img src=x onerror=alert(3)>""#;
+    env.produce(&[
+        (Some("browser-rejected"), rejected.to_string().as_bytes()),
+        (None, hostile),
+    ])
+    .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let browser = Browser::start().await;
+    browser.client.goto(&service.url("/")).await.unwrap();
+    // The sample's track number, shared by both orders.
+    browser.search("WBILMTESTTRACK").await;
+    let results = browser.wait_text("#results", "browser-a").await;
+    assert!(
+        results.contains("browser-b") && results.contains("2 orders"),
+        "{results}"
+    );
+    browser.screenshot("found-by-track-number").await;
+
+    browser.search("browser-rejected").await;
+    let why = browser.wait_text("#status", "was not stored").await;
+    assert!(
+        why.contains("validate") && why.contains("payment.amount"),
+        "{why}"
+    );
+    browser.screenshot("rejected-order").await;
+
+    browser
+        .client
+        .find(Locator::Id("nav-rejected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let letters = browser.wait_text("#letters", "browser-xss").await;
+    assert!(letters.contains("browser-rejected"), "{letters}");
+    browser
+        .client
+        .find(Locator::Id("stage"))
+        .await
+        .unwrap()
+        .select_by_value("parse")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser
+        .text_of("#letters")
+        .await
+        .contains("browser-rejected")
+    {
+        assert!(Instant::now() < deadline, "the stage filter did not apply");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(browser
+        .client
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .ends_with("/rejected?stage=parse"));
+    browser
+        .client
+        .find(Locator::Css("#letters .letter button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_text("#letters .payload", "<img src=x onerror=alert(3)>")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        browser.client.get_alert_text().await.is_err(),
+        "a dialog opened"
+    );
+    let elements = browser
+        .client
+        .find_all(Locator::Css("#letters img"))
+        .await
+        .unwrap();
+    assert!(elements.is_empty(), "markup from a payload became elements");
+    browser.screenshot("rejected-list").await;
     browser.close().await;
 }

@@ -169,6 +169,61 @@ async fn recent_orders_page_by_cursor_and_reject_bad_parameters() {
     unique.dedup();
     assert_eq!(unique.len(), 25, "pages do not overlap");
 
+    // Found without their id: by exact track number, customer or transaction.
+    let order: serde_json::Value = serde_json::from_slice(&orders[3].1).unwrap();
+    for (name, value) in [
+        ("track_number", &order["track_number"]),
+        ("customer_id", &order["customer_id"]),
+        ("transaction", &order["payment"]["transaction"]),
+    ] {
+        let value = value.as_str().unwrap();
+        let found: serde_json::Value = service
+            .get(&format!("/api/orders?{name}={value}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let expected: Vec<&str> = orders
+            .iter()
+            .map(|(uid, bytes)| {
+                (
+                    uid,
+                    serde_json::from_slice::<serde_json::Value>(bytes).unwrap(),
+                )
+            })
+            .filter(|(_, o)| {
+                let field = if name == "transaction" {
+                    &o["payment"][name]
+                } else {
+                    &o[name]
+                };
+                field == value
+            })
+            .map(|(uid, _)| uid.as_str())
+            .collect();
+        let mut got: Vec<&str> = found["orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["order_uid"].as_str().unwrap())
+            .collect();
+        got.sort_unstable();
+        let mut expected = expected;
+        expected.sort_unstable();
+        assert!(expected.contains(&orders[3].0.as_str()));
+        assert_eq!(got, expected, "{name}={value}");
+    }
+    let none: serde_json::Value = service
+        .get("/api/orders?customer_id=nobody-at-all&track_number=x")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        none,
+        serde_json::json!({ "orders": [], "next_cursor": null })
+    );
+
     for (query, reason) in [
         ("limit=0", "limit must be a whole number from 1 to 100"),
         ("limit=101", "limit must be a whole number from 1 to 100"),
@@ -179,7 +234,7 @@ async fn recent_orders_page_by_cursor_and_reject_bad_parameters() {
         ),
         (
             "sort=asc",
-            "unknown parameter \"sort\"; use limit and before",
+            "unknown parameter \"sort\"; use track_number, customer_id, transaction, limit, before",
         ),
     ] {
         let response = service.get(&format!("/api/orders?{query}")).await;
@@ -260,6 +315,8 @@ async fn operational_routes_and_the_openapi_document() {
     let routes = [
         "/order/{order_uid}",
         "/api/orders",
+        "/api/dead-letters",
+        "/api/dead-letters/{topic}/{partition}/{offset}",
         "/api/orders/stream",
         "/healthz",
         "/readyz",
@@ -267,6 +324,7 @@ async fn operational_routes_and_the_openapi_document() {
         "/openapi.json",
         "/",
         "/orders/{order_uid}",
+        "/rejected",
         "/assets/app.js",
         "/assets/app.css",
     ];
@@ -301,9 +359,12 @@ async fn reads_fall_through_the_tiers() {
     wait_in_redis(&key_prefix, orders.len()).await;
 
     // Some orders were evicted from memory; Redis answers for them and
-    // memory is filled on the way back.
-    let mut from_redis = None;
+    // memory is filled on the way back. The memory tier's admission (its
+    // budget, this small, is split among shards) may still turn a large order
+    // away, so at least one of them must come from memory the next time.
+    let (mut from_redis, mut refilled) = (0, 0);
     for (uid, bytes) in &orders {
+        let redis_hits = counter(&service, "redis", "hit").await;
         let body: serde_json::Value = service
             .get(&format!("/order/{uid}"))
             .await
@@ -314,20 +375,25 @@ async fn reads_fall_through_the_tiers() {
             body,
             serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
         );
-        if counter(&service, "redis", "hit").await == 1.0 {
-            from_redis = Some(uid);
-            break;
+        if counter(&service, "redis", "hit").await == redis_hits {
+            continue;
+        }
+        from_redis += 1;
+        let memory_hits = counter(&service, "memory", "hit").await;
+        assert_eq!(service.get(&format!("/order/{uid}")).await.status(), 200);
+        if counter(&service, "memory", "hit").await == memory_hits + 1.0 {
+            refilled += 1;
         }
     }
-    let uid = from_redis.expect("an order evicted from memory is served by Redis");
-    assert_eq!(counter(&service, "postgres", "hit").await, 0.0);
-    let memory_hits = counter(&service, "memory", "hit").await;
-    assert_eq!(service.get(&format!("/order/{uid}")).await.status(), 200);
-    assert_eq!(
-        counter(&service, "memory", "hit").await,
-        memory_hits + 1.0,
-        "filled L1 on the way back"
+    assert!(
+        from_redis > 0,
+        "an order evicted from memory is served by Redis"
     );
+    assert!(
+        refilled > 0,
+        "filled L1 on the way back ({from_redis} from Redis)"
+    );
+    assert_eq!(counter(&service, "postgres", "hit").await, 0.0);
     assert!(service.terminate().success());
 
     // Both caches cold (a new Redis prefix, no warm-up): PostgreSQL answers.

@@ -29,7 +29,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
-use crate::helpers::{self, Service, TcpProxy, TestEnv};
+use crate::helpers::{self, sample_with_uid, Service, TcpProxy, TestEnv};
 
 const PARTITIONS: i32 = 4;
 
@@ -313,6 +313,34 @@ async fn reconcile(
                 row.problem(format!("{source:?}: dead-lettered {n} times"));
             }
         }
+    }
+
+    // Their record in PostgreSQL, written with the offsets: the same letters.
+    let recorded: Vec<(i32, i64, sqlx::types::Json<Vec<String>>)> = sqlx::query_as(
+        "SELECT source_partition, source_offset, reasons FROM dead_letters WHERE source_topic = $1",
+    )
+    .bind(&env.topic)
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    for (partition, offset, reasons) in &recorded {
+        match rejected.get(&(*partition, *offset)) {
+            Some(expected) if &reasons.0 == expected => {}
+            Some(expected) => row.problem(format!(
+                "({partition}, {offset}): recorded with {:?}, expected {expected:?}",
+                reasons.0
+            )),
+            None => row.problem(format!(
+                "({partition}, {offset}): recorded as a letter but valid"
+            )),
+        }
+    }
+    if recorded.len() != rejected.len() {
+        row.problem(format!(
+            "{} letters recorded in PostgreSQL, {} messages rejected",
+            recorded.len(),
+            rejected.len()
+        ));
     }
 
     if let Some(service) = counters {
@@ -776,6 +804,35 @@ async fn three_instances_one_killed() {
     drop(first);
 }
 
+/// A group whose rebalance never completes is named in the log, not waited
+/// on in silence. On the local broker: its leader killed, another member
+/// joining (Apache Kafka would expire the leader and assign).
+#[tokio::test]
+async fn a_rebalance_that_never_completes_is_reported() {
+    let timeout = [("KAFKA_SESSION_TIMEOUT_MS", "6000")];
+    // A broker of its own: the stuck group stays in its storage for good.
+    let (_storage, broker, env, leader) = on_own_broker(&timeout).await;
+    leader.kill();
+    let other = env.spawn_with(&timeout);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !other
+        .log_text()
+        .contains("no partition assignment since joining the group")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the wait was not reported:\n{}",
+            other.log_text()
+        );
+        pause(Duration::from_millis(500)).await;
+    }
+    let ready = other.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["kafka_assignment"], "waiting");
+    drop(broker);
+}
+
 fn env_outage() -> Duration {
     Duration::from_secs(setting("FAULT_ENV_OUTAGE_SECS", 10))
 }
@@ -870,6 +927,77 @@ async fn insert_revoked_then_granted() {
         env.execute(&grant),
     )
     .await;
+}
+
+/// The dead-letter record refused (its grant revoked) after the letters are
+/// acknowledged, then a crash: the letters are on the topic and nothing is
+/// committed. The instance restarted the same way, with the grant back,
+/// records each letter exactly once and sends none again.
+#[tokio::test]
+async fn crash_between_the_letters_and_their_record() {
+    let env = TestEnv::new().await;
+    let role = &env.service_role;
+    env.execute(&format!("REVOKE INSERT ON dead_letters FROM {role}"))
+        .await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spawn = || env.spawn_with(&[("HTTP_ADDR", addr.as_str())]);
+    let service = spawn();
+    service.wait_ready().await;
+    let valid: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| {
+            let uid = format!("crash-valid-{i}");
+            (uid.clone(), sample_with_uid(&uid).to_string().into_bytes())
+        })
+        .collect();
+    let mut messages: Vec<(Option<&str>, &[u8])> = valid
+        .iter()
+        .map(|(uid, bytes)| (Some(uid.as_str()), bytes.as_slice()))
+        .collect();
+    messages.extend([
+        (Some("crash-bad-0"), &b"not json"[..]),
+        (Some("crash-bad-1"), &br#"{"order_uid":"crash-bad-1""#[..]),
+        (Some("crash-bad-2"), &b"[]"[..]),
+    ]);
+    env.produce(&messages).await;
+    wait_paused_by(&service, "permission denied for table dead_letters").await;
+    // The batch that paused sent its letters; a later one may wait in hand.
+    let sent = env.dead_letters(3, Duration::from_secs(5)).len();
+    assert!((1..=3).contains(&sent), "{sent} letters before the crash");
+    // (A batch without letters may have been committed meanwhile.)
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+
+    service.kill();
+    env.execute(&format!("GRANT INSERT ON dead_letters TO {role}"))
+        .await;
+    let service = spawn();
+    env.wait_for_count("SELECT count(*) FROM orders", 2, Duration::from_secs(60))
+        .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters",
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    service.wait_ready().await;
+    let letters = env.dead_letters(3, Duration::from_secs(10));
+    assert_eq!(letters.len(), 3, "no letter sent twice: {letters:#?}");
+    let mut on_topic: Vec<(i32, i64)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.header("dlq-source-partition").parse().unwrap(),
+                l.header("dlq-source-offset").parse().unwrap(),
+            )
+        })
+        .collect();
+    let mut recorded: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT source_partition, source_offset FROM dead_letters ORDER BY 1, 2")
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    on_topic.sort_unstable();
+    recorded.sort_unstable();
+    assert_eq!(recorded, on_topic, "one record per letter");
 }
 
 /// A failover to a read-only server and back: the database turns read-only

@@ -364,9 +364,13 @@ async fn dead_letters_of_an_interrupted_batch_are_not_sent_twice() {
     let via_proxy = env.service_url_via(&proxy);
     // One static member name for both runs: the local broker never expires a
     // killed member, so only a restart under its name gets the partitions back.
+    // All six in one batch, however the broker splits its fetches: a batch
+    // that cannot be committed holds back the next one and its letters.
     let settings = [
         ("DATABASE_URL", via_proxy.as_str()),
         ("KAFKA_GROUP_INSTANCE_ID", "only"),
+        ("INGEST_BATCH_SIZE", "6"),
+        ("INGEST_BATCH_LINGER_MS", "60000"),
     ];
     let service = env.spawn_with(&settings);
     service.wait_ready().await;

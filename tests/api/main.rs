@@ -2,6 +2,7 @@
 
 mod browser;
 mod cache_and_http;
+mod dead_letters;
 mod faults;
 mod helpers;
 mod hostile;

@@ -20,6 +20,7 @@ const NOT_METRICS: &[&str] = &[
     "route",
     "status",
     "partition",
+    "outcome",
 ];
 
 #[tokio::test]

@@ -29,6 +29,7 @@ async fn the_service_role_has_least_privilege() {
         "SELECT count(*) FROM orders",
         "SELECT count(*) FROM items",
         "SELECT count(*) FROM consumer_offsets",
+        "SELECT count(*) FROM dead_letters",
     ] {
         sqlx::query(allowed)
             .execute(&mut service)
@@ -41,6 +42,8 @@ async fn the_service_role_has_least_privilege() {
         "TRUNCATE orders",
         "DELETE FROM orders",
         "UPDATE orders SET entry = 'x'",
+        "DELETE FROM dead_letters",
+        "UPDATE dead_letters SET stage = 'x'",
         "CREATE TABLE public.extra (v int)",
         "CREATE INDEX extra_idx ON orders (entry)",
         "SELECT * FROM private.secrets",
@@ -81,6 +84,29 @@ async fn migrate_refuses_a_service_role_that_can_create_in_public() {
             && error.contains("REVOKE CREATE ON SCHEMA public"),
         "{error}"
     );
+}
+
+/// A hardened database where PUBLIC may not create temporary tables:
+/// `migrate` grants that to the service role, whose write path stages rows in
+/// its session's temporary tables when another writer got there first.
+#[tokio::test]
+async fn migrate_grants_the_temporary_tables_the_write_path_stages_in() {
+    let env = TestEnv::new().await;
+    env.execute(&format!(
+        "REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC",
+        env.name
+    ))
+    .await;
+    let can_stage = || async {
+        env.count(&format!(
+            "SELECT has_database_privilege('{}', current_database(), 'TEMPORARY')::int::bigint",
+            env.service_role
+        ))
+        .await
+    };
+    assert_eq!(can_stage().await, 0);
+    env.try_migrate().await.expect("migrate");
+    assert_eq!(can_stage().await, 1);
 }
 
 /// Passwords reach neither the logs, nor /metrics, nor an error body.

@@ -61,10 +61,49 @@ function render(o) {
   card.hidden = false;
 }
 
+function view(name) {
+  $("rejected").hidden = name !== "rejected";
+  $("recent").hidden = name === "rejected";
+  $("results").hidden = true;
+  $("order").hidden = true;
+  $("status").hidden = true;
+}
+
+// Orders whose track number or customer id is exactly `q`.
+async function findOrders(q) {
+  const pages = await Promise.all(["track_number", "customer_id"].map(async (field) => {
+    const r = await fetch(`/api/orders?limit=100&${field}=${encodeURIComponent(q)}`);
+    return r.ok ? (await r.json()).orders : [];
+  }));
+  const seen = new Set();
+  return pages.flat().filter((o) => !seen.has(o.order_uid) && seen.add(o.order_uid));
+}
+
+function showMatches(q, orders) {
+  $("status").hidden = true;
+  $("results-title").textContent = `${orders.length} order${orders.length === 1 ? "" : "s"} with track number or customer id ${q}`;
+  $("results-list").replaceChildren(...orders.map(recentItem));
+  $("results").hidden = false;
+}
+
+// An order id is looked up directly; anything else, or an id with no order,
+// is looked for as a track number or customer id.
+async function find(q, push) {
+  if (RULE.test(q)) return show(q, push);
+  $("uid").value = q;
+  if (push) history.pushState({ q }, "", `/?q=${encodeURIComponent(q)}`);
+  view("home");
+  status("Searching…");
+  let orders;
+  try { orders = await findOrders(q); } catch (_) { return status("The server cannot be reached. Check your connection and try again.", "error"); }
+  if (orders.length) return showMatches(q, orders);
+  status(["Nothing found for ", el("code", { text: q }), `: it is not a valid order id (${RULE_TEXT}), and no order has it as its track number or customer id.`], "error");
+}
+
 async function show(uid, push) {
   $("uid").value = uid;
   if (push) history.pushState({ uid }, "", `/orders/${encodeURIComponent(uid)}`);
-  $("order").hidden = true;
+  view("home");
   if (!RULE.test(uid)) return status([el("strong", { text: "Invalid order id. " }), `An order id is ${RULE_TEXT}.`], "error");
   status("Loading…");
   let response;
@@ -73,23 +112,87 @@ async function show(uid, push) {
   } catch (_) {
     return status("The server cannot be reached. Check your connection and try again.", "error");
   }
-  if (response.status === 404) return status(["No order with id ", el("code", { text: uid }), "."], "error");
+  if (response.status === 404) return notFound(uid, await response.json().catch(() => ({})));
   if (response.status === 400) return status([el("strong", { text: "Invalid order id. " }), `An order id is ${RULE_TEXT}.`], "error");
   if (!response.ok) return status(`The server could not answer (HTTP ${response.status}). Try again shortly.`, "error");
   $("status").hidden = true;
   render(await response.json());
 }
 
+async function notFound(uid, body) {
+  const orders = await findOrders(uid).catch(() => []);
+  if (orders.length) return showMatches(uid, orders);
+  const letters = body.dead_letters || [];
+  if (!letters.length) return status(["No order with id ", el("code", { text: uid }), "."], "error");
+  status([el("p", {}, "Order ", el("code", { text: uid }), " was not stored: its message was rejected."),
+    el("ol", { class: "letters" }, ...letters.map(letterItem))], "error");
+}
+
+// A rejected message: why, where from, and its payload on request, as text.
+function letterItem(l) {
+  const preview = el("pre", { class: "payload" });
+  preview.hidden = true;
+  const toggle = el("button", { class: "secondary", type: "button", text: "Payload" });
+  toggle.addEventListener("click", async () => {
+    if (!preview.dataset.loaded) {
+      try {
+        const r = await fetch(l.href);
+        const d = r.ok ? await r.json() : null;
+        preview.textContent = d ? d.payload_preview + (d.payload_complete ? "" : `\n… (${num.format(d.payload_bytes)} bytes in all)`) : `The letter could not be read (HTTP ${r.status}).`;
+        preview.dataset.loaded = "1";
+      } catch (_) { preview.textContent = "The server cannot be reached."; }
+    }
+    preview.hidden = !preview.hidden;
+  });
+  return el("li", { class: "letter", "data-stage": l.stage },
+    el("div", { class: "head" },
+      el("span", { class: "stage", text: l.stage }),
+      el("code", { text: l.order_uid || l.key || "(no id)" }),
+      el("span", { class: "meta", text: `${new Date(l.at).toLocaleString()} · ${l.source.topic}/${l.source.partition}/${l.source.offset}${l.replay_of ? ` · replay of ${l.replay_of}` : ""}` }),
+      toggle),
+    el("ul", { class: "reasons" }, ...l.reasons.map((r) => el("li", { text: r }))),
+    preview);
+}
+
+let letterCursor = null;
+async function loadLetters(more) {
+  const stage = $("stage").value;
+  const query = new URLSearchParams({ limit: "50" });
+  if (stage) query.set("stage", stage);
+  if (more && letterCursor) query.set("before", letterCursor);
+  try {
+    const r = await fetch(`/api/dead-letters?${query}`);
+    if (!r.ok) return status(`Rejected messages could not be read (HTTP ${r.status}).`, "error");
+    const page = await r.json();
+    letterCursor = page.next_cursor;
+    $("letters")[more ? "append" : "replaceChildren"](...page.dead_letters.map(letterItem));
+    $("no-letters").hidden = $("letters").children.length > 0;
+    $("more-letters").hidden = !letterCursor;
+  } catch (_) { status("The server cannot be reached. Check your connection and try again.", "error"); }
+}
+
+function showRejected(stage, push) {
+  $("stage").value = stage || "";
+  if (push) history.pushState({}, "", stage ? `/rejected?stage=${encodeURIComponent(stage)}` : "/rejected");
+  view("rejected");
+  loadLetters(false);
+}
+
 function route() {
+  const params = new URLSearchParams(location.search);
+  if (location.pathname === "/rejected") return showRejected(params.get("stage"), false);
   const m = location.pathname.match(/^\/orders\/([^/]+)$/);
-  const uid = m ? decodeURIComponent(m[1]) : new URLSearchParams(location.search).get("id");
-  if (uid != null) show(uid, false); else { $("order").hidden = true; $("status").hidden = true; $("uid").value = ""; }
+  const uid = m ? decodeURIComponent(m[1]) : params.get("id");
+  if (uid != null) return show(uid, false);
+  if (params.get("q") != null) return find(params.get("q"), false);
+  view("home");
+  $("uid").value = "";
 }
 
 function recentItem(s) {
   const a = el("a", { href: `/orders/${encodeURIComponent(s.order_uid)}`, "data-uid": s.order_uid },
     el("span", { class: "uid", text: s.order_uid }),
-    el("span", { class: "meta", text: `${s.customer_id} · ${s.item_count} item${s.item_count === 1 ? "" : "s"} · ${money(s.amount, s.currency)}` }));
+    el("span", { class: "meta", text: `${s.customer_id} · ${s.track_number} · ${s.item_count} item${s.item_count === 1 ? "" : "s"} · ${money(s.amount, s.currency)}` }));
   a.addEventListener("click", (e) => { e.preventDefault(); show(s.order_uid, true); window.scrollTo(0, 0); });
   return el("li", {}, a);
 }
@@ -119,7 +222,10 @@ function live() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("search").addEventListener("submit", (e) => { e.preventDefault(); show($("uid").value.trim(), true); });
+  $("search").addEventListener("submit", (e) => { e.preventDefault(); find($("uid").value.trim(), true); });
+  $("nav-rejected").addEventListener("click", (e) => { e.preventDefault(); showRejected("", true); });
+  $("stage").addEventListener("change", () => showRejected($("stage").value, true));
+  $("more-letters").addEventListener("click", () => loadLetters(true));
   $("more").addEventListener("click", () => loadRecent(true));
   window.addEventListener("popstate", route);
   route();
