@@ -1,5 +1,5 @@
 //! One transaction per batch: the orders, their children and the offsets they
-//! cover, written with one multi-row statement per table.
+//! cover, written with one `COPY` per table.
 
 use std::collections::{HashMap, HashSet};
 
@@ -54,10 +54,12 @@ impl BatchTx {
     /// Inserts the orders that are new and classifies the rest by comparing
     /// their JSON with what is stored (or with an earlier copy in the batch).
     ///
-    /// The orders not found stored are written with `COPY`, PostgreSQL's
-    /// fastest path; if one of them was stored by another writer meanwhile (or
-    /// the database refuses a row), that attempt is rolled back to a savepoint
-    /// and the batch takes the conflict-aware `INSERT … ON CONFLICT` path.
+    /// The batch is first written with `COPY`, PostgreSQL's fastest path, and
+    /// nothing is looked up: in the usual batch every order is new. If one of
+    /// them is stored already (a redelivery, another writer) or the database
+    /// refuses a row, that attempt is rolled back to a savepoint; the stored
+    /// ones are then looked up and the rest written through the staging tables
+    /// with `INSERT … ON CONFLICT`, so conflicts are still found.
     pub async fn insert_orders(
         &mut self,
         topic: &str,
@@ -69,27 +71,33 @@ impl BatchTx {
             .filter(|&i| *first_by_uid.entry(uid(i)).or_insert(i) == i)
             .collect();
 
-        let mut existing = self
-            .stored_documents(firsts.iter().map(|&i| uid(i)))
-            .await?;
-        let new: Vec<usize> = firsts
-            .iter()
-            .copied()
-            .filter(|&i| !existing.contains_key(uid(i)))
-            .collect();
-        let inserted = if new.is_empty() {
-            HashMap::new()
+        let mut existing = HashMap::new();
+        let inserted: HashSet<usize> = if firsts.is_empty() {
+            HashSet::new()
+        } else if self.try_copy(topic, batch, &firsts).await? {
+            firsts.into_iter().collect()
         } else {
-            self.insert_new(topic, batch, &new, &mut existing).await?
+            existing = self
+                .stored_documents(firsts.iter().map(|&i| uid(i)))
+                .await?;
+            let new: Vec<usize> = firsts
+                .into_iter()
+                .filter(|&i| !existing.contains_key(uid(i)))
+                .collect();
+            let written = self.insert_staged(topic, batch, &new).await?;
+            let (fresh, raced): (Vec<usize>, Vec<usize>) =
+                new.iter().partition(|&&i| written.contains(uid(i)));
+            existing.extend(self.stored_documents(raced.iter().map(|&i| uid(i))).await?);
+            fresh.into_iter().collect()
         };
 
         let mut outcome = InsertOutcome::default();
         for (i, incoming) in batch.iter().enumerate() {
-            let uid = uid(i);
-            if inserted.get(uid) == Some(&i) {
+            if inserted.contains(&i) {
                 outcome.stored.push(i);
                 continue;
             }
+            let uid = uid(i);
             let stored: &[u8] = match existing.get(uid) {
                 Some(document) => document.as_bytes(),
                 None => &batch[first_by_uid[uid]].json,
@@ -103,35 +111,28 @@ impl BatchTx {
         Ok(outcome)
     }
 
-    /// Writes the `new` orders of `batch` with `COPY`, or, when that is refused
-    /// (another writer stored one of them meanwhile, or the database refuses a
-    /// row), rolls it back and writes them with `INSERT … ON CONFLICT`; the ones
-    /// found stored then join `existing`. Returns the uids inserted, each with
-    /// its index in `batch`.
-    async fn insert_new<'b>(
+    /// Writes the `rows` of `batch` with `COPY` under a savepoint. `false` when
+    /// the database refused a row (one stored already, or its data): the
+    /// attempt is rolled back and the transaction goes on.
+    async fn try_copy(
         &mut self,
         topic: &str,
-        batch: &'b [Incoming],
-        new: &[usize],
-        existing: &mut HashMap<String, String>,
-    ) -> Result<HashMap<&'b str, usize>, sqlx::Error> {
-        let uid = |i: usize| batch[i].order.uid().as_str();
+        batch: &[Incoming],
+        rows: &[usize],
+    ) -> Result<bool, sqlx::Error> {
         sqlx::query("SAVEPOINT copy_new")
             .execute(&mut *self.tx)
             .await?;
-        match self.copy_orders(topic, batch, new).await {
-            Ok(()) => return Ok(new.iter().map(|&i| (uid(i), i)).collect()),
-            Err(e) if matches!(classify(&e), ErrorClass::OrderData { .. }) => {}
-            Err(e) => return Err(e),
+        match self.copy_rows(topic, batch, rows, "").await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(classify(&e), ErrorClass::OrderData { .. }) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
+                    .execute(&mut *self.tx)
+                    .await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
-        sqlx::query("ROLLBACK TO SAVEPOINT copy_new")
-            .execute(&mut *self.tx)
-            .await?;
-        let inserted = self.insert_staged(topic, batch, new).await?;
-        let (fresh, raced): (Vec<usize>, Vec<usize>) =
-            new.iter().partition(|&&i| inserted.contains(uid(i)));
-        existing.extend(self.stored_documents(raced.iter().map(|&i| uid(i))).await?);
-        Ok(fresh.iter().map(|&i| (uid(i), i)).collect())
     }
 
     /// The stored document of each of `uids` that is stored.
@@ -149,16 +150,6 @@ impl BatchTx {
                 .fetch_all(&mut *self.tx)
                 .await?;
         Ok(rows.into_iter().collect())
-    }
-
-    /// Writes the `rows` of `batch` and their children with one `COPY` per table.
-    async fn copy_orders(
-        &mut self,
-        topic: &str,
-        batch: &[Incoming],
-        rows: &[usize],
-    ) -> Result<(), sqlx::Error> {
-        self.copy_rows(topic, batch, rows, "").await
     }
 
     /// `COPY` of the `rows` of `batch` into the tables named `{prefix}{table}`.
@@ -193,6 +184,9 @@ impl BatchTx {
         batch: &[Incoming],
         rows: &[usize],
     ) -> Result<HashSet<String>, sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(HashSet::new());
+        }
         // Temporary tables without the real ones' constraints, emptied at each
         // commit; a row the database refuses is refused by the INSERT below.
         for (table, columns) in TABLES {
