@@ -1,5 +1,6 @@
-//! The commit of one batch, as a unit: its dead letters sent and acknowledged,
-//! then its orders written in one transaction with the offsets they cover.
+//! The commit of one batch, in two steps: its dead letters sent and
+//! acknowledged, then its orders written in one transaction with the offsets
+//! they cover (repeated while orders are refused).
 //! Only an order's own data may refuse it; any other failure is a [`Stall`]
 //! and the whole batch is kept for a retry. No transaction is open while the
 //! broker is waited on.
@@ -38,7 +39,7 @@ impl Stall {
 }
 
 /// What one write attempt came to.
-enum Attempt {
+pub enum Attempt {
     Committed(InsertOutcome),
     /// These orders are refused (their data, or a conflict): they are
     /// dead-lettered first, then the rest is written again.
@@ -55,31 +56,14 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Commits `batch` or says why not. On failure the batch keeps what was
-    /// learnt (letters acknowledged, orders refused), so a retry repeats nothing.
-    /// `offsets` gives the positions the batch stores with its orders, once
-    /// its letters are acknowledged.
-    pub async fn commit(
-        &self,
-        batch: &mut Batch,
-        partitions: &HashMap<i32, PartitionState>,
-        offsets: impl Fn(&Batch) -> Vec<PartitionOffset>,
-    ) -> Result<InsertOutcome, Stall> {
-        // Each round either commits, stalls, or moves at least one order out
-        // of the batch's valid ones, so it ends.
-        loop {
-            self.send_letters(batch, partitions).await?;
-            match self.write(batch, &offsets).await? {
-                Attempt::Committed(outcome) => return Ok(outcome),
-                Attempt::Refused(refused) => batch.refuse(refused),
-            }
-        }
-    }
-
-    async fn write(
+    /// Writes `batch` in one transaction with the positions it moves to,
+    /// once its letters are acknowledged ([`Committer::send_letters`]): the
+    /// orders, the letters' records, the offsets. No broker call is awaited
+    /// here, so this can run while the next batch is gathered.
+    pub async fn write(
         &self,
         batch: &Batch,
-        offsets: impl Fn(&Batch) -> Vec<PartitionOffset>,
+        offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
         let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
         let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
@@ -121,7 +105,7 @@ impl Committer {
         tx.record_dead_letters(&self.topic, &letters)
             .await
             .map_err(|e| Stall::database(&e))?;
-        tx.save_offsets(&self.group_id, &self.topic, &offsets(batch))
+        tx.save_offsets(&self.group_id, &self.topic, offsets)
             .await
             .map_err(|e| Stall::database(&e))?;
         tx.commit().await.map_err(|e| Stall::database(&e))?;
@@ -163,7 +147,7 @@ impl Committer {
     /// Sends the batch's letters not yet acknowledged and waits for the broker,
     /// at most [`ACK_PATIENCE`] per attempt. Letters still unanswered then stay
     /// in flight: the retry waits for them, it never sends them again.
-    async fn send_letters(
+    pub async fn send_letters(
         &self,
         batch: &mut Batch,
         partitions: &HashMap<i32, PartitionState>,

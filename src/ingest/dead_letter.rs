@@ -13,6 +13,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sync_wrapper::SyncWrapper;
 use tokio::sync::OnceCell;
 
 /// Most `dlq-reason` headers on one dead letter; an order with a thousand bad
@@ -215,7 +216,7 @@ impl DeadLetters {
             .map_err(|(e, _)| SendError::Kafka(e))?;
         let key = (letter.partition, letter.offset);
         in_flight.keys.insert(key);
-        in_flight.deliveries.push(
+        in_flight.deliveries.get_mut().push(
             async move {
                 let result = match delivery.await {
                     Ok(Ok(delivery)) => Ok(delivery.offset),
@@ -239,7 +240,9 @@ pub type Acknowledgement = ((i32, i64), Result<i64, SendError>);
 #[derive(Default)]
 pub struct InFlight {
     keys: HashSet<(i32, i64)>,
-    deliveries: FuturesUnordered<BoxFuture<'static, Acknowledgement>>,
+    /// Only ever reached through `&mut`; the wrapper makes the batch that
+    /// holds it `Sync`, so its write can run in a task of its own.
+    deliveries: SyncWrapper<FuturesUnordered<BoxFuture<'static, Acknowledgement>>>,
 }
 
 impl std::fmt::Debug for InFlight {
@@ -273,7 +276,7 @@ impl InFlight {
     /// Cancel-safe: an answer is either returned or still waiting.
     pub async fn next(&mut self) -> Option<Acknowledgement> {
         while !self.keys.is_empty() {
-            let (key, result) = self.deliveries.next().await?;
+            let (key, result) = self.deliveries.get_mut().next().await?;
             if self.keys.remove(&key) {
                 return Some((key, result));
             }

@@ -4,6 +4,12 @@
 //! partition resumes. When the environment fails (database, dead-letter topic)
 //! ingest pauses with the batch in hand and retries; nothing is dead-lettered
 //! for it.
+//!
+//! A batch's transaction runs in a task of its own while the next batch is
+//! gathered; batches commit one at a time, in order. Its letters are sent
+//! and acknowledged before it is handed over, so a partition revoked while
+//! it is written finds them when its new owner reads the dead-letter topic
+//! back, and its orders, if consumed again, are absorbed as duplicates.
 
 mod batch;
 mod broker_probe;
@@ -22,11 +28,12 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::batch::{Batch, Received};
-use self::commit::{Committer, Stall};
+use self::commit::{Attempt, Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
 use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
@@ -68,7 +75,7 @@ impl PartitionState {
 pub struct Ingest {
     consumer: Arc<OrderConsumer>,
     events: mpsc::UnboundedReceiver<Rebalance>,
-    committer: Committer,
+    committer: Arc<Committer>,
     cache: Arc<OrderCache>,
     metrics: Arc<Metrics>,
     health: Arc<IngestHealth>,
@@ -82,9 +89,11 @@ pub struct Ingest {
     unloaded: Vec<i32>,
     /// The batch being gathered.
     batch: Batch,
-    /// A closed batch not committed yet: in flight, or waiting for the
-    /// environment. The batch being gathered is committed only after it.
+    /// A closed batch not committed yet: its letters being sent, or waiting
+    /// for the environment. The batch being gathered is committed only after it.
     closed: Option<Batch>,
+    /// The closed batch whose transaction runs while the next one is gathered.
+    writing: Option<Writing>,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Since when ingest is paused, and when the paused time was last counted.
@@ -127,13 +136,13 @@ impl Ingest {
         Ok(Self {
             consumer: Arc::new(consumer),
             events,
-            committer: Committer {
+            committer: Arc::new(Committer {
                 store,
                 dead_letters,
                 topic: settings.kafka.topic.clone(),
                 group_id: settings.kafka.group_id.clone(),
                 preview_bytes: settings.ingest.dead_letter_preview_bytes,
-            },
+            }),
             cache,
             metrics,
             health,
@@ -144,6 +153,7 @@ impl Ingest {
             unloaded: Vec::new(),
             batch: Batch::default(),
             closed: None,
+            writing: None,
             backoff: Duration::ZERO,
             retry_at: None,
             stalled_since: None,
@@ -175,6 +185,19 @@ impl Ingest {
             probe,
         ));
         loop {
+            let ingest = &self.settings.ingest;
+            // At most one batch is written while the next is gathered; a full
+            // one is closed as soon as nothing is ahead of it.
+            let idle = self.closed.is_none() && self.writing.is_none();
+            let full = self
+                .batch
+                .is_full(ingest.batch_size, ingest.batch_max_bytes);
+            if full && idle {
+                if !until(stop, self.flush()).await {
+                    break;
+                }
+                continue;
+            }
             let flush_at = self.batch.first_at.map(|t| t + linger);
             let finished = tokio::select! {
                 biased;
@@ -186,11 +209,19 @@ impl Ingest {
                 () = sleep_until(self.reposition_at.unwrap_or_else(far_future)), if self.reposition_at.is_some() => {
                     until(stop, self.reposition()).await
                 }
-                () = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() && self.closed.is_none() => {
+                () = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() && idle => {
                     until(stop, self.flush()).await
                 }
                 () = sleep_until(self.orphans_at) => until(stop, self.look_for_orphans()).await,
-                message = consumer.recv() => match message {
+                // Taken in hand at once: shutdown must not drop the batch it returns.
+                joined = writing_ends(&mut self.writing), if self.writing.is_some() => match self.written(joined) {
+                    Ok(started) => until(stop, self.start_commit(started)).await,
+                    Err(stall) => {
+                        self.stall(stall);
+                        true
+                    }
+                },
+                message = consumer.recv(), if !(full && self.writing.is_some()) => match message {
                     Ok(message) => {
                         // Rebalance signals raised while polling come first, so a
                         // message is never judged against a stale assignment.
@@ -209,11 +240,8 @@ impl Ingest {
                                 broker_time: message.timestamp().to_millis(),
                                 replay_of: replay_of(&message),
                             };
+                            // Closed at the top of the loop once full.
                             self.batch.push(received, &self.settings.validation);
-                            let ingest = &self.settings.ingest;
-                            if self.batch.is_full(ingest.batch_size, ingest.batch_max_bytes) && self.closed.is_none() {
-                                finished &= until(stop, self.flush()).await;
-                            }
                         }
                         finished
                     }
@@ -233,6 +261,12 @@ impl Ingest {
     async fn shut_down(mut self) -> anyhow::Result<()> {
         let bound = Duration::from_millis(self.settings.ingest.shutdown_timeout_ms);
         let finish = async {
+            if self.writing.is_some() {
+                let joined = writing_ends(&mut self.writing).await;
+                if let Err(stall) = self.written(joined) {
+                    tracing::warn!(cause = %stall, "the batch being written was not committed; trying once more");
+                }
+            }
             // The batch in hand comes after the closed one; committing it alone
             // would move the offsets past messages never stored.
             if self.closed.is_some() {
@@ -564,12 +598,70 @@ impl Ingest {
             .await
     }
 
-    /// Closes the batch being gathered and commits it.
+    /// Closes the batch being gathered and starts its commit.
     async fn flush(&mut self) {
         self.closed = Some(std::mem::take(&mut self.batch));
-        if let Err(stall) = self.commit_closed().await {
-            self.stall(stall);
+        self.start_commit(std::time::Instant::now()).await;
+    }
+
+    /// Sends the closed batch's letters, then hands it to a task that writes
+    /// it while the next batch is gathered. The batch stays in `closed` until
+    /// the task holds it, so a step cut short by shutdown leaves it in place.
+    async fn start_commit(&mut self, started: std::time::Instant) {
+        let Some(batch) = self.closed.as_mut() else {
+            return;
+        };
+        if batch.is_empty() {
+            self.closed = None;
+            return;
         }
+        if let Err(stall) = self.committer.send_letters(batch, &self.partitions).await {
+            return self.stall(stall);
+        }
+        let Some(batch) = self.closed.take() else {
+            return;
+        };
+        let offsets = self.positions(&batch);
+        let committer = self.committer.clone();
+        let task = tokio::spawn(async move {
+            let attempt = committer.write(&batch, &offsets).await;
+            (batch, attempt)
+        });
+        self.writing = Some(Writing { task, started });
+    }
+
+    /// The written batch is committed, or back in `closed`: with its refused
+    /// orders, to be dead-lettered first (then committed again from the
+    /// instant returned), or stalled.
+    fn written(&mut self, joined: Result<Written, JoinError>) -> Result<std::time::Instant, Stall> {
+        let started = self
+            .writing
+            .take()
+            .map_or_else(std::time::Instant::now, |w| w.started);
+        // A panic in the write is a defect: it ends ingest as it would have here.
+        let (mut batch, attempt) =
+            joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        // Partitions revoked while it was written are no longer this
+        // instance's: their new owner resumes from PostgreSQL's positions.
+        let revoked: Vec<i32> = batch
+            .next_offsets()
+            .map(|(p, _)| p)
+            .filter(|p| !self.partitions.contains_key(p))
+            .collect();
+        let result = match attempt {
+            Ok(Attempt::Committed(outcome)) => {
+                self.finish(batch, &outcome, started);
+                return Ok(started);
+            }
+            Ok(Attempt::Refused(refused)) => {
+                batch.refuse(refused);
+                Ok(started)
+            }
+            Err(stall) => Err(stall),
+        };
+        batch.drop_partitions(&revoked);
+        self.closed = Some(batch);
+        result
     }
 
     /// Pauses fetching and schedules a retry with capped exponential backoff.
@@ -641,36 +733,59 @@ impl Ingest {
         }
     }
 
-    /// Commits the closed batch; on success it is gone and its orders are
-    /// counted, cached and announced. On failure it stays, with what was learnt.
+    /// Commits the closed batch and waits for it; on success it is gone and
+    /// its orders are counted, cached and announced. On failure it stays, with
+    /// what was learnt.
     async fn commit_closed(&mut self) -> Result<(), Stall> {
-        let Some(batch) = self.closed.as_mut() else {
-            return Ok(());
-        };
-        if batch.is_empty() {
-            self.closed = None;
-            return Ok(());
-        }
         let started = std::time::Instant::now();
-        // Owned partitions with nothing in flight store their dead-letter
-        // position too, so that every position keeps up with the topic.
+        loop {
+            let Some(batch) = self.closed.as_mut() else {
+                return Ok(());
+            };
+            if batch.is_empty() {
+                self.closed = None;
+                return Ok(());
+            }
+            self.committer.send_letters(batch, &self.partitions).await?;
+            let Some(batch) = &self.closed else {
+                return Ok(());
+            };
+            let offsets = self.positions(batch);
+            match self.committer.write(batch, &offsets).await? {
+                Attempt::Committed(outcome) => {
+                    let batch = self.closed.take().unwrap_or_default();
+                    self.finish(batch, &outcome, started);
+                    return Ok(());
+                }
+                Attempt::Refused(refused) => {
+                    if let Some(batch) = self.closed.as_mut() {
+                        batch.refuse(refused);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The positions `closing` stores with its orders: its partitions', and
+    /// those of owned partitions with nothing gathered, so that every
+    /// dead-letter position keeps up with the topic.
+    fn positions(&self, closing: &Batch) -> Vec<PartitionOffset> {
         let gathering: HashSet<i32> = self.batch.next_offsets().map(|(p, _)| p).collect();
-        let closing: HashSet<i32> = batch.next_offsets().map(|(p, _)| p).collect();
+        let in_closing: HashSet<i32> = closing.next_offsets().map(|(p, _)| p).collect();
         let idle: Vec<(i32, i64)> = self
             .partitions
             .iter()
-            .filter(|(p, _)| !gathering.contains(p) && !closing.contains(p))
+            .filter(|(p, _)| !gathering.contains(p) && !in_closing.contains(p))
             .map(|(&p, state)| (p, state.next.unwrap_or(0)))
             .collect();
-        let (partitions, dlq_ends) = (&self.partitions, &self.dlq_ends);
-        let dead_letters = &self.committer.dead_letters;
-        let offsets = |batch: &Batch| {
-            stored_positions(batch, &idle, partitions, dlq_ends, |p| {
-                dead_letters.partition_of(p)
-            })
-        };
-        let outcome = self.committer.commit(batch, partitions, offsets).await?;
-        let batch = self.closed.take().unwrap_or_default();
+        stored_positions(closing, &idle, &self.partitions, &self.dlq_ends, |p| {
+            self.committer.dead_letters.partition_of(p)
+        })
+    }
+
+    /// What follows a commit: positions raised, letters forgotten, metrics,
+    /// the orders cached and announced, Kafka told.
+    fn finish(&mut self, batch: Batch, outcome: &InsertOutcome, started: std::time::Instant) {
         for (source, end) in batch.dlq_ends() {
             if let Some(d) = self.committer.dead_letters.partition_of(source) {
                 raise_end(&mut self.dlq_ends, d, end);
@@ -686,7 +801,7 @@ impl Ingest {
             .batch_commit_seconds
             .observe(started.elapsed().as_secs_f64());
         let committed_at = std::time::Instant::now();
-        self.committed(&batch, &outcome);
+        self.committed(&batch, outcome);
         self.metrics
             .commit_to_visible_seconds
             .observe(committed_at.elapsed().as_secs_f64());
@@ -697,7 +812,6 @@ impl Ingest {
                 .observe((now_ms - t).max(0) as f64 / 1000.0);
         }
         self.commit_to_kafka(&batch);
-        Ok(())
     }
 
     /// Counts, caches and announces what a committed batch stored.
@@ -814,6 +928,23 @@ fn report_expired(metrics: &Metrics, partition: i32, next: i64, earliest: i64) {
 fn raise_end(ends: &mut HashMap<i32, i64>, d: i32, end: i64) {
     let known = ends.entry(d).or_insert(end);
     *known = (*known).max(end);
+}
+
+/// A batch back from its write, with what the write came to.
+type Written = (Batch, Result<Attempt, Stall>);
+
+/// The task writing a closed batch, and when its commit started.
+struct Writing {
+    task: JoinHandle<Written>,
+    started: std::time::Instant,
+}
+
+/// The end of the write in `writing`; never, if there is none.
+async fn writing_ends(writing: &mut Option<Writing>) -> Result<Written, JoinError> {
+    match writing {
+        Some(writing) => (&mut writing.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs `step` unless `shutdown` comes first; false when it did. A step cut
