@@ -131,7 +131,7 @@ pub struct IngestSettings {
 impl Default for IngestSettings {
     fn default() -> Self {
         Self {
-            batch_size: 2000,
+            batch_size: 5000,
             batch_max_bytes: 16 * 1024 * 1024,
             batch_linger_ms: 5,
             max_backoff_ms: 5000,
