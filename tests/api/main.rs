@@ -9,6 +9,7 @@ mod hostile;
 mod ingest;
 mod observability;
 mod producer;
+mod schema;
 mod security;
 mod skeleton;
 mod store;
