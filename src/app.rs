@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{MemoryTier, OrderCache, RedisTier};
 use crate::configuration::{redacted, Settings};
 use crate::events::{Feed, IngestHealth};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Io, Server};
 use crate::ingest::Ingest;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -94,19 +94,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics,
         ingest: health,
         feed,
+        io: Io::current(),
     };
     let app = http::router(state, &settings.http);
-    let http_stop = shutdown.clone();
-    let header_timeout = Duration::from_millis(settings.http.header_read_timeout_ms);
-    let server = tokio::spawn(http::serve(listener, app, header_timeout, http_stop));
+    let server = Server::start(listener, app, &settings.http, shutdown.clone())?;
 
     let ingest_result = ingest.run(shutdown.clone()).await;
     // Whatever stopped ingest stops the HTTP side too.
     shutdown.cancel();
-    let http_result = tokio::time::timeout(Duration::from_secs(5), server)
+    let http_result = tokio::time::timeout(Duration::from_secs(5), server.stopped())
         .await
         .map_err(|_| anyhow::anyhow!("HTTP server did not stop in time"))
-        .and_then(|joined| joined.context("HTTP server task"));
+        .and_then(|stopped| stopped);
     ingest_result.and(http_result)
 }
 

@@ -169,6 +169,8 @@ pub struct HttpSettings {
     /// How long a client may take to send its request head (slow-client guard).
     pub header_read_timeout_ms: u64,
     pub max_concurrency: usize,
+    /// Serving threads; 0 means one per core.
+    pub workers: usize,
 }
 
 impl Default for HttpSettings {
@@ -178,6 +180,7 @@ impl Default for HttpSettings {
             request_timeout_ms: 5000,
             header_read_timeout_ms: 10_000,
             max_concurrency: 4096,
+            workers: 0,
         }
     }
 }

@@ -114,15 +114,26 @@ impl OrderCache {
         }
     }
 
-    /// The order from the fastest tier that has it; `None` if no order has this id.
-    pub async fn get(&self, uid: &OrderUid) -> Result<Option<CachedOrder>, sqlx::Error> {
+    /// The order if the in-process tier has it: no I/O, so any runtime may ask.
+    pub fn get_in_memory(&self, uid: &OrderUid) -> Option<CachedOrder> {
+        let order = self.memory.get(uid.as_str());
+        let (hit, miss) = &self.counters.memory;
+        match order {
+            Some(_) => hit.inc(),
+            None => miss.inc(),
+        }
+        order
+    }
+
+    /// The order from Redis or PostgreSQL, after [`Self::get_in_memory`]
+    /// missed; `None` if no order has this id. Uses their connections, so it
+    /// runs on the runtime that owns them.
+    pub async fn get_beyond_memory(
+        &self,
+        uid: &OrderUid,
+    ) -> Result<Option<CachedOrder>, sqlx::Error> {
         let uid = uid.as_str();
         let c = &self.counters;
-        if let Some(order) = self.memory.get(uid) {
-            c.memory.0.inc();
-            return Ok(Some(order));
-        }
-        c.memory.1.inc();
         if let Some(redis) = &self.redis {
             if let Some(json) = redis.get(uid).await {
                 c.redis.0.inc();

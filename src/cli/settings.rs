@@ -244,6 +244,8 @@ pub const SETTINGS: &[Setting] = &[
         "Time a client may take to send its request head, in ms; slower ones are cut off"),
     setting!("HTTP_MAX_CONCURRENCY", http.max_concurrency, "HTTP", "N",
         "Requests handled at once; more wait"),
+    setting!("HTTP_WORKERS", http.workers, "HTTP", "N",
+        "Threads serving HTTP, each with its own single-threaded runtime (0: one per core)"),
     setting!("LOG_FORMAT", log.format, "Logging", "FORMAT",
         "Log format; the level is set with RUST_LOG (e.g. info, order_service=debug)"),
 ];

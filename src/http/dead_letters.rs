@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
+use axum::middleware;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::io::{on_io, Io};
 use super::paging::{bad, Page};
 use super::AppState;
 use crate::domain::{OrderUid, LETTER_STAGES};
@@ -19,10 +21,11 @@ use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 /// Letters shown with an order's 404.
 const LETTERS_WITH_NOT_FOUND: i64 = 5;
 
-pub fn router() -> Router<AppState> {
+pub fn router(io: &Io) -> Router<AppState> {
     Router::new()
         .route("/api/dead-letters", get(list))
         .route("/api/dead-letters/{topic}/{partition}/{offset}", get(one))
+        .route_layer(middleware::from_fn_with_state(io.clone(), on_io))
 }
 
 /// Newest first; `before` is the `next_cursor` of the previous page.

@@ -22,6 +22,9 @@ pub enum ApiError {
     NoDeadLetter,
     #[error("storage unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The runtime that owns the connections is shutting down.
+    #[error("the service is stopping")]
+    Stopping,
 }
 
 impl IntoResponse for ApiError {
@@ -56,6 +59,10 @@ impl IntoResponse for ApiError {
                     json!({ "error": "storage unavailable, try again shortly" }),
                 )
             }
+            ApiError::Stopping => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "error": "the service is stopping" }),
+            ),
         };
         (status, Json(body)).into_response()
     }

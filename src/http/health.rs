@@ -3,22 +3,27 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::io::{on_io, Io};
 use super::AppState;
 
 const OPENAPI: &str = include_str!("openapi.json");
 
-pub fn router() -> Router<AppState> {
+pub fn router(io: &Io) -> Router<AppState> {
     Router::new()
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
-        .route("/readyz", get(readyz))
+        .route(
+            "/readyz",
+            get(readyz).route_layer(middleware::from_fn_with_state(io.clone(), on_io)),
+        )
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",

@@ -4,6 +4,7 @@ mod dead_letters;
 mod error;
 mod feed;
 mod health;
+mod io;
 mod orders;
 mod paging;
 mod server;
@@ -23,7 +24,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 
-pub use self::server::serve;
+pub use self::io::Io;
+pub use self::server::Server;
 use crate::cache::OrderCache;
 use crate::configuration::HttpSettings;
 use crate::events::{Feed, IngestHealth};
@@ -40,6 +42,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestHealth>,
     pub feed: Feed,
+    /// The runtime that owns the pool and the Redis client.
+    pub io: Io,
 }
 
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
@@ -54,9 +58,9 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         (header::X_FRAME_OPTIONS, "DENY"),
     ];
     let mut router = Router::new()
-        .merge(orders::router())
-        .merge(dead_letters::router())
-        .merge(health::router())
+        .merge(orders::router(&state.io))
+        .merge(dead_letters::router(&state.io))
+        .merge(health::router(&state.io))
         .merge(feed::router())
         .merge(ui::router())
         .fallback(no_route)

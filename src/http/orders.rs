@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -10,15 +11,18 @@ use serde_json::json;
 
 use super::dead_letters::letters_of_order;
 use super::error::ApiError;
+use super::io::{on_io, Io};
 use super::paging::Page;
 use super::AppState;
+use crate::cache::CachedOrder;
 use crate::domain::OrderUid;
 use crate::store::OrderFilter;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/order/{order_uid}", get(order))
-        .route("/api/orders", get(recent))
+pub fn router(io: &Io) -> Router<AppState> {
+    Router::new().route("/order/{order_uid}", get(order)).route(
+        "/api/orders",
+        get(recent).route_layer(middleware::from_fn_with_state(io.clone(), on_io)),
+    )
 }
 
 /// The order as received. Orders never change, so the ETag (a hash of the
@@ -41,12 +45,10 @@ async fn order(
         reason: format!("invalid order_uid: {reason} (expected {})", OrderUid::RULE),
         order_uid: Some(raw.chars().take(80).collect()),
     })?;
-    let order = state.cache.get(&uid).await.map_err(ApiError::Unavailable)?;
-    let Some(order) = order else {
-        return Err(ApiError::NotFound {
-            dead_letters: letters_of_order(&state.store, &uid).await,
-            order_uid: uid.to_string(),
-        });
+    let order = match state.cache.get_in_memory(&uid) {
+        Some(order) => order,
+        // The slower tiers, on the runtime that owns their connections.
+        None => state.io.clone().run(look_up(state, uid)).await??,
     };
     let cache_control = HeaderValue::from_static("public, max-age=86400, immutable");
     let etag = &order.etag()[..];
@@ -82,6 +84,19 @@ async fn order(
         order.json,
     )
         .into_response())
+}
+
+/// An order not in memory: from Redis or PostgreSQL, or a 404 that says
+/// why, when messages that claimed this id were dead-lettered.
+async fn look_up(state: AppState, uid: OrderUid) -> Result<CachedOrder, ApiError> {
+    match state.cache.get_beyond_memory(&uid).await {
+        Ok(Some(order)) => Ok(order),
+        Ok(None) => Err(ApiError::NotFound {
+            dead_letters: letters_of_order(&state.store, &uid).await,
+            order_uid: uid.to_string(),
+        }),
+        Err(e) => Err(ApiError::Unavailable(e)),
+    }
 }
 
 /// The most recently ingested orders as summaries, newest first, narrowed by

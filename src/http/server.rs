@@ -1,22 +1,131 @@
-//! The accept loop. axum::serve gives no way to bound how long a client may
-//! take to send its request head, so a slow client (slowloris) could hold a
-//! connection forever; this loop sets that bound and shuts down gracefully.
+//! Serving. One listener; its accept loop hands each connection, in turn, to
+//! one of `HTTP_WORKERS` threads, each running a single-threaded runtime: a
+//! request is read, answered and written on one thread, with no work stealing
+//! and no wake-ups across threads. One listener rather than one per worker
+//! (`SO_REUSEPORT`) keeps the port exclusive: a second instance started on the
+//! same address fails instead of silently sharing the traffic and the
+//! instance's identity. axum::serve gives no way to bound how long a client
+//! may take to send its request head, so a slow client (slowloris) could hold
+//! a connection forever; the workers set that bound and drain on shutdown.
 
+use std::num::NonZeroUsize;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::configuration::HttpSettings;
 
 /// How long open connections (live feeds included) get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(3);
 
-pub async fn serve(
+/// Accepted connections waiting for their worker; beyond this the accept loop
+/// waits and the kernel's backlog holds the rest.
+const HANDOVER_QUEUE: usize = 1024;
+
+pub struct Server {
+    accept: tokio::task::JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the workers and the accept loop (on the caller's runtime). They
+    /// stop accepting when `shutdown` is cancelled, then drain.
+    pub fn start(
+        listener: TcpListener,
+        router: Router,
+        settings: &HttpSettings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let count = match settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+            n => n,
+        };
+        let header_timeout = Duration::from_millis(settings.header_read_timeout_ms);
+        let mut queues = Vec::with_capacity(count);
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let (queue, incoming) = mpsc::channel(HANDOVER_QUEUE);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building an HTTP worker's runtime")?;
+            let (router, shutdown) = (router.clone(), shutdown.clone());
+            let worker = std::thread::Builder::new()
+                .name(format!("http-{index}"))
+                .spawn(move || runtime.block_on(work(incoming, router, header_timeout, shutdown)))
+                .context("starting an HTTP worker thread")?;
+            queues.push(queue);
+            workers.push(worker);
+        }
+        let accept = tokio::spawn(accept(listener, queues, shutdown));
+        Ok(Self { accept, workers })
+    }
+
+    /// Waits until the accept loop has stopped and every worker has drained.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.accept.await.context("HTTP accept loop")?;
+        let workers = self.workers;
+        tokio::task::spawn_blocking(move || {
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("an HTTP worker panicked"))
+            })
+        })
+        .await
+        .context("waiting for the HTTP workers")?
+    }
+}
+
+async fn accept(
     listener: TcpListener,
+    queues: Vec<mpsc::Sender<std::net::TcpStream>>,
+    shutdown: CancellationToken,
+) {
+    for queue in queues.iter().cycle() {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        // Leaves this runtime's reactor; the worker registers it with its own.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand an accepted connection over");
+                continue;
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            sent = queue.send(stream) => if sent.is_err() {
+                tracing::error!("an HTTP worker has stopped; no longer accepting");
+                break;
+            },
+        }
+    }
+}
+
+/// One worker: serves the connections handed to it until shutdown, then
+/// gives them the drain period to finish.
+async fn work(
+    mut incoming: mpsc::Receiver<std::net::TcpStream>,
     router: Router,
     header_timeout: Duration,
     shutdown: CancellationToken,
@@ -28,19 +137,20 @@ pub async fn serve(
         .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            next = incoming.recv() => match next {
+                Some(stream) => stream,
+                None => break,
             },
         };
-        let _ = stream.set_nodelay(true);
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take over an accepted connection");
+                continue;
+            }
+        };
         let service = TowerToHyperService::new(router.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());

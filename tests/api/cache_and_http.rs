@@ -335,6 +335,81 @@ async fn operational_routes_and_the_openapi_document() {
     assert_eq!(documented, expected);
 }
 
+/// One serving thread or several: every route answers, those that read
+/// PostgreSQL too (their work runs on the runtime that owns the pool), under
+/// many requests at once; and a second instance cannot take the address.
+#[tokio::test]
+async fn any_number_of_workers_serves_every_route() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(91, 4);
+    for workers in [1, 3] {
+        let service = env.spawn_with(&[
+            ("HTTP_WORKERS", &workers.to_string()),
+            ("CACHE_WARMUP_ORDERS", "0"),
+        ]);
+        service.wait_ready().await;
+        assert_eq!(service.threads_named("http-"), workers);
+        if workers == 1 {
+            store_orders(&env, &orders).await;
+        }
+        let mut paths: Vec<(String, u16)> = orders
+            .iter()
+            .map(|(uid, _)| (format!("/order/{uid}"), 200))
+            .collect();
+        paths.extend([
+            ("/order/not-anywhere".to_owned(), 404),
+            ("/api/orders?limit=2".to_owned(), 200),
+            ("/api/dead-letters?limit=2".to_owned(), 200),
+            ("/api/dead-letters/t/0/0".to_owned(), 404),
+            ("/readyz".to_owned(), 200),
+            ("/healthz".to_owned(), 200),
+            ("/metrics".to_owned(), 200),
+            ("/".to_owned(), 200),
+        ]);
+        let requests = paths
+            .iter()
+            .cycle()
+            .take(paths.len() * 25)
+            .map(|(path, status)| {
+                let request = service.client.get(service.url(path)).send();
+                async move { (path, *status, request.await.unwrap().status().as_u16()) }
+            });
+        for (path, expected, status) in futures::future::join_all(requests).await {
+            assert_eq!(status, expected, "{path} with {workers} worker(s)");
+        }
+        let (uid, bytes) = &orders[0];
+        let body: serde_json::Value = service
+            .get(&format!("/order/{uid}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            body,
+            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
+        );
+
+        let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .arg("serve")
+            .env_clear()
+            .envs(env.service_env())
+            .env("HTTP_ADDR", &service.addr)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = second.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(
+            !status.success(),
+            "a second instance on {}: {stderr}",
+            service.addr
+        );
+        assert!(stderr.contains("HTTP_ADDR: cannot listen"), "{stderr}");
+        assert!(service.terminate().success());
+    }
+}
+
 /// Memory, then Redis, then PostgreSQL: each tier answers when the ones above
 /// it cannot, and fills them on the way back.
 #[tokio::test]
