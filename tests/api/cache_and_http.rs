@@ -11,6 +11,17 @@ fn prefix() -> String {
     format!("test-{}:", Alphanumeric.sample_string(&mut rand::rng(), 10))
 }
 
+/// `GET /order/{uid}` answers 200 with the order as it was produced.
+async fn assert_serves(service: &Service, uid: &str, produced: &[u8]) {
+    let response = service.get(&format!("/order/{uid}")).await;
+    assert_eq!(response.status(), 200, "{uid}");
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap(),
+        serde_json::from_slice::<serde_json::Value>(produced).unwrap(),
+        "{uid}"
+    );
+}
+
 async fn counter(service: &Service, tier: &str, result: &str) -> f64 {
     service
         .metric(&format!(
@@ -377,17 +388,7 @@ async fn any_number_of_workers_serves_every_route() {
         for (path, expected, status) in futures::future::join_all(requests).await {
             assert_eq!(status, expected, "{path} with {workers} worker(s)");
         }
-        let (uid, bytes) = &orders[0];
-        let body: serde_json::Value = service
-            .get(&format!("/order/{uid}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            body,
-            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
-        );
+        assert_serves(&service, &orders[0].0, &orders[0].1).await;
 
         let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
             .arg("serve")
@@ -440,16 +441,7 @@ async fn reads_fall_through_the_tiers() {
     let (mut from_redis, mut refilled) = (0, 0);
     for (uid, bytes) in &orders {
         let redis_hits = counter(&service, "redis", "hit").await;
-        let body: serde_json::Value = service
-            .get(&format!("/order/{uid}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            body,
-            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
-        );
+        assert_serves(&service, uid, bytes).await;
         if counter(&service, "redis", "hit").await == redis_hits {
             continue;
         }
@@ -479,16 +471,7 @@ async fn reads_fall_through_the_tiers() {
     ]);
     cold.wait_ready().await;
     wait_redis_up(&cold).await;
-    let body: serde_json::Value = cold
-        .get(&format!("/order/{}", orders[1].0))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        body,
-        serde_json::from_slice::<serde_json::Value>(&orders[1].1).unwrap()
-    );
+    assert_serves(&cold, &orders[1].0, &orders[1].1).await;
     assert_eq!(counter(&cold, "memory", "miss").await, 1.0);
     assert_eq!(counter(&cold, "redis", "miss").await, 1.0);
     assert_eq!(counter(&cold, "postgres", "hit").await, 1.0);
@@ -544,12 +527,7 @@ async fn redis_outage_fails_no_request() {
 
     proxy.cut();
     for (uid, bytes) in &orders {
-        let response = service.get(&format!("/order/{uid}")).await;
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            response.json::<serde_json::Value>().await.unwrap(),
-            serde_json::from_slice::<serde_json::Value>(bytes).unwrap()
-        );
+        assert_serves(&service, uid, bytes).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
