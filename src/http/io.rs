@@ -13,6 +13,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::runtime::Handle;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::error::ApiError;
 
@@ -26,13 +27,14 @@ impl Io {
     }
 
     /// Runs `work` on the I/O runtime and waits for it. A panic in `work`
-    /// carries on in the caller, as if it had run there.
+    /// carries on in the caller, as if it had run there; a caller that stops
+    /// waiting (the request timed out, the client left) stops `work` too.
     pub async fn run<F>(&self, work: F) -> Result<F::Output, ApiError>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        match self.0.spawn(work).await {
+        match AbortOnDropHandle::new(self.0.spawn(work)).await {
             Ok(output) => Ok(output),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Err(ApiError::Stopping),

@@ -411,6 +411,49 @@ async fn any_number_of_workers_serves_every_route() {
     }
 }
 
+/// A request whose database work hangs (its table locked) answers 408 at
+/// HTTP_REQUEST_TIMEOUT_MS, while the one worker goes on serving orders from
+/// memory; once the lock is gone the same request answers again.
+#[tokio::test]
+async fn a_hung_database_times_requests_out_while_memory_still_answers() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[("HTTP_REQUEST_TIMEOUT_MS", "1000"), ("HTTP_WORKERS", "1")]);
+    service.wait_ready().await;
+    let orders = generated_orders(93, 2);
+    store_orders(&env, &orders).await;
+    for (uid, _) in &orders {
+        service.wait_for_order(uid, Duration::from_secs(10)).await;
+    }
+
+    let mut lock = env.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let searches = async {
+        let searches = (0..3).map(|_| service.get("/api/orders?customer_id=nobody"));
+        let searches = futures::future::join_all(searches).await;
+        (searches, std::time::Instant::now())
+    };
+    let from_memory = async {
+        for (uid, bytes) in orders.iter().cycle().take(6) {
+            assert_serves(&service, uid, bytes).await;
+        }
+        std::time::Instant::now()
+    };
+    let ((searches, timed_out_at), served_at) = futures::future::join(searches, from_memory).await;
+    for search in searches {
+        assert_eq!(search.status(), 408);
+    }
+    assert!(
+        served_at < timed_out_at,
+        "memory answered while the searches hung"
+    );
+    lock.rollback().await.unwrap();
+    let search = service.get("/api/orders?customer_id=nobody").await;
+    assert_eq!(search.status(), 200);
+}
+
 /// Memory, then Redis, then PostgreSQL: each tier answers when the ones above
 /// it cannot, and fills them on the way back.
 #[tokio::test]
