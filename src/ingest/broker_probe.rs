@@ -7,11 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode::{UnknownPartition, UnknownTopic, UnknownTopicOrPartition};
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::OrderConsumer;
 use crate::events::IngestHealth;
 use crate::telemetry::Metrics;
 
@@ -23,7 +22,7 @@ const SLOW: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn watch(
-    consumer: Arc<OrderConsumer>,
+    consumer: Arc<BaseConsumer>,
     topic: String,
     health: Arc<IngestHealth>,
     metrics: Arc<Metrics>,

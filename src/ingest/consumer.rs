@@ -74,6 +74,19 @@ impl SignalingContext {
     }
 }
 
+/// A client of its own for what ingest asks the broker beside consuming
+/// (partition ends, topic metadata). librdkafka drops a connection whose
+/// request timed out (`socket.max.fails`); on the consumer's own client that
+/// connection carries the group session, so a short question timing out on a
+/// slow broker would cost the instance its partitions, and on the local broker
+/// the group may never hand them back.
+pub fn side_client(kafka: &KafkaSettings) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .context("KAFKA_BROKERS: cannot create the client that reads partition ends")
+}
+
 /// Joins the group on the orders topic, with auto-commit off: offsets live in PostgreSQL.
 pub fn subscribe(
     kafka: &KafkaSettings,

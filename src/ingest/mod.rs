@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -74,6 +74,8 @@ impl PartitionState {
 
 pub struct Ingest {
     consumer: Arc<OrderConsumer>,
+    /// Partition ends and metadata; never the group's connection (see `side_client`).
+    side: Arc<BaseConsumer>,
     events: mpsc::UnboundedReceiver<Rebalance>,
     committer: Arc<Committer>,
     cache: Arc<OrderCache>,
@@ -135,6 +137,7 @@ impl Ingest {
         )?;
         Ok(Self {
             consumer: Arc::new(consumer),
+            side: Arc::new(consumer::side_client(&settings.kafka)?),
             events,
             committer: Arc::new(Committer {
                 store,
@@ -178,7 +181,7 @@ impl Ingest {
         let probe = shutdown.child_token();
         let _probe_guard = probe.clone().drop_guard();
         tokio::spawn(broker_probe::watch(
-            consumer.clone(),
+            self.side.clone(),
             self.settings.kafka.topic.clone(),
             self.health.clone(),
             self.metrics.clone(),
@@ -339,14 +342,15 @@ impl Ingest {
             .filter(|(_, s)| !s.positioned)
             .map(|(&p, s)| (p, s.next.map_or(Offset::Beginning, Offset::Offset)))
             .collect();
-        let (consumer, topic) = (self.consumer.clone(), self.settings.kafka.topic.clone());
+        let (consumer, side) = (self.consumer.clone(), self.side.clone());
+        let topic = self.settings.kafka.topic.clone();
         let seeks = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
                 .map(|(partition, target)| {
                     let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
                     let earliest = match (&seek, target) {
-                        (Ok(()), Offset::Offset(_)) => consumer
+                        (Ok(()), Offset::Offset(_)) => side
                             .fetch_watermarks(&topic, partition, Duration::from_secs(1))
                             .ok()
                             .map(|(low, _)| low),
@@ -551,7 +555,7 @@ impl Ingest {
 
     /// Each partition's committed position (PostgreSQL) and end (the broker).
     async fn progress(&self) -> anyhow::Result<Vec<Progress>> {
-        let (consumer, topic) = (self.consumer.clone(), self.settings.kafka.topic.clone());
+        let (consumer, topic) = (self.side.clone(), self.settings.kafka.topic.clone());
         let ends = tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(2);
             let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
