@@ -53,7 +53,11 @@ impl Store {
             PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(timeout),
-            options.application_name("order-service"),
+            // Notices (a staging table that exists already, every batch on
+            // the fallback path but a session's first) are not worth a log line.
+            options
+                .application_name("order-service")
+                .options([("client_min_messages", "warning")]),
         )
     }
 

@@ -189,11 +189,6 @@ impl BatchTx {
         }
         // Temporary tables without the real ones' constraints, emptied at each
         // commit; a row the database refuses is refused by the INSERT below.
-        // That they exist already (every time but a session's first) is a
-        // notice not worth a log line.
-        sqlx::query("SET LOCAL client_min_messages = warning")
-            .execute(&mut *self.tx)
-            .await?;
         for (table, columns) in TABLES {
             sqlx::query(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS staged_{table} ON COMMIT DELETE ROWS
