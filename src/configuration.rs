@@ -104,7 +104,7 @@ impl Default for KafkaSettings {
             dlq_topic: "orders.dlq".into(),
             group_id: "order-service".into(),
             group_instance_id: None,
-            session_timeout_ms: 10_000,
+            session_timeout_ms: 45_000,
         }
     }
 }

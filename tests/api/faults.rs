@@ -9,7 +9,7 @@
 //! Sizes come from FAULT_ORDERS (messages per scenario, default 1500),
 //! FAULT_RATE (messages/s, default 150), FAULT_KILLS (default 3),
 //! FAULT_PG_OUTAGE_SECS (default 30), FAULT_ENV_OUTAGE_SECS (default 10),
-//! FAULT_FREEZE_SECS (default 25) and FAULT_BROKER_FREEZE_SECS (default 35).
+//! FAULT_FREEZE_SECS (default 55, past the default 45 s session timeout) and FAULT_BROKER_FREEZE_SECS (default 35).
 //! Each scenario prints its seed (the producer's stream and the moments of
 //! its faults); FAULT_SEED=N replays it.
 
@@ -506,6 +506,21 @@ impl Broker {
         std::thread::sleep(down_for);
         Self::start(std::mem::take(&mut self.dir), self.port)
     }
+
+    /// Restarts the broker as `scripts/stack up` does: with its groups'
+    /// membership forgotten while it is stopped.
+    fn restart_forgetting_groups(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker-forget-groups.sql");
+        let status = Command::new("sqlite3")
+            .arg(self.dir.join("tansu.db"))
+            .stdin(std::fs::File::open(&sql).unwrap())
+            .status()
+            .expect("sqlite3 (scripts/stack test installs it)");
+        assert!(status.success(), "{sql:?}: {status:?}");
+        Self::start(std::mem::take(&mut self.dir), self.port)
+    }
 }
 
 impl Drop for Broker {
@@ -763,10 +778,10 @@ async fn service_frozen_past_the_session_timeout() {
     let stream = Stream::start(&env, seed.value);
     pause(seed.random_point(0.5)).await;
     service.signal("STOP");
-    pause(Duration::from_secs(setting("FAULT_FREEZE_SECS", 25))).await;
+    pause(Duration::from_secs(setting("FAULT_FREEZE_SECS", 55))).await;
     service.signal("CONT");
     let delivered = stream.finish().await;
-    let scenario = format!("(k) service frozen {} s", setting("FAULT_FREEZE_SECS", 25));
+    let scenario = format!("(k) service frozen {} s", setting("FAULT_FREEZE_SECS", 55));
     // No counter check: the group took the partitions away mid-batch, so the
     // instance consumes some messages twice (once per assignment) by design.
     reconcile(&env, &scenario, delivered, &service, None).await;
@@ -806,9 +821,10 @@ async fn three_instances_one_killed() {
 
 /// A group whose rebalance never completes is named in the log, not waited
 /// on in silence. On the local broker: its leader killed, another member
-/// joining (Apache Kafka would expire the leader and assign).
+/// joining (Apache Kafka would expire the leader and assign). The stack's
+/// remedy, a broker restart that forgets the groups' membership, ends it.
 #[tokio::test]
-async fn a_rebalance_that_never_completes_is_reported() {
+async fn a_rebalance_that_never_completes_is_reported_and_a_stack_restart_ends_it() {
     let timeout = [("KAFKA_SESSION_TIMEOUT_MS", "6000")];
     // A broker of its own: the stuck group stays in its storage for good.
     let (_storage, broker, env, leader) = on_own_broker(&timeout).await;
@@ -830,6 +846,20 @@ async fn a_rebalance_that_never_completes_is_reported() {
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["checks"]["kafka_assignment"], "waiting");
+    let broker = broker.restart_forgetting_groups();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !other
+        .log_text()
+        .contains("the group assigned partitions at last")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the group stayed stuck after the restart:\n{}",
+            other.log_text()
+        );
+        pause(Duration::from_millis(500)).await;
+    }
+    other.wait_ready().await;
     drop(broker);
 }
 

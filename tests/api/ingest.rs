@@ -489,7 +489,8 @@ async fn an_instance_holding_nothing_names_partitions_nobody_consumes() {
     };
     holder.kill();
     produce_orders(&env, &generated_orders(81, 10)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The default session timeout (45 s), then a check every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let r = second.get("/readyz").await;
         let body: serde_json::Value = r.json().await.unwrap();
