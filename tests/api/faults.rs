@@ -417,6 +417,31 @@ async fn kill_9_at_random_points() {
     reconcile(&env, &scenario, delivered, &service, None).await;
 }
 
+/// Stopped (SIGTERM) at several points of its start, while its group may
+/// still be forming, then started again the same way: it gets its partitions
+/// and consumes. (A leader that left a forming group would leave it without
+/// a leader on the local broker, for good; librdkafka finishes a join and
+/// sync in flight before it leaves, and this holds it to that.)
+#[tokio::test]
+async fn stopped_while_joining_then_started_again_consumes() {
+    let env = TestEnv::with_partitions(1).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let settings = [("HTTP_ADDR", addr.as_str())];
+    for after_ms in [1_500, 3_000, 4_500, 6_000, 7_500] {
+        let service = env.spawn_with(&settings);
+        pause(Duration::from_millis(after_ms)).await;
+        let status = tokio::task::spawn_blocking(move || service.terminate())
+            .await
+            .unwrap();
+        assert!(status.success(), "stopped after {after_ms} ms: {status:?}");
+    }
+    let service = env.spawn_with(&settings);
+    helpers::produce_orders(&env, &helpers::generated_orders(93, 5)).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 5, Duration::from_secs(60))
+        .await;
+    service.wait_ready().await;
+}
+
 #[tokio::test]
 async fn postgres_away_for_30_seconds() {
     let env = TestEnv::new().await;
