@@ -3,7 +3,9 @@
 //! `GET /order/{uid}`, and in the same run nginx serving one of the same JSON
 //! documents as a static file with the same wrk settings; then latency at half
 //! the measured maximum rate, resident memory against cached bytes, and the
-//! warm-up rate from PostgreSQL.
+//! warm-up rate from PostgreSQL. BENCH_HTTP_PROFILE=FILE also samples where
+//! the service spends its time during its wrk run (`perf`, Debian's
+//! linux-perf) into FILE and prints the top of the profile.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -16,7 +18,8 @@ use order_service::store::{Incoming, Store};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 
-const WRK_ARGS: [&str; 5] = ["-t2", "-c64", "-d10s", "--latency", "--timeout=2s"];
+const WRK_ARGS: [&str; 4] = ["-t2", "-c64", "--latency", "--timeout=2s"];
+const WRK_SECS: u32 = 10;
 
 fn var(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -30,7 +33,7 @@ struct Wrk {
 
 fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
     let mut cmd = Command::new("wrk");
-    cmd.args(WRK_ARGS);
+    cmd.args(WRK_ARGS).arg(format!("-d{WRK_SECS}s"));
     if let Some(script) = script {
         cmd.arg("-s").arg(script);
     }
@@ -59,6 +62,43 @@ fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
         requests_per_sec: rps,
         p50_ms: field("50%"),
         p99_ms: field("99%"),
+    }
+}
+
+/// Samples the process `pid` for `secs` (the length of a wrk run started
+/// right after) into `file`.
+fn profile_for(pid: u32, file: &str, secs: u32) -> (Child, String) {
+    let perf = Command::new("perf")
+        .args(["record", "-F", "999", "-o", file, "-p", &pid.to_string()])
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("perf runs (apt-get install linux-perf)");
+    (perf, file.to_owned())
+}
+
+/// The functions that took the most samples, by shared object.
+fn print_profile(mut perf: Child, file: &str) {
+    let status = perf.wait().expect("perf record ends");
+    assert!(status.success(), "perf record: {status:?}");
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.7",
+        ])
+        .args(["--sort", "dso,symbol", "-i", file])
+        .output()
+        .expect("perf report runs");
+    println!("  where the service's time went during its wrk run ({file}):");
+    for line in String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        println!("    {line}");
     }
 }
 
@@ -299,9 +339,18 @@ async fn main() {
         .expect("nginx runs (apt-get install nginx-light)");
     std::thread::sleep(Duration::from_millis(500));
 
+    let profile = std::env::var("BENCH_HTTP_PROFILE")
+        .ok()
+        .map(|file| profile_for(service.id(), &file, WRK_SECS));
     let ours = wrk(&format!("http://{addr}"), Some(&script));
+    if let Some((perf, file)) = profile {
+        print_profile(perf, &file);
+    }
     let theirs = wrk("http://127.0.0.1:18081/order.json", None);
-    println!("  wrk {} against each, same run:", WRK_ARGS.join(" "));
+    println!(
+        "  wrk {} -d{WRK_SECS}s against each, same run:",
+        WRK_ARGS.join(" ")
+    );
     println!(
         "    order-service GET /order/{{random uid}}  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
         ours.requests_per_sec, ours.p50_ms, ours.p99_ms

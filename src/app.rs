@@ -96,8 +96,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         feed,
         io: Io::current(),
     };
-    let app = http::router(state, &settings.http);
-    let server = Server::start(listener, app, &settings.http, shutdown.clone())?;
+    let routers = http::routers(state, &settings.http);
+    let server = Server::start(listener, routers, &settings.http, shutdown.clone())?;
 
     let ingest_result = ingest.run(shutdown.clone()).await;
     // Whatever stopped ingest stops the HTTP side too.

@@ -14,7 +14,7 @@ use order_service::cache::{MemoryTier, OrderCache};
 use order_service::configuration::HttpSettings;
 use order_service::domain::{parse_order, Limits, SAMPLE_ORDER};
 use order_service::events::{Feed, IngestHealth};
-use order_service::http::{router, AppState, Io};
+use order_service::http::{routers, AppState, Io};
 use order_service::store::Store;
 use order_service::telemetry::Metrics;
 use tower::ServiceExt;
@@ -55,7 +55,7 @@ fn target() -> &'static Target {
                 // This runtime owns the (unreachable) pool; block_on drives it.
                 io: Io::current(),
             };
-            router(state, &HttpSettings::default())
+            routers(state, &HttpSettings::default())()
         });
         Target { runtime, app }
     })

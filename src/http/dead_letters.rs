@@ -14,14 +14,14 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::io::{on_io, Io};
 use super::paging::{bad, Page};
-use super::AppState;
+use super::Shared;
 use crate::domain::{OrderUid, LETTER_STAGES};
 use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 
 /// Letters shown with an order's 404.
 const LETTERS_WITH_NOT_FOUND: i64 = 5;
 
-pub fn router(io: &Io) -> Router<AppState> {
+pub fn router(io: &Io) -> Router<Shared> {
     Router::new()
         .route("/api/dead-letters", get(list))
         .route("/api/dead-letters/{topic}/{partition}/{offset}", get(one))
@@ -30,7 +30,7 @@ pub fn router(io: &Io) -> Router<AppState> {
 
 /// Newest first; `before` is the `next_cursor` of the previous page.
 async fn list(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let page = Page::from_params(&params, &["order_uid", "key", "stage", "since"])?;
@@ -74,7 +74,7 @@ async fn list(
 
 /// One letter with its reasons and the first bytes of its payload.
 async fn one(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path((topic, partition, offset)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let (Ok(partition), Ok(offset)) = (partition.parse::<i32>(), offset.parse::<i64>()) else {

@@ -10,15 +10,13 @@ use axum::Router;
 use futures::Stream;
 use tokio::sync::broadcast;
 
-use super::AppState;
+use super::Shared;
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Shared> {
     Router::new().route("/api/orders/stream", get(stream))
 }
 
-async fn stream(
-    State(state): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn stream(State(state): State<Shared>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.feed.subscribe();
     let events = futures::stream::unfold(receiver, |mut receiver| async move {
         loop {

@@ -10,11 +10,11 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::io::{on_io, Io};
-use super::AppState;
+use super::Shared;
 
 const OPENAPI: &str = include_str!("openapi.json");
 
-pub fn router(io: &Io) -> Router<AppState> {
+pub fn router(io: &Io) -> Router<Shared> {
     Router::new()
         .route(
             "/healthz",
@@ -34,7 +34,7 @@ pub fn router(io: &Io) -> Router<AppState> {
 /// Ready when PostgreSQL answers, the consumer holds its assignment, ingest
 /// is not paused and the broker answers in time. Redis and the warm-up are reported but never make the
 /// service unready. `problems` says in words what keeps it unready.
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
         Ok(Ok(()))
@@ -88,7 +88,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
     let m = &state.metrics;
     let memory = state.cache.memory();
     m.cache_entries.set(memory.entries() as i64);

@@ -46,7 +46,30 @@ pub struct AppState {
     pub io: Io,
 }
 
-pub fn router(state: AppState, settings: &HttpSettings) -> Router {
+/// What the handlers get: the state behind an `Arc` of their router's own.
+/// Every request clones it, so each worker's router has its own `Arc`: one
+/// reference count per core, not one contended by all.
+#[derive(Clone)]
+pub struct Shared(Arc<AppState>);
+
+impl std::ops::Deref for Shared {
+    type Target = AppState;
+
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+/// Builds a router over `state` per call, one per worker; all of them share
+/// one concurrency limit.
+pub fn routers(state: AppState, settings: &HttpSettings) -> impl Fn() -> Router {
+    let settings = settings.clone();
+    let limit = Arc::new(tokio::sync::Semaphore::new(settings.max_concurrency));
+    move || router(state.clone(), &settings, limit.clone())
+}
+
+fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Semaphore>) -> Router {
+    let state = Shared(Arc::new(state));
     let security = [
         (
             header::CONTENT_SECURITY_POLICY,
@@ -64,17 +87,14 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(feed::router())
         .merge(ui::router())
         .fallback(no_route)
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            record,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(CompressionLayer::new().gzip(true).br(true))
         .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(settings.request_timeout_ms),
         ))
-        .layer(GlobalConcurrencyLimitLayer::new(settings.max_concurrency));
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(limit));
     for (name, value) in security {
         router = router.layer(SetResponseHeaderLayer::if_not_present(
             name,
@@ -95,7 +115,8 @@ async fn no_route() -> impl IntoResponse {
 
 /// Counts every request by route template (never the raw path, which would
 /// make one series per order) and status.
-async fn record(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+async fn record(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let metrics = &state.metrics;
     // A cheap clone (shared string), not a copy of the path.
     let route = request.extensions().get::<MatchedPath>().cloned();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);

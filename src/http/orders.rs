@@ -1,8 +1,11 @@
 use std::collections::HashMap;
+use std::convert::Infallible;
 
 use axum::extract::rejection::PathRejection;
+use axum::extract::FromRequestParts;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,12 +16,12 @@ use super::dead_letters::letters_of_order;
 use super::error::ApiError;
 use super::io::{on_io, Io};
 use super::paging::Page;
-use super::AppState;
+use super::Shared;
 use crate::cache::CachedOrder;
 use crate::domain::OrderUid;
 use crate::store::OrderFilter;
 
-pub fn router(io: &Io) -> Router<AppState> {
+pub fn router(io: &Io) -> Router<Shared> {
     Router::new().route("/order/{order_uid}", get(order)).route(
         "/api/orders",
         get(recent).route_layer(middleware::from_fn_with_state(io.clone(), on_io)),
@@ -28,9 +31,9 @@ pub fn router(io: &Io) -> Router<AppState> {
 /// The order as received. Orders never change, so the ETag (a hash of the
 /// bytes, computed when the order was cached) is strong and caches may keep them.
 async fn order(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+    IfNoneMatch(if_none_match): IfNoneMatch,
 ) -> Result<Response, ApiError> {
     // Percent-escapes that decode to something other than UTF-8 get the same
     // JSON answer as any other bad id, not the framework's plain text.
@@ -52,8 +55,8 @@ async fn order(
     };
     let cache_control = HeaderValue::from_static("public, max-age=86400, immutable");
     let etag = &order.etag()[..];
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
+    let matches = if_none_match
+        .as_ref()
         .map(HeaderValue::as_bytes)
         .is_some_and(|v| {
             v.split(|b| *b == b',')
@@ -86,9 +89,21 @@ async fn order(
         .into_response())
 }
 
+/// The request's `If-None-Match`, alone: the `HeaderMap` extractor would copy
+/// every header of every request.
+struct IfNoneMatch(Option<HeaderValue>);
+
+impl<S: Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self(parts.headers.get(header::IF_NONE_MATCH).cloned()))
+    }
+}
+
 /// An order not in memory: from Redis or PostgreSQL, or a 404 that says
 /// why, when messages that claimed this id were dead-lettered.
-async fn look_up(state: AppState, uid: OrderUid) -> Result<CachedOrder, ApiError> {
+async fn look_up(state: Shared, uid: OrderUid) -> Result<CachedOrder, ApiError> {
     match state.cache.get_beyond_memory(&uid).await {
         Ok(Some(order)) => Ok(order),
         Ok(None) => Err(ApiError::NotFound {
@@ -103,7 +118,7 @@ async fn look_up(state: AppState, uid: OrderUid) -> Result<CachedOrder, ApiError
 /// exact `track_number`, `customer_id` or payment `transaction` when given.
 /// `before` is the `next_cursor` of the previous page.
 async fn recent(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let page = Page::from_params(&params, &["track_number", "customer_id", "transaction"])?;

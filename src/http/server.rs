@@ -38,10 +38,12 @@ pub struct Server {
 
 impl Server {
     /// Starts the workers and the accept loop (on the caller's runtime). They
-    /// stop accepting when `shutdown` is cancelled, then drain.
+    /// stop accepting when `shutdown` is cancelled, then drain. Each worker
+    /// serves a router of its own from `make_router`, so the reference counts
+    /// that every request bumps stay on its core.
     pub fn start(
         listener: TcpListener,
-        router: Router,
+        make_router: impl Fn() -> Router,
         settings: &HttpSettings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
@@ -58,7 +60,7 @@ impl Server {
                 .enable_all()
                 .build()
                 .context("building an HTTP worker's runtime")?;
-            let (router, shutdown) = (router.clone(), shutdown.clone());
+            let (router, shutdown) = (make_router(), shutdown.clone());
             let worker = std::thread::Builder::new()
                 .name(format!("http-{index}"))
                 .spawn(move || runtime.block_on(work(incoming, router, header_timeout, shutdown)))

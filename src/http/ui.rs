@@ -6,13 +6,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use super::AppState;
+use super::Shared;
 
 const INDEX: &str = include_str!("ui/index.html");
 const SCRIPT: &str = include_str!("ui/app.js");
 const STYLE: &str = include_str!("ui/app.css");
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Shared> {
     Router::new()
         .route("/", get(index))
         .route("/orders/{order_uid}", get(index))
