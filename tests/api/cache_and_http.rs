@@ -454,6 +454,48 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     assert_eq!(search.status(), 200);
 }
 
+/// `HTTP_MAX_CONCURRENCY` bounds the instance, not each worker: with both
+/// permits held by searches that hang on the database, an order in memory
+/// waits for one of them to time out, whichever worker serves it.
+#[tokio::test]
+async fn the_concurrency_limit_is_one_for_all_workers() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[
+        ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+        ("HTTP_WORKERS", "2"),
+        ("HTTP_MAX_CONCURRENCY", "2"),
+    ]);
+    service.wait_ready().await;
+    let orders = generated_orders(95, 1);
+    store_orders(&env, &orders).await;
+    let (uid, bytes) = &orders[0];
+    service.wait_for_order(uid, Duration::from_secs(10)).await;
+
+    let mut lock = env.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let search = || async {
+        let response = service.get("/api/orders?customer_id=nobody").await;
+        (response.status().as_u16(), std::time::Instant::now())
+    };
+    let from_memory = async {
+        // Both searches are in by now and hold the two permits.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_serves(&service, uid, bytes).await;
+        std::time::Instant::now()
+    };
+    let ((first, second), served_at) =
+        futures::future::join(futures::future::join(search(), search()), from_memory).await;
+    assert_eq!((first.0, second.0), (408, 408));
+    assert!(
+        served_at >= first.1.min(second.1),
+        "memory answered while both permits were held"
+    );
+    lock.rollback().await.unwrap();
+}
+
 /// Memory, then Redis, then PostgreSQL: each tier answers when the ones above
 /// it cannot, and fills them on the way back.
 #[tokio::test]
