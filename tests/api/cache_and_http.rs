@@ -425,11 +425,7 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
         service.wait_for_order(uid, Duration::from_secs(10)).await;
     }
 
-    let mut lock = env.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_orders(&env).await;
     let searches = async {
         let searches = (0..3).map(|_| service.get("/api/orders?customer_id=nobody"));
         let searches = futures::future::join_all(searches).await;
@@ -454,6 +450,17 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     assert_eq!(search.status(), 200);
 }
 
+/// Holds the orders table locked, so every query of it hangs, until the
+/// transaction ends.
+async fn lock_orders(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = env.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
 /// `HTTP_MAX_CONCURRENCY` bounds the instance, not each worker: with both
 /// permits held by searches that hang on the database, an order in memory
 /// waits for one of them to time out, whichever worker serves it.
@@ -471,11 +478,7 @@ async fn the_concurrency_limit_is_one_for_all_workers() {
     let (uid, bytes) = &orders[0];
     service.wait_for_order(uid, Duration::from_secs(10)).await;
 
-    let mut lock = env.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_orders(&env).await;
     let search = || async {
         let response = service.get("/api/orders?customer_id=nobody").await;
         (response.status().as_u16(), std::time::Instant::now())
