@@ -171,6 +171,9 @@ pub struct HttpSettings {
     pub max_concurrency: usize,
     /// Serving threads; 0 means one per core.
     pub workers: usize,
+    /// HTTP/2 (prior knowledge) beside HTTP/1.1; off, connections skip the
+    /// protocol sniffing.
+    pub allow_http2: bool,
 }
 
 impl Default for HttpSettings {
@@ -181,6 +184,7 @@ impl Default for HttpSettings {
             header_read_timeout_ms: 10_000,
             max_concurrency: 4096,
             workers: 0,
+            allow_http2: false,
         }
     }
 }

@@ -134,6 +134,18 @@ impl FlagValue for Option<SecretString> {
     }
 }
 
+impl FlagValue for bool {
+    fn read(value: &str) -> Result<Self, String> {
+        value.parse().map_err(|e| format!("{e}"))
+    }
+    fn show(&self) -> Option<String> {
+        Some(self.to_string())
+    }
+    fn choices() -> Vec<PossibleValue> {
+        vec![PossibleValue::new("true"), PossibleValue::new("false")]
+    }
+}
+
 impl FlagValue for LogFormat {
     fn read(value: &str) -> Result<Self, String> {
         <Self as ValueEnum>::from_str(value, false)
@@ -246,6 +258,8 @@ pub const SETTINGS: &[Setting] = &[
         "Requests handled at once; more wait"),
     setting!("HTTP_WORKERS", http.workers, "HTTP", "N",
         "Threads serving HTTP, each with its own single-threaded runtime (0: one per core)"),
+    setting!("HTTP_ALLOW_HTTP2", http.allow_http2, "HTTP", "BOOL",
+        "Also serve HTTP/2 without TLS (prior knowledge); false serves HTTP/1.1 only, without reading ahead to tell the two apart"),
     setting!("LOG_FORMAT", log.format, "Logging", "FORMAT",
         "Log format; the level is set with RUST_LOG (e.g. info, order_service=debug)"),
 ];

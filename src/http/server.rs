@@ -51,7 +51,7 @@ impl Server {
             0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             n => n,
         };
-        let header_timeout = Duration::from_millis(settings.header_read_timeout_ms);
+        let connections = connection_builder(settings);
         let mut queues = Vec::with_capacity(count);
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
@@ -60,10 +60,11 @@ impl Server {
                 .enable_all()
                 .build()
                 .context("building an HTTP worker's runtime")?;
-            let (router, shutdown) = (make_router(), shutdown.clone());
+            let (router, connections, shutdown) =
+                (make_router(), connections.clone(), shutdown.clone());
             let worker = std::thread::Builder::new()
                 .name(format!("http-{index}"))
-                .spawn(move || runtime.block_on(work(incoming, router, header_timeout, shutdown)))
+                .spawn(move || runtime.block_on(work(incoming, router, connections, shutdown)))
                 .context("starting an HTTP worker thread")?;
             queues.push(queue);
             workers.push(worker);
@@ -124,19 +125,30 @@ async fn accept(
     }
 }
 
+/// How every connection is served: HTTP/1.1 with the request-head timeout,
+/// and HTTP/2 beside it only when allowed, as telling the two apart means
+/// reading ahead on every new connection.
+fn connection_builder(settings: &HttpSettings) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(settings.header_read_timeout_ms));
+    if settings.allow_http2 {
+        builder
+    } else {
+        builder.http1_only()
+    }
+}
+
 /// One worker: serves the connections handed to it until shutdown, then
 /// gives them the drain period to finish.
 async fn work(
     mut incoming: mpsc::Receiver<std::net::TcpStream>,
     router: Router,
-    header_timeout: Duration,
+    builder: Builder<TokioExecutor>,
     shutdown: CancellationToken,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -154,7 +166,8 @@ async fn work(
             }
         };
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        // No route upgrades the connection, so the plain connection serves.
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
             let _ = connection.await;

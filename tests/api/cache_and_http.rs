@@ -452,6 +452,41 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
 
 /// Holds the orders table locked, so every query of it hangs, until the
 /// transaction ends.
+/// HTTP/2 without TLS is served only when `HTTP_ALLOW_HTTP2` asks for it; by
+/// default a connection is HTTP/1.1 from its first byte.
+#[tokio::test]
+async fn http2_is_served_only_when_allowed() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(92, 1);
+    let (uid, produced) = &orders[0];
+    for allowed in [false, true] {
+        let service = env.spawn_with(&[("HTTP_ALLOW_HTTP2", &allowed.to_string())]);
+        service.wait_ready().await;
+        if !allowed {
+            store_orders(&env, &orders).await;
+        }
+        assert_serves(&service, uid, produced).await;
+        let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<axum::body::Body>();
+        let request = axum::http::Request::get(service.url(&format!("/order/{uid}")))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), h2.request(request))
+            .await
+            .expect("an HTTP/2 request is answered or refused at once");
+        match answer {
+            Ok(response) if allowed => {
+                assert_eq!(response.version(), axum::http::Version::HTTP_2);
+                assert_eq!(response.status(), 200);
+            }
+            Ok(response) => panic!("HTTP/2 served by default: {response:?}"),
+            Err(e) => assert!(!allowed, "HTTP/2 refused while allowed: {e}"),
+        }
+        assert!(service.terminate().success());
+    }
+}
+
 async fn lock_orders(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut lock = env.db.begin().await.unwrap();
     sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
