@@ -347,10 +347,9 @@ mod tests {
                 continue;
             };
             let (section, field) = s.key.split_once('.').unwrap();
-            let value = match value.parse::<i64>() {
-                Ok(number) => number.to_string(),
-                Err(_) => format!("{value:?}"),
-            };
+            // Numbers and booleans bare, the rest as TOML strings.
+            let bare = value.parse::<i64>().is_ok() || value.parse::<bool>().is_ok();
+            let value = if bare { value } else { format!("{value:?}") };
             *sections.entry(section).or_default() += &format!("{field} = {value}\n");
         }
         let text: String = sections
