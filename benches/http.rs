@@ -1,9 +1,9 @@
 //! HTTP benchmark, run by `scripts/stack bench http`. With N orders cached
 //! (BENCH_HTTP_ORDERS, default 100000): wrk with random keys against
 //! `GET /order/{uid}`, and in the same run nginx serving one of the same JSON
-//! documents as a static file with the same wrk settings; then latency at half
-//! the measured maximum rate, resident memory against cached bytes, and the
-//! warm-up rate from PostgreSQL. BENCH_HTTP_PROFILE=FILE also samples where
+//! documents as a static file with the same wrk settings; then latency of both
+//! under an open-loop load at half our measured maximum (oha), resident memory
+//! against cached bytes, and the warm-up rate from PostgreSQL. BENCH_HTTP_PROFILE=FILE also samples where
 //! the service spends its time during its wrk run (`perf`, Debian's
 //! linux-perf) into FILE and prints the top of the profile.
 
@@ -175,31 +175,21 @@ struct Paced {
     success: f64,
 }
 
-/// `oha` sending `rate` requests/s for `secs` from 64 connections to `target`
-/// (a URL, or with `from_file` a file of URLs picked at random), latency
-/// counted from when each request was due, so a stalled server is not hidden
-/// by a stalled client (coordinated omission).
-fn paced(target: &str, from_file: bool, rate: f64, secs: u32) -> Paced {
-    let mut cmd = Command::new("oha");
-    cmd.args([
-        "--no-tui",
-        "--output-format",
-        "json",
-        "--latency-correction",
-    ])
-    .args([
-        "-c",
-        "64",
-        "-q",
-        &format!("{rate:.0}"),
-        "-z",
-        &format!("{secs}s"),
-    ]);
-    if from_file {
-        cmd.arg("--urls-from-file");
-    }
-    let out = cmd
-        .arg(target)
+/// `oha` sending `rate` requests/s for `secs` from 64 connections to URLs
+/// picked at random from the file `urls`, latency counted from when each
+/// request was due, so a stalled server is not hidden by a stalled client
+/// (coordinated omission).
+fn paced(urls: &std::path::Path, rate: f64, secs: u32) -> Paced {
+    let (rate, secs) = (format!("{rate:.0}"), format!("{secs}s"));
+    let out = Command::new("oha")
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--latency-correction",
+        ])
+        .args(["-c", "64", "-q", &rate, "-z", &secs, "--urls-from-file"])
+        .arg(urls)
         .output()
         .expect("oha runs (scripts/bench-http installs it)");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -385,17 +375,24 @@ async fn main() {
         .map(|uid| format!("http://{addr}/order/{uid}"))
         .collect();
     std::fs::write(&url_file, urls.join("\n")).unwrap();
+    // nginx's URL from a file too, so both runs pay oha's cost of picking one.
+    let nginx_urls = dir.path().join("nginx-urls.txt");
+    std::fs::write(
+        &nginx_urls,
+        "http://127.0.0.1:18081/order.json\n".repeat(urls.len()),
+    )
+    .unwrap();
     println!(
         "  oha at half our maximum rate ({half:.0} req/s, paced, 64 connections, 10 s), same run:"
     );
     for (name, latency) in [
         (
             "order-service GET /order/{random uid}",
-            paced(url_file.to_str().unwrap(), true, half, 10),
+            paced(&url_file, half, 10),
         ),
         (
             "nginx static file (same JSON)        ",
-            paced("http://127.0.0.1:18081/order.json", false, half, 10),
+            paced(&nginx_urls, half, 10),
         ),
     ] {
         println!(
