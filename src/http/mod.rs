@@ -19,6 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -34,6 +35,11 @@ use crate::telemetry::Metrics;
 
 /// Requests carry no body worth more than this; everything here is a GET.
 const MAX_REQUEST_BODY: usize = 16 * 1024;
+
+/// Smaller bodies, most orders among them, are sent as they are: they leave
+/// in the first round trip either way (TCP's initial window is about 14 KB),
+/// and compressing each one cut throughput to under a third (BENCHMARKS.md).
+const COMPRESS_MIN_BYTES: u16 = 4096;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -88,7 +94,13 @@ fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Sema
         .merge(ui::router())
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), record))
-        .layer(CompressionLayer::new().gzip(true).br(true))
+        .layer(
+            CompressionLayer::new().gzip(true).br(true).compress_when(
+                SizeAbove::new(COMPRESS_MIN_BYTES)
+                    .and(NotForContentType::IMAGES)
+                    .and(NotForContentType::SSE),
+            ),
+        )
         .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -82,14 +82,30 @@ async fn order_route_statuses_headers_and_encodings() {
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()[header::ETAG].to_str().unwrap(), etag);
 
+    // Compression on request, for bodies of 4 KiB and more: an order that
+    // small leaves as it is; a large one is compressed.
+    let mut generator = order_service::producer::Generator::new(93, 60);
+    let large = std::iter::repeat_with(|| generator.valid())
+        .find(|order| order.to_string().len() > 8192)
+        .unwrap();
+    let large_uid = large["order_uid"].as_str().unwrap();
+    env.produce(&[(Some(large_uid), large.to_string().as_bytes())])
+        .await;
+    service
+        .wait_for_order(large_uid, Duration::from_secs(30))
+        .await;
     for encoding in ["gzip", "br"] {
-        let compressed = service
-            .client
-            .get(service.url("/order/http-route-1"))
-            .header(header::ACCEPT_ENCODING, encoding)
-            .send()
-            .await
-            .unwrap();
+        let get = |uid: &str| {
+            service
+                .client
+                .get(service.url(&format!("/order/{uid}")))
+                .header(header::ACCEPT_ENCODING, encoding)
+                .send()
+        };
+        let small = get("http-route-1").await.unwrap();
+        assert_eq!(small.headers().get(header::CONTENT_ENCODING), None);
+        assert_eq!(small.json::<serde_json::Value>().await.unwrap(), order);
+        let compressed = get(large_uid).await.unwrap();
         assert_eq!(compressed.headers()[header::CONTENT_ENCODING], encoding);
     }
 
