@@ -101,7 +101,10 @@ impl TestEnv {
         ))
         .expect("TEST_DATABASE_URL is a PostgreSQL URL");
         let mut conn = admin.connect().await.expect("connect as the owner role");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        // Before PostgreSQL 15 the stack names a template whose schema `public` is
+        // the owner role's, as 15 makes it for every new database.
+        let template = var("TEST_DATABASE_TEMPLATE", "template1");
+        sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .execute(&mut conn)
             .await
             .expect("create the test database");
