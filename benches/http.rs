@@ -203,7 +203,9 @@ fn oha(urls: &std::path::Path, rate: Option<f64>, secs: u32) -> Oha {
             .unwrap_or_else(|| panic!("{p} in {report}"))
     };
     Oha {
-        requests_per_sec: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        requests_per_sec: report["summary"]["requestsPerSec"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("requestsPerSec in {report}")),
         p50_ms: seconds("p50") * 1000.0,
         p99_ms: seconds("p99") * 1000.0,
         p999_ms: seconds("p99.9") * 1000.0,
