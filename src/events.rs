@@ -56,6 +56,9 @@ impl Feed {
 pub struct IngestHealth {
     /// The consumer has joined its group and received an assignment (possibly empty).
     pub assigned: AtomicBool,
+    /// Some assigned partitions wait for their stored positions: ingest does
+    /// not consume them yet.
+    pub loading: AtomicBool,
     /// Why fetching is paused, while it is: the environment's fault, named.
     stalled: Mutex<Option<String>>,
     /// Partitions with messages no live member consumes, seen by an instance

@@ -31,15 +31,17 @@ pub fn router(io: &Io) -> Router<Shared> {
         )
 }
 
-/// Ready when PostgreSQL answers, the consumer holds its assignment, ingest
-/// is not paused and the broker answers in time. Redis and the warm-up are reported but never make the
-/// service unready. `problems` says in words what keeps it unready.
+/// Ready when PostgreSQL answers, the consumer holds its assignment with the
+/// stored positions read, ingest is not paused and the broker answers in
+/// time. Redis and the warm-up are reported but never make the service
+/// unready. `problems` says in words what keeps it unready.
 async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
         Ok(Ok(()))
     );
-    let assigned = state.ingest.assigned.load(Ordering::Relaxed);
+    let assigned = state.ingest.assigned.load(Ordering::Acquire);
+    let loading = state.ingest.loading.load(Ordering::Relaxed);
     let stalled = state.ingest.stalled();
     let redis = match state.cache.redis_up() {
         None => "disabled",
@@ -52,6 +54,9 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     }
     if !assigned {
         problems.push("kafka: waiting for a partition assignment".to_owned());
+    }
+    if loading {
+        problems.push("ingest: reading the assigned partitions' stored positions".to_owned());
     }
     if let Some(cause) = &stalled {
         problems.push(format!("ingest paused: {cause}"));
@@ -72,7 +77,11 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "postgres": if postgres { "up" } else { "down" },
-            "kafka_assignment": if assigned { "assigned" } else { "waiting" },
+            "kafka_assignment": match (assigned, loading) {
+                (false, _) => "waiting",
+                (true, true) => "loading",
+                (true, false) => "assigned",
+            },
             "kafka_broker": if broker_slow.is_some() { "slow" } else { "answering" },
             "ingest": if stalled.is_some() { "paused" } else { "running" },
             "redis": redis,

@@ -401,6 +401,7 @@ impl Ingest {
                         .ok();
                 }
                 self.unloaded.retain(|p| !revoked.contains(p));
+                self.publish_loading();
                 self.batch.drop_partitions(&revoked);
                 if let Some(closed) = &mut self.closed {
                     closed.drop_partitions(&revoked);
@@ -415,9 +416,11 @@ impl Ingest {
                     );
                 }
                 self.unassigned_since = None;
-                self.health.assigned.store(true, Ordering::Relaxed);
                 self.follow_pause(&assigned);
                 self.unloaded.extend(assigned);
+                // Loading first: readiness never sees the assignment before it.
+                self.publish_loading();
+                self.health.assigned.store(true, Ordering::Release);
                 if let Err(stall) = self.load_offsets().await {
                     self.stall(stall);
                 }
@@ -493,8 +496,16 @@ impl Ingest {
                 },
             );
         }
+        self.publish_loading();
         self.reposition().await;
         Ok(())
+    }
+
+    /// Readiness waits for every assigned partition's stored position.
+    fn publish_loading(&self) {
+        self.health
+            .loading
+            .store(!self.unloaded.is_empty(), Ordering::Relaxed);
     }
 
     /// An instance that holds no partition looks at the group's progress and

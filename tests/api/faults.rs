@@ -1093,6 +1093,13 @@ async fn served_before_migrations() {
     let mut seed = Seed::new("(h)");
     let stream = Stream::start(&env, seed.value);
     wait_paused_by(&service, "does not exist").await;
+    // Its partitions' positions are unread: readiness says so.
+    wait_unready(
+        &service,
+        "stored positions",
+        ("kafka_assignment", "loading"),
+    )
+    .await;
     pause(seed.random_point(0.5)).await;
     env.migrate().await;
     let delivered = stream.finish().await;
