@@ -66,6 +66,8 @@ pub struct IngestHealth {
     orphaned: Mutex<Vec<i32>>,
     /// How the broker fails to answer in time, while it does.
     broker_slow: Mutex<Option<String>>,
+    /// The orders topic, while the broker says it does not exist.
+    missing_topic: Mutex<Option<String>>,
 }
 
 impl IngestHealth {
@@ -94,6 +96,19 @@ impl IngestHealth {
         let mut slow = lock(&self.broker_slow);
         let changed = slow.is_some() != problem.is_some();
         *slow = problem;
+        changed
+    }
+
+    /// The orders topic, if the broker says it does not exist.
+    pub fn missing_topic(&self) -> Option<String> {
+        lock(&self.missing_topic).clone()
+    }
+
+    /// Stores whether the orders topic is missing; true when that changed.
+    pub(crate) fn set_missing_topic(&self, topic: Option<String>) -> bool {
+        let mut missing = lock(&self.missing_topic);
+        let changed = missing.is_some() != topic.is_some();
+        *missing = topic;
         changed
     }
 

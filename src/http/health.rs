@@ -31,8 +31,8 @@ pub fn router(io: &Io) -> Router<Shared> {
         )
 }
 
-/// Ready when PostgreSQL answers, the consumer holds its assignment with the
-/// stored positions read, ingest is not paused and the broker answers in
+/// Ready when PostgreSQL answers, the orders topic exists, the consumer
+/// holds its assignment with the stored positions read, ingest is not paused and the broker answers in
 /// time. Redis and the warm-up are reported but never make the service
 /// unready. `problems` says in words what keeps it unready.
 async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
@@ -61,6 +61,12 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     if let Some(cause) = &stalled {
         problems.push(format!("ingest paused: {cause}"));
     }
+    let missing_topic = state.ingest.missing_topic();
+    if let Some(topic) = &missing_topic {
+        problems.push(format!(
+            "kafka: topic {topic} does not exist; ingest starts once it is created"
+        ));
+    }
     let broker_slow = state.ingest.broker_slow();
     if let Some(problem) = &broker_slow {
         problems.push(format!("kafka: {problem}"));
@@ -82,6 +88,7 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
                 (true, true) => "loading",
                 (true, false) => "assigned",
             },
+            "kafka_topic": if missing_topic.is_some() { "missing" } else { "present" },
             "kafka_broker": if broker_slow.is_some() { "slow" } else { "answering" },
             "ingest": if stalled.is_some() { "paused" } else { "running" },
             "redis": redis,

@@ -83,9 +83,16 @@ impl SignalingContext {
 pub fn side_client(kafka: &KafkaSettings) -> anyhow::Result<BaseConsumer> {
     ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
+        // Its view of a topic created after the start follows within seconds.
+        .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         .create()
         .context("KAFKA_BROKERS: cannot create the client that reads partition ends")
 }
+
+/// A topic created after the start (the orders topic subscribed to before
+/// it existed) is seen at the next metadata refresh: seconds, not
+/// librdkafka's default five minutes.
+const METADATA_REFRESH_MS: &str = "5000";
 
 /// Joins the group on the orders topic, with auto-commit off: offsets live in PostgreSQL.
 pub fn subscribe(
@@ -111,6 +118,7 @@ pub fn subscribe(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
+        .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         // A crashed instance's partitions move to the others after this long.
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", "2000")

@@ -538,7 +538,14 @@ impl Ingest {
     /// (on the local broker, after its leader was killed).
     fn report_unassigned(&mut self) {
         let patience = 3 * self.settings.session_timeout();
+        let missing_topic = self.health.missing_topic().is_some();
         if let Some((since, reported @ false)) = &mut self.unassigned_since {
+            // Nothing to assign yet: that is named on its own, and the wait
+            // for the group starts once the topic exists.
+            if missing_topic {
+                *since = Instant::now();
+                return;
+            }
             if since.elapsed() >= patience {
                 *reported = true;
                 tracing::warn!(

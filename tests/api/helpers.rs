@@ -137,14 +137,17 @@ impl TestEnv {
     }
 
     async fn create_topics(&self, partitions: i32) {
+        self.create_topic(&self.topic, partitions).await;
+        self.create_topic(&self.dlq_topic, 1).await;
+    }
+
+    /// Creates a topic on this test's broker.
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .create()
             .unwrap();
-        let topics = [
-            NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(1)),
-        ];
+        let topics = [NewTopic::new(name, partitions, TopicReplication::Fixed(1))];
         for result in admin
             .create_topics(&topics, &AdminOptions::new())
             .await

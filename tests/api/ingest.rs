@@ -300,6 +300,106 @@ async fn a_database_outage_pauses_ingest_and_loses_nothing() {
     assert_no_dead_letters(&env);
 }
 
+/// The dead-letter topic missing (not created yet, or a wrong name): ingest
+/// cannot set a rejected message aside, so it pauses and `/readyz` names the
+/// topic; nothing is stored past it or sent anywhere else. Once the topic
+/// exists, ingest resumes by itself and every message is accounted for.
+#[tokio::test]
+async fn a_missing_dead_letter_topic_pauses_ingest_until_it_exists() {
+    let env = TestEnv::new().await;
+    let late = format!("{}.late", env.dlq_topic);
+    let service = env.spawn_with(&[
+        ("KAFKA_DLQ_TOPIC", late.as_str()),
+        ("INGEST_MAX_BACKOFF_MS", "500"),
+    ]);
+    let orders = generated_orders(61, 100);
+    produce_orders(&env, &orders).await;
+    env.produce(&[(None, b"not an order".as_slice())]).await;
+    let cause = format!("dead-letter topic {late}: ");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = service.get("/readyz").await;
+        let body: serde_json::Value = ready.json().await.unwrap();
+        let named = body["problems"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p.as_str().is_some_and(|p| p.contains(&cause)))
+        });
+        if named && body["checks"]["ingest"] == "paused" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named {cause:?}: {body}\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.count(COUNT_ORDERS).await, 0);
+
+    env.create_topic(&late, 1).await;
+    env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(60))
+        .await;
+    env.wait_for_count(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
+        101,
+        Duration::from_secs(30),
+    )
+    .await;
+    service.wait_ready().await;
+    let letters = env.read_topic(&late, 1);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].payload, b"not an order");
+    assert!(letters[0].headers.contains_key("dlq-reason"), "{letters:?}");
+    assert_no_dead_letters(&env);
+    assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+}
+
+/// The orders topic missing when the service starts (created after it, as
+/// by a deployment that starts everything at once): `/readyz` and the log
+/// name the topic, and once it exists it is consumed without a restart.
+#[tokio::test]
+async fn an_orders_topic_created_after_the_start_is_named_then_consumed() {
+    let mut env = TestEnv::new().await;
+    env.topic = format!("{}.late", env.topic);
+    let service = env.spawn();
+    let cause = format!("topic {} does not exist", env.topic);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+        let named = body["problems"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p.as_str().is_some_and(|p| p.contains(&cause)))
+        });
+        if named && body["checks"]["kafka_topic"] == "missing" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named {cause:?}: {body}\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.create_topic(&env.topic, 4).await;
+    let orders = generated_orders(62, 50);
+    produce_orders(&env, &orders).await;
+    // Seconds with the metadata refresh set; librdkafka's default would take five minutes.
+    env.wait_for_count(COUNT_ORDERS, 50, Duration::from_secs(60))
+        .await;
+    service.wait_ready().await;
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("the orders topic does not exist").count(),
+        1,
+        "{logs}"
+    );
+    assert!(logs.contains("the orders topic exists now"), "{logs}");
+    assert!(
+        !logs.contains("no partition assignment since joining"),
+        "{logs}"
+    );
+}
+
 /// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
 #[tokio::test]
 async fn sigterm_commits_and_exits_cleanly() {
