@@ -76,16 +76,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let warmup_orders = settings.cache.warmup_orders;
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        match warm.warm_up(warmup_orders).await {
-            Ok(()) => tracing::info!(
-                loaded = warm.warmup().state().loaded,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "warm-up done"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "warm-up stopped; misses fall through to PostgreSQL")
-            }
-        }
+        warm.warm_up(warmup_orders).await;
+        tracing::info!(
+            loaded = warm.warmup().state().loaded,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "warm-up done"
+        );
     });
 
     let state = AppState {

@@ -6,6 +6,7 @@ mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::IntCounter;
@@ -14,8 +15,11 @@ use serde::Serialize;
 pub use self::memory::MemoryTier;
 pub use self::redis::RedisTier;
 use crate::domain::OrderUid;
-use crate::store::Store;
+use crate::store::{Store, StoredDocument};
 use crate::telemetry::Metrics;
+
+/// Longest wait between two asks for a warm-up page while PostgreSQL is away.
+const WARMUP_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct OrderCache {
     memory: MemoryTier,
@@ -166,15 +170,18 @@ impl OrderCache {
         }
     }
 
-    /// Loads the `limit` most recently ingested orders into memory, newest first,
-    /// stopping early when the memory budget is full.
-    pub async fn warm_up(&self, limit: u64) -> Result<(), sqlx::Error> {
+    /// Loads the `limit` most recently ingested orders into memory, newest
+    /// first, stopping early when the memory budget is full. A PostgreSQL that
+    /// does not answer (an instance started during an
+    /// outage, or before `migrate`) holds the warm-up back, never ends it:
+    /// each page is asked for again until it comes.
+    pub async fn warm_up(&self, limit: u64) {
         const PAGE: u64 = 5000;
         self.warmup.target.store(limit, Ordering::Relaxed);
         let (mut loaded, mut before) = (0u64, None);
         'pages: while loaded < limit {
             let page = (limit - loaded).min(PAGE) as i64;
-            let rows = self.store.documents_before(before, page).await?;
+            let rows = self.page_before(before, page).await;
             let Some(last) = rows.last() else { break };
             before = Some(last.ingest_seq);
             for row in rows {
@@ -196,7 +203,34 @@ impl OrderCache {
         self.warmup.loaded.store(loaded, Ordering::Relaxed);
         self.metrics.warmup_loaded.set(loaded as i64);
         self.warmup.done.store(true, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// One page of the warm-up, asked for until PostgreSQL gives it, with
+    /// capped backoff; the wait is logged once, and its end.
+    async fn page_before(&self, before: Option<i64>, page: i64) -> Vec<StoredDocument> {
+        let mut backoff = Duration::from_millis(100);
+        let mut waited = false;
+        loop {
+            match self.store.documents_before(before, page).await {
+                Ok(rows) => {
+                    if waited {
+                        tracing::info!("PostgreSQL answers again; warm-up goes on");
+                    }
+                    return rows;
+                }
+                Err(e) => {
+                    if !waited {
+                        tracing::warn!(
+                            error = %e,
+                            "warm-up waits for PostgreSQL; meanwhile misses fall through to it"
+                        );
+                        waited = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(WARMUP_MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     pub fn warmup(&self) -> &WarmupProgress {

@@ -649,6 +649,47 @@ async fn warm_up_loads_the_most_recent_orders() {
     assert_eq!(counter(&service, "postgres", "hit").await, 0.0);
 }
 
+/// An instance started while PostgreSQL is away warms its cache once it
+/// comes back: the warm-up waits for it, and says so once.
+#[tokio::test]
+async fn warm_up_waits_for_postgres_away_at_the_start() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(82, 30);
+    let first = env.spawn();
+    store_orders(&env, &orders).await;
+    assert!(first.terminate().success());
+
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    proxy.cut();
+    let service = env.spawn_with(&[("DATABASE_URL", &env.service_url_via(&proxy))]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !service.log_text().contains("warm-up waits for PostgreSQL") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["warmup"]["done"], false, "{ready}");
+
+    proxy.restore();
+    let ready = service.readiness_after_warmup().await;
+    assert_eq!(
+        ready["warmup"],
+        serde_json::json!({"target": 100000, "loaded": 30, "done": true})
+    );
+    assert_eq!(service.metric("cache_entries").await, 30.0);
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("warm-up waits for PostgreSQL").count(),
+        1,
+        "{logs}"
+    );
+    assert!(logs.contains("warm-up goes on"), "{logs}");
+}
+
 /// Redis going away fails no request; readiness shows it; it comes back by itself.
 #[tokio::test]
 async fn redis_outage_fails_no_request() {
