@@ -42,10 +42,15 @@ pub struct BatchTx {
     pub(super) tx: Transaction<'static, Postgres>,
 }
 
+/// A batch's transaction, whose statements wait at most 5 s for a lock (a
+/// DBA's `LOCK TABLE`, a long `ALTER TABLE`): the attempt then fails, and
+/// ingest pauses naming the wait and retries, instead of hanging unseen.
+const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
+
 impl Store {
     pub async fn begin(&self) -> Result<BatchTx, sqlx::Error> {
         Ok(BatchTx {
-            tx: self.pool().begin().await?,
+            tx: self.pool().begin_with(BEGIN_BATCH).await?,
         })
     }
 }

@@ -466,8 +466,6 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     assert_eq!(search.status(), 200);
 }
 
-/// Holds the orders table locked, so every query of it hangs, until the
-/// transaction ends.
 /// HTTP/2 without TLS is served only when `HTTP_ALLOW_HTTP2` asks for it; by
 /// default a connection is HTTP/1.1 from its first byte.
 #[tokio::test]
@@ -503,6 +501,8 @@ async fn http2_is_served_only_when_allowed() {
     }
 }
 
+/// Holds the orders table locked, so every query of it hangs, until the
+/// transaction ends.
 async fn lock_orders(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut lock = env.db.begin().await.unwrap();
     sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")

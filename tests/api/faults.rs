@@ -697,12 +697,9 @@ async fn records_expired_before_they_were_consumed_are_reported() {
 /// Freezes the broker (SIGSTOP) and waits until `/readyz` names it.
 async fn freeze_until_named(broker: &Broker, service: &Service) {
     broker.signal("STOP");
-    wait_unready(
-        service,
-        "the broker did not answer",
-        ("kafka_broker", "slow"),
-    )
-    .await;
+    service
+        .wait_unready("the broker did not answer", ("kafka_broker", "slow"))
+        .await;
 }
 
 /// A broker that stops answering without going away, as one wedged behind a
@@ -893,32 +890,8 @@ fn env_outage() -> Duration {
     Duration::from_secs(setting("FAULT_ENV_OUTAGE_SECS", 10))
 }
 
-/// Waits until `/readyz` answers 503 with a problem that names `cause` and
-/// the check `key` reads `value`.
-async fn wait_unready(service: &Service, cause: &str, (key, value): (&str, &str)) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = service.get("/readyz").await;
-        if r.status() == 503 {
-            let body: Value = r.json().await.unwrap();
-            let named = body["problems"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
-            if named && body["checks"][key] == value {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never named {cause:?}:\n{}",
-            service.log_text()
-        );
-        pause(Duration::from_millis(100)).await;
-    }
-}
-
 async fn wait_paused_by(service: &Service, cause: &str) {
-    wait_unready(service, cause, ("ingest", "paused")).await;
+    service.wait_unready(cause, ("ingest", "paused")).await;
 }
 
 /// Time paused is counted, and `cause` was logged once during a pause that
@@ -1094,12 +1067,9 @@ async fn served_before_migrations() {
     let stream = Stream::start(&env, seed.value);
     wait_paused_by(&service, "does not exist").await;
     // Its partitions' positions are unread: readiness says so.
-    wait_unready(
-        &service,
-        "stored positions",
-        ("kafka_assignment", "loading"),
-    )
-    .await;
+    service
+        .wait_unready("stored positions", ("kafka_assignment", "loading"))
+        .await;
     pause(seed.random_point(0.5)).await;
     env.migrate().await;
     let delivered = stream.finish().await;

@@ -495,6 +495,30 @@ impl Service {
     }
 
     /// Waits until the service is ready (PostgreSQL up, partitions assigned).
+    /// Waits until `/readyz` answers 503 with a problem that names `cause`
+    /// and the check `key` reads `value`.
+    pub async fn wait_unready(&self, cause: &str, (key, value): (&str, &str)) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.get("/readyz").await;
+            if r.status() == 503 {
+                let body: serde_json::Value = r.json().await.unwrap();
+                let named = body["problems"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
+                if named && body["checks"][key] == value {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never named {cause:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

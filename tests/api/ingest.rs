@@ -316,24 +316,7 @@ async fn a_missing_dead_letter_topic_pauses_ingest_until_it_exists() {
     produce_orders(&env, &orders).await;
     env.produce(&[(None, b"not an order".as_slice())]).await;
     let cause = format!("dead-letter topic {late}: ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = service.get("/readyz").await;
-        let body: serde_json::Value = ready.json().await.unwrap();
-        let named = body["problems"].as_array().is_some_and(|p| {
-            p.iter()
-                .any(|p| p.as_str().is_some_and(|p| p.contains(&cause)))
-        });
-        if named && body["checks"]["ingest"] == "paused" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never named {cause:?}: {body}\n{}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    service.wait_unready(&cause, ("ingest", "paused")).await;
     assert_eq!(env.count(COUNT_ORDERS).await, 0);
 
     env.create_topic(&late, 1).await;
@@ -363,23 +346,9 @@ async fn an_orders_topic_created_after_the_start_is_named_then_consumed() {
     env.topic = format!("{}.late", env.topic);
     let service = env.spawn();
     let cause = format!("topic {} does not exist", env.topic);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let body: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
-        let named = body["problems"].as_array().is_some_and(|p| {
-            p.iter()
-                .any(|p| p.as_str().is_some_and(|p| p.contains(&cause)))
-        });
-        if named && body["checks"]["kafka_topic"] == "missing" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never named {cause:?}: {body}\n{}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    service
+        .wait_unready(&cause, ("kafka_topic", "missing"))
+        .await;
     env.create_topic(&env.topic, 4).await;
     let orders = generated_orders(62, 50);
     produce_orders(&env, &orders).await;
@@ -398,6 +367,41 @@ async fn an_orders_topic_created_after_the_start_is_named_then_consumed() {
         !logs.contains("no partition assignment since joining"),
         "{logs}"
     );
+}
+
+/// A lock held on the orders table (a DBA's `LOCK TABLE`, a long `ALTER
+/// TABLE`): the batch's write gives up at its lock timeout instead of hanging
+/// without a word, ingest pauses and `/readyz` names the wait; once the lock
+/// is gone it resumes by itself, and nothing is dead-lettered.
+#[tokio::test]
+async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "500")]);
+    service.wait_ready().await;
+    let mut lock = env.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let orders = generated_orders(63, 100);
+    produce_orders(&env, &orders).await;
+    service
+        .wait_unready("lock timeout", ("ingest", "paused"))
+        .await;
+    lock.rollback().await.unwrap();
+    env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(30))
+        .await;
+    env.wait_for_count(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
+        100,
+        Duration::from_secs(30),
+    )
+    .await;
+    service.wait_ready().await;
+    let logs = service.log_text();
+    assert_eq!(logs.matches("ingest paused").count(), 1, "{logs}");
+    assert!(logs.contains("ingest resumed"), "{logs}");
+    assert_no_dead_letters(&env);
 }
 
 /// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
