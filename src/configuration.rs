@@ -121,6 +121,10 @@ pub struct IngestSettings {
     pub batch_linger_ms: u64,
     /// Longest wait between retries while PostgreSQL is down.
     pub max_backoff_ms: u64,
+    /// Longest wait for PostgreSQL to finish a batch's write (or to give the
+    /// stored positions): a server gone without closing its sessions never
+    /// answers, and nothing else would tell.
+    pub write_timeout_ms: u64,
     /// How long SIGTERM may take to finish the batch in hand and leave the group.
     pub shutdown_timeout_ms: u64,
     /// How many of a dead letter's first bytes its record in PostgreSQL keeps
@@ -135,6 +139,7 @@ impl Default for IngestSettings {
             batch_max_bytes: 16 * 1024 * 1024,
             batch_linger_ms: 5,
             max_backoff_ms: 5000,
+            write_timeout_ms: 30_000,
             shutdown_timeout_ms: 10_000,
             dead_letter_preview_bytes: 64 * 1024,
         }
@@ -259,6 +264,7 @@ impl Settings {
             u64::from(self.database.max_connections),
         )?;
         positive("HTTP_MAX_CONCURRENCY", self.http.max_concurrency as u64)?;
+        positive("INGEST_WRITE_TIMEOUT_MS", self.ingest.write_timeout_ms)?;
         positive(
             "MAX_MESSAGE_BYTES",
             self.validation.max_message_bytes as u64,
@@ -304,6 +310,10 @@ impl Settings {
 
     pub fn session_timeout(&self) -> Duration {
         Duration::from_millis(self.kafka.session_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest.write_timeout_ms)
     }
 
     pub fn batch_linger(&self) -> Duration {

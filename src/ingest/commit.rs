@@ -13,7 +13,9 @@ use tokio::time::{timeout_at, Instant};
 use super::batch::{Batch, Refusal};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::PartitionState;
-use crate::store::{classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store};
+use crate::store::{
+    classify, no_answer, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store,
+};
 
 /// Why a batch cannot be committed now: the environment, never the orders.
 /// Ingest pauses, reports the cause and retries until it succeeds. The text
@@ -53,18 +55,30 @@ pub struct Committer {
     pub group_id: String,
     /// How many of a letter's first bytes its record in PostgreSQL keeps.
     pub preview_bytes: usize,
+    /// Longest wait for one write attempt (`INGEST_WRITE_TIMEOUT_MS`).
+    pub write_timeout: Duration,
 }
 
 impl Committer {
     /// Writes `batch` in one transaction with the positions it moves to,
     /// once its letters are acknowledged ([`Committer::send_letters`]): the
     /// orders, the letters' records, the offsets. No broker call is awaited
-    /// here, so this can run while the next batch is gathered.
+    /// here, so this can run while the next batch is gathered. An attempt
+    /// PostgreSQL does not answer within the write timeout is abandoned (and
+    /// rolled back with its session): the batch is retried like any other
+    /// fault's, and a commit that did land meanwhile is absorbed then.
     pub async fn write(
         &self,
         batch: &Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
+        let attempt = self.attempt(batch, offsets);
+        tokio::time::timeout(self.write_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(Stall::database(&no_answer(self.write_timeout))))
+    }
+
+    async fn attempt(&self, batch: &Batch, offsets: &[PartitionOffset]) -> Result<Attempt, Stall> {
         let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
         let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
             Ok(outcome) => outcome,

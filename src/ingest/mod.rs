@@ -40,7 +40,7 @@ use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
-use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
+use crate::store::{no_answer, InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
@@ -145,6 +145,7 @@ impl Ingest {
                 topic: settings.kafka.topic.clone(),
                 group_id: settings.kafka.group_id.clone(),
                 preview_bytes: settings.ingest.dead_letter_preview_bytes,
+                write_timeout: settings.write_timeout(),
             }),
             cache,
             metrics,
@@ -610,14 +611,15 @@ impl Ingest {
         &self,
         partitions: &[i32],
     ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
-        self.committer
-            .store
-            .load_offsets(
-                &self.settings.kafka.group_id,
-                &self.settings.kafka.topic,
-                partitions,
-            )
+        let patience = self.committer.write_timeout;
+        let load = self.committer.store.load_offsets(
+            &self.settings.kafka.group_id,
+            &self.settings.kafka.topic,
+            partitions,
+        );
+        tokio::time::timeout(patience, load)
             .await
+            .unwrap_or_else(|_| Err(no_answer(patience)))
     }
 
     /// Closes the batch being gathered and starts its commit.

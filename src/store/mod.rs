@@ -15,6 +15,16 @@ pub use migrate::migrate;
 pub use read::{OrderFilter, OrderSummary, StoredDocument, StoredOffset};
 pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 
+/// The error of a request PostgreSQL did not answer within `patience`: its
+/// server may be gone without closing the session (a host lost, a network that
+/// drops packets), which no other error would ever tell.
+pub fn no_answer(patience: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {} ms", patience.as_millis()),
+    ))
+}
+
 /// The service's handle on PostgreSQL, connected as the service role.
 #[derive(Clone)]
 pub struct Store {

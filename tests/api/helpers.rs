@@ -653,24 +653,41 @@ pub fn sample_with_uid(uid: &str) -> serde_json::Value {
 
 /// A TCP proxy in front of PostgreSQL or Redis that a test can cut and
 /// restore, to play an outage without touching the servers other tests use.
+/// It can also fall silent: connections stay open and nothing passes, as
+/// when a server's host is lost or the network drops packets; the sessions
+/// of that spell stay silent for good, as the server has forgotten them.
 pub struct TcpProxy {
     pub port: u16,
-    up: tokio::sync::watch::Sender<bool>,
+    mode: tokio::sync::watch::Sender<ProxyMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    Up,
+    Cut,
+    Silent,
 }
 
 impl TcpProxy {
     pub async fn start(target: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (up, watch) = tokio::sync::watch::channel(true);
+        let (mode, watch) = tokio::sync::watch::channel(ProxyMode::Up);
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                if !*watch.borrow() {
-                    drop(inbound);
-                    continue;
+                match *watch.borrow() {
+                    ProxyMode::Up => {}
+                    ProxyMode::Cut => {
+                        drop(inbound);
+                        continue;
+                    }
+                    ProxyMode::Silent => {
+                        tokio::spawn(hold_silently(inbound));
+                        continue;
+                    }
                 }
                 let mut watch = watch.clone();
                 let target = target.clone();
@@ -680,12 +697,16 @@ impl TcpProxy {
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = watch.wait_for(|up| !*up) => {}
+                        _ = watch.wait_for(|m| *m != ProxyMode::Up) => {}
+                    }
+                    drop(outbound);
+                    if *watch.borrow() == ProxyMode::Silent {
+                        hold_silently(inbound).await;
                     }
                 });
             }
         });
-        Self { port, up }
+        Self { port, mode }
     }
 
     /// A proxy in front of the test Redis, and the `REDIS_URL` that goes through it.
@@ -702,12 +723,23 @@ impl TcpProxy {
     }
 
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.mode.send_replace(ProxyMode::Cut);
+    }
+
+    /// Nothing passes and nothing is closed, on open and new connections.
+    pub fn silence(&self) {
+        self.mode.send_replace(ProxyMode::Silent);
     }
 
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.mode.send_replace(ProxyMode::Up);
     }
+}
+
+/// Keeps a connection open, reading what comes and answering nothing.
+async fn hold_silently(mut inbound: tokio::net::TcpStream) {
+    let mut sink = tokio::io::sink();
+    let _ = tokio::io::copy(&mut inbound, &mut sink).await;
 }
 
 impl TestEnv {

@@ -404,6 +404,53 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
     assert_no_dead_letters(&env);
 }
 
+/// PostgreSQL gone without a word (its host lost, a network that drops
+/// packets): sessions get no answer and no error, ever. A write waits
+/// INGEST_WRITE_TIMEOUT_MS, then ingest pauses naming it and retries on new
+/// sessions; once the database answers again everything is stored, with
+/// nothing dead-lettered.
+#[tokio::test]
+async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("INGEST_WRITE_TIMEOUT_MS", "2000"),
+        ("INGEST_MAX_BACKOFF_MS", "500"),
+        // One session, so the write is the one that meets the silence (no
+        // readiness probe takes it first); the abandoned one must not keep
+        // its place either, or nothing could go on.
+        ("DATABASE_MAX_CONNECTIONS", "1"),
+    ]);
+    service.wait_ready().await;
+    let orders = generated_orders(64, 200);
+    produce_orders(&env, &orders[..100]).await;
+    env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(30))
+        .await;
+
+    proxy.silence();
+    produce_orders(&env, &orders[100..]).await;
+    let cause = "no answer within 2000 ms";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !service.log_text().contains(cause) {
+        assert!(Instant::now() < deadline, "{}", service.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    service.wait_unready("database", ("ingest", "paused")).await;
+    proxy.restore();
+    env.wait_for_count(COUNT_ORDERS, 200, Duration::from_secs(30))
+        .await;
+    env.wait_for_count(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
+        200,
+        Duration::from_secs(30),
+    )
+    .await;
+    service.wait_ready().await;
+    assert!(service.log_text().contains("ingest resumed"));
+    assert_no_dead_letters(&env);
+}
+
 /// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
 #[tokio::test]
 async fn sigterm_commits_and_exits_cleanly() {
