@@ -662,15 +662,9 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
     let proxy = TcpProxy::start(env.postgres_addr()).await;
     proxy.cut();
     let service = env.spawn_with(&[("DATABASE_URL", &env.service_url_via(&proxy))]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !service.log_text().contains("warm-up waits for PostgreSQL") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    service
+        .wait_for_log("warm-up waits for PostgreSQL", Duration::from_secs(30))
+        .await;
     let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["warmup"]["done"], false, "{ready}");
 

@@ -852,38 +852,25 @@ async fn a_rebalance_that_never_completes_is_reported_and_a_stack_restart_ends_i
     let (_storage, broker, env, leader) = on_own_broker(&timeout).await;
     leader.kill();
     let other = env.spawn_with(&timeout);
-    wait_for_log(
-        &other,
-        "no partition assignment since joining the group",
-        Duration::from_secs(60),
-    )
-    .await;
+    other
+        .wait_for_log(
+            "no partition assignment since joining the group",
+            Duration::from_secs(60),
+        )
+        .await;
     let ready = other.get("/readyz").await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["checks"]["kafka_assignment"], "waiting");
     let broker = broker.restart_forgetting_groups();
-    wait_for_log(
-        &other,
-        "the group assigned partitions at last",
-        Duration::from_secs(90),
-    )
-    .await;
+    other
+        .wait_for_log(
+            "the group assigned partitions at last",
+            Duration::from_secs(90),
+        )
+        .await;
     other.wait_ready().await;
     drop(broker);
-}
-
-/// Waits until the service has logged `text`.
-async fn wait_for_log(service: &Service, text: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !service.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "not logged within {within:?}: {text}\n{}",
-            service.log_text()
-        );
-        pause(Duration::from_millis(500)).await;
-    }
 }
 
 fn env_outage() -> Duration {

@@ -265,6 +265,12 @@ impl TestEnv {
     }
 
     /// Waits until `sql` returns `expected`, and fails with the last value if it never does.
+    /// Waits until the group's stored positions add up to `messages`.
+    pub async fn wait_for_committed(&self, messages: i64, within: Duration) {
+        let committed = "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets";
+        self.wait_for_count(committed, messages, within).await;
+    }
+
     pub async fn wait_for_count(&self, sql: &str, expected: i64, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
@@ -495,6 +501,19 @@ impl Service {
     }
 
     /// Waits until the service is ready (PostgreSQL up, partitions assigned).
+    /// Waits until the service has logged `text`.
+    pub async fn wait_for_log(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "not logged within {within:?}: {text}\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `/readyz` answers 503 with a problem that names `cause`
     /// and the check `key` reads `value`.
     pub async fn wait_unready(&self, cause: &str, (key, value): (&str, &str)) {

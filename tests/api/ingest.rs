@@ -322,12 +322,7 @@ async fn a_missing_dead_letter_topic_pauses_ingest_until_it_exists() {
     env.create_topic(&late, 1).await;
     env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(60))
         .await;
-    env.wait_for_count(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
-        101,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_for_committed(101, Duration::from_secs(30)).await;
     service.wait_ready().await;
     let letters = env.read_topic(&late, 1);
     assert_eq!(letters.len(), 1, "{letters:?}");
@@ -391,12 +386,7 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
     lock.rollback().await.unwrap();
     env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(30))
         .await;
-    env.wait_for_count(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
-        100,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_for_committed(100, Duration::from_secs(30)).await;
     service.wait_ready().await;
     let logs = service.log_text();
     assert_eq!(logs.matches("ingest paused").count(), 1, "{logs}");
@@ -430,22 +420,14 @@ async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
 
     proxy.silence();
     produce_orders(&env, &orders[100..]).await;
-    let cause = "no answer within 2000 ms";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !service.log_text().contains(cause) {
-        assert!(Instant::now() < deadline, "{}", service.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    service
+        .wait_for_log("no answer within 2000 ms", Duration::from_secs(30))
+        .await;
     service.wait_unready("database", ("ingest", "paused")).await;
     proxy.restore();
     env.wait_for_count(COUNT_ORDERS, 200, Duration::from_secs(30))
         .await;
-    env.wait_for_count(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
-        200,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_for_committed(200, Duration::from_secs(30)).await;
     service.wait_ready().await;
     assert!(service.log_text().contains("ingest resumed"));
     assert_no_dead_letters(&env);
@@ -538,12 +520,7 @@ async fn dead_letters_of_an_interrupted_batch_are_not_sent_twice() {
 
     proxy.restore();
     let restarted = env.spawn_with(&settings);
-    env.wait_for_count(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets",
-        6,
-        Duration::from_secs(30),
-    )
-    .await;
+    env.wait_for_committed(6, Duration::from_secs(30)).await;
     let letters = env.dead_letters(6, Duration::from_secs(5));
     assert_eq!(letters.len(), 6, "{letters:?}");
     assert!(
