@@ -191,14 +191,22 @@ impl TestEnv {
     }
 
     pub async fn produce(&self, messages: &[(Option<&str>, &[u8])]) {
-        let producer: FutureProducer = ClientConfig::new()
+        self.produce_with(&[], messages).await;
+    }
+
+    /// Produces with producer settings of the test's own (a compression codec).
+    pub async fn produce_with(&self, config: &[(&str, &str)], messages: &[(Option<&str>, &[u8])]) {
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // Room for the hostile 10 MB messages.
-            .set("message.max.bytes", (16 << 20).to_string())
-            .create()
-            .unwrap();
+            .set("message.max.bytes", (16 << 20).to_string());
+        for (key, value) in config {
+            client.set(*key, *value);
+        }
+        let producer: FutureProducer = client.create().unwrap();
         let sends = messages.iter().map(|(key, payload)| {
             let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(*payload);
             if let Some(key) = key {
