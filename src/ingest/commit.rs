@@ -6,6 +6,7 @@
 //! broker is waited on.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
@@ -66,19 +67,35 @@ impl Committer {
     /// here, so this can run while the next batch is gathered. An attempt
     /// PostgreSQL does not answer within the write timeout is abandoned (and
     /// rolled back with its session): the batch is retried like any other
-    /// fault's, and a commit that did land meanwhile is absorbed then.
+    /// fault's, and a commit that did land meanwhile is absorbed then. The
+    /// bound is per transaction, so a refused batch's search for the orders at
+    /// fault (one transaction each) is not cut short by it.
     pub async fn write(
         &self,
         batch: &Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
-        let attempt = self.attempt(batch, offsets);
-        tokio::time::timeout(self.write_timeout, attempt)
+        match self.answered(self.attempt(batch, offsets)).await? {
+            Ok(attempt) => Ok(attempt),
+            Err(data_error) => self.isolate(batch, &data_error).await,
+        }
+    }
+
+    /// `work`'s result, or a stall if PostgreSQL has not answered within the
+    /// write timeout.
+    async fn answered<T>(&self, work: impl Future<Output = Result<T, Stall>>) -> Result<T, Stall> {
+        tokio::time::timeout(self.write_timeout, work)
             .await
             .unwrap_or_else(|_| Err(Stall::database(&no_answer(self.write_timeout))))
     }
 
-    async fn attempt(&self, batch: &Batch, offsets: &[PartitionOffset]) -> Result<Attempt, Stall> {
+    /// The batch's transaction; the error of the order data it was refused
+    /// for, if it was.
+    async fn attempt(
+        &self,
+        batch: &Batch,
+        offsets: &[PartitionOffset],
+    ) -> Result<Result<Attempt, sqlx::Error>, Stall> {
         let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
         let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
             Ok(outcome) => outcome,
@@ -86,7 +103,7 @@ impl Committer {
                 drop(tx);
                 return match classify(&e) {
                     ErrorClass::Environment { cause } => Err(Stall::Database(cause)),
-                    ErrorClass::OrderData { .. } => self.isolate(batch, &e).await,
+                    ErrorClass::OrderData { .. } => Ok(Err(e)),
                 };
             }
         };
@@ -99,7 +116,7 @@ impl Committer {
                 stage: "conflict",
                 reason: "conflict: order_uid already stored with different content".to_owned(),
             });
-            return Ok(Attempt::Refused(conflicts.collect()));
+            return Ok(Ok(Attempt::Refused(conflicts.collect())));
         }
         let letters: Vec<NewLetter> = batch
             .rejected
@@ -123,7 +140,7 @@ impl Committer {
             .await
             .map_err(|e| Stall::database(&e))?;
         tx.commit().await.map_err(|e| Stall::database(&e))?;
-        Ok(Attempt::Committed(outcome))
+        Ok(Ok(Attempt::Committed(outcome)))
     }
 
     /// PostgreSQL refused the batch for a data error: writing each order alone
@@ -138,7 +155,9 @@ impl Committer {
                     .await
                     .map(drop)
             };
-            let Err(e) = alone.await else { continue };
+            let Err(e) = self.answered(async { Ok(alone.await) }).await? else {
+                continue;
+            };
             match classify(&e) {
                 ErrorClass::Environment { cause } => return Err(Stall::Database(cause)),
                 ErrorClass::OrderData { reason } => {
