@@ -9,6 +9,42 @@ use crate::helpers::{
 
 const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
 
+/// An order the database itself refuses (a constraint a DBA added): its
+/// batch is written order by order to find it, it alone is dead-lettered at
+/// the `store` stage with the database's reason, and the rest are stored.
+#[tokio::test]
+async fn an_order_the_database_refuses_is_dead_lettered_alone() {
+    let env = TestEnv::new().await;
+    env.execute("ALTER TABLE deliveries ADD CONSTRAINT no_refused CHECK (name <> 'Refused')")
+        .await;
+    let service = env.spawn_with(&[("INGEST_BATCH_LINGER_MS", "200")]);
+    service.wait_ready().await;
+    let mut orders = generated_orders(68, 10);
+    let mut refused: serde_json::Value = serde_json::from_slice(&orders[4].1).unwrap();
+    refused["delivery"]["name"] = "Refused".into();
+    orders[4].1 = refused.to_string().into_bytes();
+    produce_orders(&env, &orders).await;
+
+    let letters = env.dead_letters(1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0].header("dlq-stage"), "store");
+    assert!(
+        letters[0].header("dlq-reason").contains("23514"),
+        "{letters:#?}"
+    );
+    assert_eq!(letters[0].key.as_deref(), Some(orders[4].0.as_str()));
+    env.wait_for_committed(10, Duration::from_secs(30)).await;
+    assert_eq!(env.count(COUNT_ORDERS).await, 9);
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM orders WHERE order_uid = '{}'",
+            orders[4].0
+        ))
+        .await,
+        0
+    );
+}
+
 /// Producers compress as they like: batches in each codec are read and
 /// stored like plain ones. (snappy is left out: the local broker resets the
 /// connection of any fetch that meets a snappy batch; see the README.)
