@@ -172,9 +172,9 @@ impl OrderCache {
 
     /// Loads the `limit` most recently ingested orders into memory, newest
     /// first, stopping early when the memory budget is full. A PostgreSQL that
-    /// does not answer (an instance started during an
-    /// outage, or before `migrate`) holds the warm-up back, never ends it:
-    /// each page is asked for again until it comes.
+    /// does not answer (an instance started during an outage, or before
+    /// `migrate`) holds the warm-up back, never ends it: each page is asked
+    /// for again until it comes.
     pub async fn warm_up(&self, limit: u64) {
         const PAGE: u64 = 5000;
         self.warmup.target.store(limit, Ordering::Relaxed);

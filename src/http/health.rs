@@ -32,9 +32,10 @@ pub fn router(io: &Io) -> Router<Shared> {
 }
 
 /// Ready when PostgreSQL answers, the orders topic exists, the consumer
-/// holds its assignment with the stored positions read, ingest is not paused and the broker answers in
-/// time. Redis and the warm-up are reported but never make the service
-/// unready. `problems` says in words what keeps it unready.
+/// holds its assignment with the stored positions read, ingest is not paused
+/// and the broker answers in time. Redis and the warm-up are reported but
+/// never make the service unready. `problems` says in words what keeps it
+/// unready.
 async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
