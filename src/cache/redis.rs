@@ -122,7 +122,16 @@ async fn probe(inner: std::sync::Weak<Inner>) {
             .expect("lock is never poisoned")
             .clone();
         let result = match existing {
-            Some(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
+            Some(mut conn) => {
+                let ping = redis::cmd("PING").query_async::<()>(&mut conn).await;
+                if ping.is_err() {
+                    // The manager reconnects a refused connection by itself,
+                    // but keeps asking one that fell silent (its host lost)
+                    // for good: the next probe starts a new one.
+                    *inner.connection.write().expect("lock is never poisoned") = None;
+                }
+                ping
+            }
             None => match inner
                 .client
                 .get_connection_manager_with_config(config.clone())

@@ -687,6 +687,18 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
 /// Redis going away fails no request; readiness shows it; it comes back by itself.
 #[tokio::test]
 async fn redis_outage_fails_no_request() {
+    redis_away_fails_no_request(TcpProxy::cut).await;
+}
+
+/// The same with a Redis that falls silent (connections open, nothing
+/// answers, as when its host is lost): requests still answer at once, and
+/// the tier comes back on new connections, not the silent ones.
+#[tokio::test]
+async fn redis_falling_silent_fails_no_request() {
+    redis_away_fails_no_request(TcpProxy::silence).await;
+}
+
+async fn redis_away_fails_no_request(away: fn(&TcpProxy)) {
     let env = TestEnv::new().await;
     let (proxy, redis_url) = TcpProxy::to_redis().await;
     let service = env.spawn_with(&[
@@ -699,7 +711,7 @@ async fn redis_outage_fails_no_request() {
     let orders = generated_orders(91, 10);
     store_orders(&env, &orders).await;
 
-    proxy.cut();
+    away(&proxy);
     for (uid, bytes) in &orders {
         assert_serves(&service, uid, bytes).await;
     }
