@@ -501,6 +501,40 @@ async fn http2_is_served_only_when_allowed() {
     }
 }
 
+/// PostgreSQL falls silent (connections open, nothing answers) under
+/// searches: each answers 408 at HTTP_REQUEST_TIMEOUT_MS, and the sessions they
+/// abandoned do not keep their places in the pool: once the database answers
+/// again, so do the searches.
+#[tokio::test]
+async fn searches_recover_after_the_database_fell_silent() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+        ("DATABASE_MAX_CONNECTIONS", "2"),
+    ]);
+    service.wait_ready().await;
+    let search = "/api/orders?customer_id=nobody";
+    assert_eq!(service.get(search).await.status(), 200);
+
+    proxy.silence();
+    let searches = (0..4).map(|_| service.get(search));
+    for response in futures::future::join_all(searches).await {
+        assert_eq!(response.status(), 408);
+    }
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while service.get(search).await.status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "searches never answered again:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Holds the orders table locked, so every query of it hangs, until the
 /// transaction ends.
 async fn lock_orders(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
