@@ -93,10 +93,7 @@ impl IngestHealth {
 
     /// Stores the broker's verdict; true when it changed.
     pub(crate) fn set_broker_slow(&self, problem: Option<String>) -> bool {
-        let mut slow = lock(&self.broker_slow);
-        let changed = slow.is_some() != problem.is_some();
-        *slow = problem;
-        changed
+        replace(&self.broker_slow, problem)
     }
 
     /// The orders topic, if the broker says it does not exist.
@@ -106,10 +103,7 @@ impl IngestHealth {
 
     /// Stores whether the orders topic is missing; true when that changed.
     pub(crate) fn set_missing_topic(&self, topic: Option<String>) -> bool {
-        let mut missing = lock(&self.missing_topic);
-        let changed = missing.is_some() != topic.is_some();
-        *missing = topic;
-        changed
+        replace(&self.missing_topic, topic)
     }
 
     /// Stores the orphaned partitions; true when they changed.
@@ -125,4 +119,13 @@ impl IngestHealth {
 /// write is one assignment), so a poisoned lock is still read.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stores `value`; true when it went from none to some or back (the changes
+/// worth a log line).
+fn replace(slot: &Mutex<Option<String>>, value: Option<String>) -> bool {
+    let mut held = lock(slot);
+    let changed = held.is_some() != value.is_some();
+    *held = value;
+    changed
 }

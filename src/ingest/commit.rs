@@ -6,7 +6,6 @@
 //! broker is waited on.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
@@ -15,7 +14,7 @@ use super::batch::{Batch, Refusal};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::PartitionState;
 use crate::store::{
-    classify, no_answer, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store,
+    answered, classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store,
 };
 
 /// Why a batch cannot be committed now: the environment, never the orders.
@@ -28,6 +27,12 @@ pub enum Stall {
     Database(String),
     #[error("dead-letter topic {topic}: {error}")]
     DeadLetters { topic: String, error: String },
+}
+
+impl From<sqlx::Error> for Stall {
+    fn from(error: sqlx::Error) -> Self {
+        Self::database(&error)
+    }
 }
 
 impl Stall {
@@ -75,18 +80,10 @@ impl Committer {
         batch: &Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
-        match self.answered(self.attempt(batch, offsets)).await? {
+        match answered(self.write_timeout, self.attempt(batch, offsets)).await? {
             Ok(attempt) => Ok(attempt),
             Err(data_error) => self.isolate(batch, &data_error).await,
         }
-    }
-
-    /// `work`'s result, or a stall if PostgreSQL has not answered within the
-    /// write timeout.
-    async fn answered<T>(&self, work: impl Future<Output = Result<T, Stall>>) -> Result<T, Stall> {
-        tokio::time::timeout(self.write_timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(Stall::database(&no_answer(self.write_timeout))))
     }
 
     /// The batch's transaction; the error of the order data it was refused
@@ -96,7 +93,7 @@ impl Committer {
         batch: &Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Result<Attempt, sqlx::Error>, Stall> {
-        let mut tx = self.store.begin().await.map_err(|e| Stall::database(&e))?;
+        let mut tx = self.store.begin().await?;
         let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -133,13 +130,10 @@ impl Committer {
                 replay_of: l.replay_of.as_deref(),
             })
             .collect();
-        tx.record_dead_letters(&self.topic, &letters)
-            .await
-            .map_err(|e| Stall::database(&e))?;
+        tx.record_dead_letters(&self.topic, &letters).await?;
         tx.save_offsets(&self.group_id, &self.topic, offsets)
-            .await
-            .map_err(|e| Stall::database(&e))?;
-        tx.commit().await.map_err(|e| Stall::database(&e))?;
+            .await?;
+        tx.commit().await?;
         Ok(Ok(Attempt::Committed(outcome)))
     }
 
@@ -155,7 +149,8 @@ impl Committer {
                     .await
                     .map(drop)
             };
-            let Err(e) = self.answered(async { Ok(alone.await) }).await? else {
+            // No answer in time is an environment fault, like any error classified so.
+            let Err(e) = answered(self.write_timeout, alone).await else {
                 continue;
             };
             match classify(&e) {

@@ -40,7 +40,7 @@ use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
-use crate::store::{no_answer, InsertOutcome, PartitionOffset, Store, StoredOffset};
+use crate::store::{answered, InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
@@ -453,10 +453,7 @@ impl Ingest {
         if self.unloaded.is_empty() {
             return Ok(());
         }
-        let stored = self
-            .stored_offsets(&self.unloaded)
-            .await
-            .map_err(|e| Stall::database(&e))?;
+        let stored = self.stored_offsets(&self.unloaded).await?;
         let requests: Vec<ReadBack> = self
             .unloaded
             .iter()
@@ -611,15 +608,12 @@ impl Ingest {
         &self,
         partitions: &[i32],
     ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
-        let patience = self.committer.write_timeout;
         let load = self.committer.store.load_offsets(
             &self.settings.kafka.group_id,
             &self.settings.kafka.topic,
             partitions,
         );
-        tokio::time::timeout(patience, load)
-            .await
-            .unwrap_or_else(|_| Err(no_answer(patience)))
+        answered(self.committer.write_timeout, load).await
     }
 
     /// Closes the batch being gathered and starts its commit.

@@ -5,6 +5,7 @@ mod migrate;
 mod read;
 mod write;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,14 +16,22 @@ pub use migrate::migrate;
 pub use read::{OrderFilter, OrderSummary, StoredDocument, StoredOffset};
 pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 
-/// The error of a request PostgreSQL did not answer within `patience`: its
-/// server may be gone without closing the session (a host lost, a network that
-/// drops packets), which no other error would ever tell.
-pub fn no_answer(patience: Duration) -> sqlx::Error {
-    sqlx::Error::Io(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no answer within {} ms", patience.as_millis()),
-    ))
+/// `work`'s result, or an error if PostgreSQL has not answered within
+/// `patience`: its server may be gone without closing the session (a host
+/// lost, a network that drops packets), which no other error would ever tell.
+pub async fn answered<T, E: From<sqlx::Error>>(
+    patience: Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let silent = || {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", patience.as_millis()),
+        ))
+    };
+    tokio::time::timeout(patience, work)
+        .await
+        .unwrap_or_else(|_| Err(silent().into()))
 }
 
 /// The service's handle on PostgreSQL, connected as the service role.
