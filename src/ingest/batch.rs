@@ -39,6 +39,13 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// A transaction of the batch sent to commit, and the orders it stored.
+#[derive(Debug)]
+pub struct UnansweredCommit {
+    pub id: i64,
+    pub stored: Vec<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct Batch {
     pub valid: Vec<Incoming>,
@@ -56,6 +63,10 @@ pub struct Batch {
     pub in_flight: InFlight,
     /// Per source partition, the dead-letter offset after its last letter here.
     dlq_next: BTreeMap<i32, i64>,
+    /// This batch's earlier transactions whose commit may have gone
+    /// unanswered (connection lost, no answer in time): one may have landed,
+    /// and the orders it stored are this batch's, not duplicates.
+    pub unanswered_commits: Vec<UnansweredCommit>,
     pub first_at: Option<Instant>,
     /// The broker's timestamp of each message, in Unix milliseconds, where known.
     pub broker_times: Vec<i64>,

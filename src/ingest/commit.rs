@@ -5,12 +5,12 @@
 //! and the whole batch is kept for a retry. No transaction is open while the
 //! broker is waited on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::{timeout_at, Instant};
 
-use super::batch::{Batch, Refusal};
+use super::batch::{Batch, Refusal, UnansweredCommit};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::PartitionState;
 use crate::store::{
@@ -72,12 +72,13 @@ impl Committer {
     /// here, so this can run while the next batch is gathered. An attempt
     /// PostgreSQL does not answer within the write timeout is abandoned (and
     /// rolled back with its session): the batch is retried like any other
-    /// fault's, and a commit that did land meanwhile is absorbed then. The
-    /// bound is per transaction, so a refused batch's search for the orders at
-    /// fault (one transaction each) is not cut short by it.
+    /// fault's, and a commit that did land meanwhile is found then: its orders
+    /// count as stored, once. The bound is per transaction, so a refused
+    /// batch's search for the orders at fault (one transaction each) is not
+    /// cut short by it.
     pub async fn write(
         &self,
-        batch: &Batch,
+        batch: &mut Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
         match answered(self.write_timeout, self.attempt(batch, offsets)).await? {
@@ -90,11 +91,11 @@ impl Committer {
     /// for, if it was.
     async fn attempt(
         &self,
-        batch: &Batch,
+        batch: &mut Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Result<Attempt, sqlx::Error>, Stall> {
         let mut tx = self.store.begin().await?;
-        let outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
+        let mut outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 drop(tx);
@@ -115,6 +116,24 @@ impl Committer {
             });
             return Ok(Ok(Attempt::Refused(conflicts.collect())));
         }
+        if !batch.unanswered_commits.is_empty() {
+            let ids: Vec<i64> = batch.unanswered_commits.iter().map(|c| c.id).collect();
+            let landed = tx.committed_of(&ids).await?;
+            let mut ours: HashSet<&str> = batch
+                .unanswered_commits
+                .iter()
+                .filter(|c| landed.contains(&c.id))
+                .flat_map(|c| c.stored.iter().map(String::as_str))
+                .collect();
+            // The first copy of an order in the batch is the one that stored it.
+            outcome.duplicates.retain(|&i| {
+                let stored_here = ours.remove(batch.valid[i].order.uid().as_str());
+                if stored_here {
+                    outcome.stored.push(i);
+                }
+                !stored_here
+            });
+        }
         let letters: Vec<NewLetter> = batch
             .rejected
             .iter()
@@ -131,8 +150,18 @@ impl Committer {
             })
             .collect();
         tx.record_dead_letters(&self.topic, &letters).await?;
-        tx.save_offsets(&self.group_id, &self.topic, offsets)
+        let id = tx
+            .save_offsets(&self.group_id, &self.topic, offsets)
             .await?;
+        // Kept until the batch is done: if the answer to COMMIT is lost, only
+        // this id tells whether it landed.
+        let stored = outcome.stored.iter();
+        batch.unanswered_commits.push(UnansweredCommit {
+            id,
+            stored: stored
+                .map(|&i| batch.valid[i].order.uid().as_str().to_owned())
+                .collect(),
+        });
         tx.commit().await?;
         Ok(Ok(Attempt::Committed(outcome)))
     }

@@ -636,13 +636,13 @@ impl Ingest {
         if let Err(stall) = self.committer.send_letters(batch, &self.partitions).await {
             return self.stall(stall);
         }
-        let Some(batch) = self.closed.take() else {
+        let Some(mut batch) = self.closed.take() else {
             return;
         };
         let offsets = self.positions(&batch);
         let committer = self.committer.clone();
         let task = tokio::spawn(async move {
-            let attempt = committer.write(&batch, &offsets).await;
+            let attempt = committer.write(&mut batch, &offsets).await;
             (batch, attempt)
         });
         self.writing = Some(Writing { task, started });
@@ -769,6 +769,9 @@ impl Ingest {
                 return Ok(());
             };
             let offsets = self.positions(batch);
+            let Some(batch) = self.closed.as_mut() else {
+                return Ok(());
+            };
             match self.committer.write(batch, &offsets).await? {
                 Attempt::Committed(outcome) => {
                     let batch = self.closed.take().unwrap_or_default();

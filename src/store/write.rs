@@ -223,35 +223,50 @@ impl BatchTx {
     }
 
     /// Records the next offset per partition; offsets only move forward.
+    /// Returns the transaction's id, by which [`BatchTx::committed_of`] can
+    /// tell later whether this transaction landed, should its commit go
+    /// unanswered.
     pub async fn save_offsets(
         &mut self,
         group_id: &str,
         topic: &str,
         offsets: &[PartitionOffset],
-    ) -> Result<(), sqlx::Error> {
-        if offsets.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<i64, sqlx::Error> {
         let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
         let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
         let dlq_next: Vec<Option<i64>> = offsets.iter().map(|o| o.dlq_next_offset).collect();
         // GREATEST skips NULLs: an unknown dead-letter position keeps the stored one.
-        sqlx::query(
-            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, dlq_next_offset)
-             SELECT $1, $2, p, o, d FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS t(p, o, d)
-             ON CONFLICT (group_id, topic, partition) DO UPDATE
-             SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
-                 dlq_next_offset = GREATEST(consumer_offsets.dlq_next_offset, EXCLUDED.dlq_next_offset),
-                 updated_at = now()",
+        sqlx::query_scalar(
+            "WITH saved AS (
+                INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, dlq_next_offset)
+                SELECT $1, $2, p, o, d FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS t(p, o, d)
+                ON CONFLICT (group_id, topic, partition) DO UPDATE
+                SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
+                    dlq_next_offset = GREATEST(consumer_offsets.dlq_next_offset, EXCLUDED.dlq_next_offset),
+                    updated_at = now()
+             )
+             SELECT txid_current()",
         )
         .bind(group_id)
         .bind(topic)
         .bind(&partitions)
         .bind(&next)
         .bind(&dlq_next)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        .fetch_one(&mut *self.tx)
+        .await
+    }
+
+    /// Which of `transactions` (ids as [`BatchTx::save_offsets`] returns
+    /// them) committed. A commit whose answer was lost may have landed; once
+    /// this transaction has written the same orders, any earlier one that
+    /// wrote them has ended, so the answer is final.
+    pub async fn committed_of(&mut self, transactions: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT id FROM UNNEST($1::bigint[]) AS t(id) WHERE txid_status(id) = 'committed'",
+        )
+        .bind(transactions)
+        .fetch_all(&mut *self.tx)
+        .await
     }
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {

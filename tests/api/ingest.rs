@@ -496,6 +496,89 @@ async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
     assert_no_dead_letters(&env);
 }
 
+/// The answer to a batch's COMMIT is lost (the connection drops once the
+/// server has it): the commit landed, unseen. Ingest pauses, writes the batch
+/// again and finds its orders stored by that very transaction: each counts as
+/// stored once, a real re-send in the batch as a duplicate, and the letter is
+/// neither sent nor recorded twice.
+#[tokio::test]
+async fn a_commit_whose_answer_is_lost_counts_each_order_once() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("INGEST_MAX_BACKOFF_MS", "500"),
+    ]);
+    service.wait_ready().await;
+    proxy.lose_next_commit_answer();
+    let orders = generated_orders(65, 100);
+    let mut messages: Vec<(Option<&str>, &[u8])> = orders
+        .iter()
+        .map(|(uid, bytes)| (Some(uid.as_str()), bytes.as_slice()))
+        .collect();
+    messages.push((Some(orders[0].0.as_str()), orders[0].1.as_slice()));
+    messages.push((None, b"{not json"));
+    env.produce(&messages).await;
+    // The positions are stored with the lost commit: only the retry tells.
+    service
+        .wait_for_log("ingest resumed", Duration::from_secs(30))
+        .await;
+    env.wait_for_committed(102, Duration::from_secs(30)).await;
+
+    assert_eq!(proxy.commits_caught(), 1);
+    let logs = service.log_text();
+    assert!(logs.contains("ingest paused"), "{logs}");
+    assert_eq!(env.count(COUNT_ORDERS).await, 100);
+    assert_eq!(service.metric("orders_stored_total").await, 100.0, "{logs}");
+    assert_eq!(
+        service.metric("orders_duplicates_total").await,
+        1.0,
+        "{logs}"
+    );
+    assert_eq!(
+        service
+            .metric("orders_dead_letters_total{stage=\"parse\"}")
+            .await,
+        1.0,
+        "{logs}"
+    );
+    assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1);
+}
+
+/// A batch's COMMIT lost on its way (a network partition): the server keeps
+/// that transaction open, with the locks on its orders, and ingest gets no
+/// answer. Ingest gives up on it after INGEST_WRITE_TIMEOUT_MS and so does the
+/// server (the service's sessions end a transaction left idle that long), so
+/// the retry is not held for good behind the abandoned transaction's locks.
+#[tokio::test]
+async fn a_commit_lost_on_its_way_does_not_hold_ingest_behind_its_locks() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    let service = env.spawn_with(&[
+        ("DATABASE_URL", &env.service_url_via(&proxy)),
+        ("INGEST_WRITE_TIMEOUT_MS", "3000"),
+        ("INGEST_MAX_BACKOFF_MS", "500"),
+    ]);
+    service.wait_ready().await;
+    proxy.withhold_next_commit();
+    let orders = generated_orders(66, 100);
+    produce_orders(&env, &orders).await;
+    env.wait_for_committed(100, Duration::from_secs(60)).await;
+
+    assert_eq!(proxy.commits_caught(), 1);
+    let logs = service.log_text();
+    assert!(logs.contains("no answer within 3000 ms"), "{logs}");
+    assert_eq!(env.count(COUNT_ORDERS).await, 100);
+    assert_eq!(service.metric("orders_stored_total").await, 100.0, "{logs}");
+    assert_eq!(
+        service.metric("orders_duplicates_total").await,
+        0.0,
+        "{logs}"
+    );
+    assert_no_dead_letters(&env);
+}
+
 /// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
 #[tokio::test]
 async fn sigterm_commits_and_exits_cleanly() {
