@@ -1044,6 +1044,32 @@ async fn database_read_only_then_writable() {
     .await;
 }
 
+/// The database refuses new sessions (its connection limit reached, SQLSTATE
+/// 53300) and the service's sessions are ended: every reconnection is refused
+/// until the limit is lifted.
+#[tokio::test]
+async fn connections_refused_then_allowed() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let limit = |n: i32| format!("ALTER DATABASE {} CONNECTION LIMIT {n}", env.name);
+    let begin = async {
+        // Opened first: the limit refuses new sessions, not this one.
+        let mut own = env.service_session().await;
+        env.execute(&limit(0)).await;
+        crate::helpers::end_other_sessions(&mut own).await;
+    };
+    environment_fault(
+        &env,
+        &service,
+        "(m) connections refused",
+        "too many connections",
+        begin,
+        env.execute(&limit(-1)),
+    )
+    .await;
+}
+
 /// `serve` started before `migrate`: it waits, naming the missing table,
 /// and takes the whole stream in once the tables exist.
 #[tokio::test]

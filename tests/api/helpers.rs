@@ -248,12 +248,16 @@ impl TestEnv {
     /// Ends every session the service role has open on this database, as a
     /// failover does; a role may end its own sessions.
     pub async fn end_service_sessions(&self) {
-        let mut conn = PgConnectOptions::from_str(&self.service_url)
+        end_other_sessions(&mut self.service_session().await).await;
+    }
+
+    /// A session as the service role.
+    pub async fn service_session(&self) -> sqlx::PgConnection {
+        PgConnectOptions::from_str(&self.service_url)
             .unwrap()
             .connect()
             .await
-            .expect("connect as the service role");
-        end_other_sessions(&mut conn).await;
+            .expect("connect as the service role")
     }
 }
 
