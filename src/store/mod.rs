@@ -9,7 +9,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection;
 
 pub use dead_letters::{Cursor, LetterFilter, LetterRecord, NewLetter};
 pub use migrate::migrate;
@@ -95,6 +96,27 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// `error`, or for the pool's bare "no connection within the timeout",
+    /// why a new session is refused, if it is: the pool retries a refusal it
+    /// deems passing (too many connections, the server starting up) until its
+    /// timeout and then says only that, while the operator needs the reason.
+    pub async fn explained(&self, error: sqlx::Error) -> sqlx::Error {
+        if !matches!(error, sqlx::Error::PoolTimedOut) {
+            return error;
+        }
+        let patience = self.pool.options().get_acquire_timeout();
+        let options = self.pool.connect_options();
+        match tokio::time::timeout(patience, PgConnection::connect_with(&options)).await {
+            Ok(Err(refused)) => refused,
+            // A session opens: the pool's own were all busy.
+            Ok(Ok(session)) => {
+                session.close().await.ok();
+                error
+            }
+            Err(_) => error,
+        }
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {

@@ -105,7 +105,7 @@ impl Store {
         topic: &str,
         partitions: &[i32],
     ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
-        let rows: Vec<(i32, i64, Option<i64>)> = sqlx::query_as(
+        let rows: Result<Vec<(i32, i64, Option<i64>)>, _> = sqlx::query_as(
             "SELECT partition, next_offset, dlq_next_offset FROM consumer_offsets
              WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
         )
@@ -113,7 +113,11 @@ impl Store {
         .bind(topic)
         .bind(partitions)
         .fetch_all(self.pool())
-        .await?;
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.explained(e).await),
+        };
         Ok(rows
             .into_iter()
             .map(|(p, next_offset, dlq_next_offset)| {

@@ -49,9 +49,10 @@ const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
 
 impl Store {
     pub async fn begin(&self) -> Result<BatchTx, sqlx::Error> {
-        Ok(BatchTx {
-            tx: self.pool().begin_with(BEGIN_BATCH).await?,
-        })
+        match self.pool().begin_with(BEGIN_BATCH).await {
+            Ok(tx) => Ok(BatchTx { tx }),
+            Err(e) => Err(self.explained(e).await),
+        }
     }
 }
 
