@@ -30,6 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 use crate::helpers::{self, sample_with_uid, Service, TcpProxy, TestEnv};
+use crate::postgres_server::PostgresServer;
 
 const PARTITIONS: i32 = 4;
 
@@ -463,6 +464,33 @@ async fn postgres_away_for_30_seconds() {
         setting("FAULT_PG_OUTAGE_SECS", 30)
     );
     reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+}
+
+/// PostgreSQL crashes (stopped without a checkpoint, sessions cut, commits
+/// in flight unanswered) and starts again, recovering from its log: a server
+/// of the test's own, the service connected to it directly.
+#[tokio::test]
+async fn postgres_crashed_and_restarted() {
+    let server = PostgresServer::start().await;
+    let env = TestEnv::on_postgres(server.admin()).await;
+    let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "1000")]);
+    service.wait_ready().await;
+    let mut seed = Seed::new("(n)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
+    server.crash();
+    wait_paused_by(&service, "database").await;
+    pause(env_outage()).await;
+    server.start_again();
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(n) PostgreSQL crashed, restarted",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
 }
 
 #[tokio::test]

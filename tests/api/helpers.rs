@@ -30,6 +30,15 @@ pub fn brokers() -> String {
     var("TEST_KAFKA_BROKERS", "127.0.0.1:19092")
 }
 
+/// The suite's PostgreSQL server, as the owner role.
+fn admin() -> PgConnectOptions {
+    PgConnectOptions::from_str(&var(
+        "TEST_DATABASE_URL",
+        "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
+    ))
+    .expect("TEST_DATABASE_URL is a PostgreSQL URL")
+}
+
 pub fn redis_url() -> String {
     var("TEST_REDIS_URL", "redis://127.0.0.1:6379/")
 }
@@ -60,14 +69,21 @@ impl TestEnv {
     }
 
     pub async fn on_broker(brokers: String, partitions: i32) -> Self {
-        let env = Self::unmigrated_on(brokers, partitions).await;
+        let env = Self::unmigrated_on(admin(), brokers, partitions).await;
+        env.migrate().await;
+        env
+    }
+
+    /// On another PostgreSQL server, reached as `admin` (the owner role).
+    pub async fn on_postgres(admin: PgConnectOptions) -> Self {
+        let env = Self::unmigrated_on(admin, brokers(), 4).await;
         env.migrate().await;
         env
     }
 
     /// A database with no tables yet, as before `order-service migrate`.
     pub async fn unmigrated() -> Self {
-        Self::unmigrated_on(brokers(), 4).await
+        Self::unmigrated_on(admin(), brokers(), 4).await
     }
 
     /// The service URL of this database for another role, after `migrate`
@@ -91,16 +107,11 @@ impl TestEnv {
         order_service::store::migrate(self.owner.clone(), &self.service_role).await
     }
 
-    async fn unmigrated_on(brokers: String, partitions: i32) -> Self {
+    async fn unmigrated_on(admin: PgConnectOptions, brokers: String, partitions: i32) -> Self {
         let suffix = Alphanumeric
             .sample_string(&mut rand::rng(), 10)
             .to_lowercase();
         let name = format!("test_{suffix}");
-        let admin = PgConnectOptions::from_str(&var(
-            "TEST_DATABASE_URL",
-            "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
-        ))
-        .expect("TEST_DATABASE_URL is a PostgreSQL URL");
         let mut conn = admin.connect().await.expect("connect as the owner role");
         // Before PostgreSQL 15 the stack names a template whose schema `public` is
         // the owner role's, as 15 makes it for every new database.

@@ -1,0 +1,192 @@
+//! A PostgreSQL server of a test's own, from the binaries of the one the
+//! stack installed, so that a test may crash and restart it without
+//! disturbing the tests that share the suite's server.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use rand::distr::{Alphanumeric, SampleString};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
+
+pub struct PostgresServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// `postgres` when the test runs as root, which PostgreSQL refuses to run as.
+    run_as: Option<&'static str>,
+}
+
+impl PostgresServer {
+    /// Initialises a cluster (trust authentication, 127.0.0.1 only) on a free
+    /// port, starts it, and creates the roles the suite's server has: the
+    /// owner role and the service role, both named as there.
+    pub async fn start() -> Self {
+        let suffix = Alphanumeric
+            .sample_string(&mut rand::rng(), 10)
+            .to_lowercase();
+        let dir = std::env::temp_dir().join(format!("order-service-pg-{suffix}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run_as = is_root().then_some("postgres");
+        if let Some(user) = run_as {
+            let (uid, gid) = (id(&["-u", user]), id(&["-g", user]));
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let server = Self {
+            bin: bindir(),
+            dir,
+            port,
+            run_as,
+        };
+        let data = server.dir.display().to_string();
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        server.start_again();
+
+        let mut conn = server
+            .options("postgres")
+            .connect()
+            .await
+            .expect("connect to the test's own server");
+        let owner = admin_role();
+        let service = std::env::var("TEST_SERVICE_ROLE").unwrap_or("order_service".into());
+        for statement in [
+            format!("CREATE ROLE {owner} LOGIN CREATEDB"),
+            format!("CREATE ROLE {service} LOGIN"),
+            // As PostgreSQL 15 makes it for every new database, on any version.
+            format!("ALTER SCHEMA public OWNER TO {owner}"),
+        ] {
+            sqlx::query(&statement).execute(&mut conn).await.unwrap();
+        }
+        server
+    }
+
+    /// The owner role's connection, as `TEST_DATABASE_URL` gives the suite's.
+    pub fn admin(&self) -> PgConnectOptions {
+        self.options(&admin_role())
+    }
+
+    fn options(&self, user: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(user)
+            .database("postgres")
+    }
+
+    /// Stops the server as a crash does: no checkpoint, sessions cut, and
+    /// recovery from the write-ahead log at the next start.
+    pub fn crash(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    }
+
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        self.pg_ctl(&["start", "-w", "-l", &log, "-o", &options]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.display().to_string();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all);
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        let mut command = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        command.current_dir(&self.dir);
+        command
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let data = self.dir.display().to_string();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "stop", "-m", "immediate", "-w"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn admin_role() -> String {
+    let url = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or("postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres".into());
+    PgConnectOptions::from_str(&url)
+        .expect("TEST_DATABASE_URL is a PostgreSQL URL")
+        .get_username()
+        .to_owned()
+}
+
+/// The server binaries: `TEST_POSTGRES_BINDIR`, else those of the newest
+/// PostgreSQL installed the Debian way (as `scripts/stack` installs it).
+fn bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TEST_POSTGRES_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = std::fs::read_dir(root)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|version| root.join(version.to_string()).join("bin/initdb").exists())
+        .max()
+        .expect("PostgreSQL's server binaries (initdb, pg_ctl) under /usr/lib/postgresql/<version>/bin, or TEST_POSTGRES_BINDIR");
+    root.join(newest.to_string()).join("bin")
+}
+
+fn is_root() -> bool {
+    id(&["-u"]) == 0
+}
+
+fn id(args: &[&str]) -> u32 {
+    let output = Command::new("id").args(args).output().expect("id");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("a numeric id")
+}
