@@ -39,7 +39,8 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// A transaction of the batch sent to commit, and the orders it stored.
+/// A transaction of the batch sent to commit, and the orders it stored; kept
+/// until the batch is done, so it only outlives an unanswered commit.
 #[derive(Debug)]
 pub struct UnansweredCommit {
     pub id: i64,
@@ -63,9 +64,9 @@ pub struct Batch {
     pub in_flight: InFlight,
     /// Per source partition, the dead-letter offset after its last letter here.
     dlq_next: BTreeMap<i32, i64>,
-    /// This batch's earlier transactions whose commit may have gone
-    /// unanswered (connection lost, no answer in time): one may have landed,
-    /// and the orders it stored are this batch's, not duplicates.
+    /// This batch's earlier transactions whose commit went unanswered
+    /// (connection lost, no answer in time): one may have landed, and the
+    /// orders it stored are this batch's, not duplicates.
     pub unanswered_commits: Vec<UnansweredCommit>,
     pub first_at: Option<Instant>,
     /// The broker's timestamp of each message, in Unix milliseconds, where known.

@@ -105,16 +105,14 @@ impl Store {
         topic: &str,
         partitions: &[i32],
     ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
-        let rows: Result<Vec<(i32, i64, Option<i64>)>, _> = sqlx::query_as(
+        let query = sqlx::query_as::<_, (i32, i64, Option<i64>)>(
             "SELECT partition, next_offset, dlq_next_offset FROM consumer_offsets
              WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
         )
         .bind(group_id)
         .bind(topic)
-        .bind(partitions)
-        .fetch_all(self.pool())
-        .await;
-        let rows = match rows {
+        .bind(partitions);
+        let rows = match query.fetch_all(self.pool()).await {
             Ok(rows) => rows,
             Err(e) => return Err(self.explained(e).await),
         };
