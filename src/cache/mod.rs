@@ -220,6 +220,7 @@ impl OrderCache {
                 }
                 Err(e) => {
                     if !waited {
+                        let e = self.store.explained(e).await;
                         tracing::warn!(
                             error = %e,
                             "warm-up waits for PostgreSQL; meanwhile misses fall through to it"
