@@ -350,33 +350,38 @@ impl Ingest {
                 .into_iter()
                 .map(|(partition, target)| {
                     let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
-                    let earliest = match (&seek, target) {
+                    let marks = match (&seek, target) {
                         (Ok(()), Offset::Offset(_)) => side
                             .fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                            .ok()
-                            .map(|(low, _)| low),
+                            .ok(),
                         _ => None,
                     };
-                    (partition, target, seek, earliest)
+                    (partition, target, seek, marks)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
         let mut pending = false;
-        for (partition, target, seek, earliest) in seeks {
+        let mut past_the_end = Vec::new();
+        for (partition, target, seek, marks) in seeks {
             match (seek, self.partitions.get_mut(&partition)) {
-                (Ok(()), Some(state)) => {
-                    tracing::debug!(
-                        partition,
-                        ?target,
-                        "positioned at the offset stored in PostgreSQL"
-                    );
-                    state.positioned = true;
-                    if let (Offset::Offset(next), Some(earliest)) = (target, earliest) {
-                        report_expired(&self.metrics, partition, next, earliest);
+                (Ok(()), Some(state)) => match (target, marks) {
+                    (Offset::Offset(next), Some((earliest, end))) if next > end => {
+                        past_the_end.push((partition, next, earliest, end));
                     }
-                }
+                    _ => {
+                        tracing::debug!(
+                            partition,
+                            ?target,
+                            "positioned at the offset stored in PostgreSQL"
+                        );
+                        state.positioned = true;
+                        if let (Offset::Offset(next), Some((earliest, _))) = (target, marks) {
+                            report_expired(&self.metrics, partition, next, earliest);
+                        }
+                    }
+                },
                 // Revoked meanwhile: nothing to do.
                 (_, None) => {}
                 (Err(e), Some(_)) => {
@@ -385,9 +390,51 @@ impl Ingest {
                 }
             }
         }
+        for (partition, next, earliest, end) in past_the_end {
+            self.start_again(partition, next, earliest, end).await;
+        }
         // A panicked seek task leaves partitions unpositioned: try again too.
         pending |= self.partitions.values().any(|s| !s.positioned);
         self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
+    }
+
+    /// The position stored for `partition` (`next`) is past the partition's
+    /// `end`: the topic was created again, or the broker lost its data, and
+    /// its messages are not the ones consumed before. They must not be taken
+    /// for consumed: the stored position moves back to the `earliest` offset
+    /// (only offsets that move forward are ever saved otherwise), and the
+    /// partition is consumed again from there. Until PostgreSQL takes the
+    /// change, the partition stays unpositioned and this is retried.
+    async fn start_again(&mut self, partition: i32, next: i64, earliest: i64, end: i64) {
+        let kafka = &self.settings.kafka;
+        let rewind = self.committer.store.rewind_offset(
+            &kafka.group_id,
+            &kafka.topic,
+            partition,
+            next,
+            earliest,
+        );
+        match answered(self.committer.write_timeout, rewind).await {
+            Ok(()) => {
+                tracing::error!(
+                    partition,
+                    stored = next,
+                    end,
+                    from = earliest,
+                    "the position stored in PostgreSQL is past the end of the partition: the \
+                     topic was created again or the broker lost its data; its messages are \
+                     consumed again from its beginning"
+                );
+                if let Some(state) = self.partitions.get_mut(&partition) {
+                    state.next = Some(earliest);
+                }
+            }
+            Err(e) => tracing::warn!(
+                partition,
+                error = %e,
+                "the stored position is past the end of the partition and could not be moved back yet"
+            ),
+        }
     }
 
     async fn on_rebalance(&mut self, event: Rebalance) {

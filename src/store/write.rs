@@ -54,6 +54,30 @@ impl Store {
             Err(e) => Err(self.explained(e).await),
         }
     }
+
+    /// Moves the stored position of `partition` back from `from` to `to`,
+    /// unless another instance has moved it meanwhile.
+    pub async fn rewind_offset(
+        &self,
+        group_id: &str,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE consumer_offsets SET next_offset = $5, updated_at = now()
+             WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
+        )
+        .bind(group_id)
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .execute(self.pool())
+        .await
+        .map(drop)
+    }
 }
 
 impl BatchTx {

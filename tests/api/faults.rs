@@ -625,6 +625,58 @@ async fn broker_restarted_mid_stream() {
     drop(broker);
 }
 
+/// The broker loses its data (its storage wiped, as a container without its
+/// volume; or the topic deleted and created again) while PostgreSQL keeps the
+/// positions: they are past the end of the new topic (which holds fewer
+/// messages per partition than were consumed before, on every partition with
+/// these orders). Its orders must not be passed over as already consumed: the
+/// service says so and consumes the partitions again from their beginning.
+#[tokio::test]
+async fn broker_data_lost_while_postgres_kept_the_positions() {
+    let (storage, broker, env, service) = on_own_broker(&[]).await;
+    let orders = helpers::generated_orders(71, 80);
+    helpers::produce_orders(&env, &orders[..60]).await;
+    env.wait_for_committed(60, Duration::from_secs(60)).await;
+    assert!(service.terminate().success());
+
+    let port = broker.port;
+    drop(broker);
+    for entry in std::fs::read_dir(storage.path()).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let broker = Broker::start(storage.path().to_owned(), port);
+    env.create_topic(&env.topic, PARTITIONS).await;
+    env.create_topic(&env.dlq_topic, 1).await;
+    helpers::produce_orders(&env, &orders[60..]).await;
+    env.produce(&[(None, b"{not json"), (None, b"[]")]).await;
+
+    let service = env.spawn();
+    env.wait_for_count("SELECT count(*) FROM orders", 80, Duration::from_secs(60))
+        .await;
+    env.wait_for_committed(22, Duration::from_secs(30)).await;
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("past the end of the partition").count(),
+        PARTITIONS as usize,
+        "{logs}"
+    );
+    assert_eq!(service.metric("orders_stored_total").await, 20.0, "{logs}");
+    assert_eq!(env.dead_letters(2, Duration::from_secs(10)).len(), 2);
+
+    // Started again, it resumes where it stopped on the new topic: nothing
+    // consumed twice, no letter sent again.
+    assert!(service.terminate().success());
+    let service = env.spawn();
+    service.wait_ready().await;
+    env.produce(&[(None, b"{again")]).await;
+    env.wait_for_committed(23, Duration::from_secs(30)).await;
+    assert_eq!(env.dead_letters(3, Duration::from_secs(10)).len(), 3);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 3);
+    let logs = service.log_text();
+    assert!(!logs.contains("past the end"), "{logs}");
+    drop(broker);
+}
+
 /// Records the broker deleted for its retention before the group read them
 /// can be neither stored nor dead-lettered. The service must not pass over
 /// them in silence: on the assignment it logs the partition and the offsets
