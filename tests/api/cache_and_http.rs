@@ -508,12 +508,12 @@ async fn http2_is_served_only_when_allowed() {
 #[tokio::test]
 async fn searches_recover_after_the_database_fell_silent() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
-        ("DATABASE_MAX_CONNECTIONS", "2"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+            ("DATABASE_MAX_CONNECTIONS", "2"),
+        ])
+        .await;
     service.wait_ready().await;
     let search = "/api/orders?customer_id=nobody";
     assert_eq!(service.get(search).await.status(), 200);

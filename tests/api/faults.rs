@@ -446,11 +446,9 @@ async fn stopped_while_joining_then_started_again_consumes() {
 #[tokio::test]
 async fn postgres_away_for_30_seconds() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("INGEST_MAX_BACKOFF_MS", "1000"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[("INGEST_MAX_BACKOFF_MS", "1000")])
+        .await;
     service.wait_ready().await;
     let mut seed = Seed::new("(b)");
     let stream = Stream::start(&env, seed.value);

@@ -897,6 +897,17 @@ impl TestEnv {
         via.to_string()
     }
 
+    /// A service of this test connected to PostgreSQL through a proxy the
+    /// test can cut, silence or set traps in; `extra` settings on top.
+    pub async fn spawn_behind_proxy(&self, extra: &[(&str, &str)]) -> (TcpProxy, Service) {
+        let proxy = TcpProxy::start(self.postgres_addr()).await;
+        let url = self.service_url_via(&proxy);
+        let mut settings = vec![("DATABASE_URL", url.as_str())];
+        settings.extend_from_slice(extra);
+        let service = self.spawn_with(&settings);
+        (proxy, service)
+    }
+
     pub fn postgres_addr(&self) -> String {
         format!("{}:{}", self.owner.get_host(), self.owner.get_port())
     }

@@ -304,12 +304,12 @@ async fn two_consumers_share_a_group_through_rebalances() {
 #[tokio::test]
 async fn a_database_outage_pauses_ingest_and_loses_nothing() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("INGEST_MAX_BACKOFF_MS", "500"),
-        ("CACHE_WARMUP_ORDERS", "0"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            ("INGEST_MAX_BACKOFF_MS", "500"),
+            ("CACHE_WARMUP_ORDERS", "0"),
+        ])
+        .await;
     service.wait_ready().await;
     let orders = generated_orders(51, 400);
     produce_orders(&env, &orders[..200]).await;
@@ -465,16 +465,16 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
 #[tokio::test]
 async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("INGEST_WRITE_TIMEOUT_MS", "2000"),
-        ("INGEST_MAX_BACKOFF_MS", "500"),
-        // One session, so the write is the one that meets the silence (no
-        // readiness probe takes it first); the abandoned one must not keep
-        // its place either, or nothing could go on.
-        ("DATABASE_MAX_CONNECTIONS", "1"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            ("INGEST_WRITE_TIMEOUT_MS", "2000"),
+            ("INGEST_MAX_BACKOFF_MS", "500"),
+            // One session, so the write is the one that meets the silence (no
+            // readiness probe takes it first); the abandoned one must not keep
+            // its place either, or nothing could go on.
+            ("DATABASE_MAX_CONNECTIONS", "1"),
+        ])
+        .await;
     service.wait_ready().await;
     let orders = generated_orders(64, 200);
     produce_orders(&env, &orders[..100]).await;
@@ -504,11 +504,9 @@ async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
 #[tokio::test]
 async fn a_commit_whose_answer_is_lost_counts_each_order_once() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("INGEST_MAX_BACKOFF_MS", "500"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[("INGEST_MAX_BACKOFF_MS", "500")])
+        .await;
     service.wait_ready().await;
     proxy.lose_next_commit_answer();
     let orders = generated_orders(65, 100);
@@ -554,12 +552,12 @@ async fn a_commit_whose_answer_is_lost_counts_each_order_once() {
 #[tokio::test]
 async fn a_commit_lost_on_its_way_does_not_hold_ingest_behind_its_locks() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::start(env.postgres_addr()).await;
-    let service = env.spawn_with(&[
-        ("DATABASE_URL", &env.service_url_via(&proxy)),
-        ("INGEST_WRITE_TIMEOUT_MS", "3000"),
-        ("INGEST_MAX_BACKOFF_MS", "500"),
-    ]);
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            ("INGEST_WRITE_TIMEOUT_MS", "3000"),
+            ("INGEST_MAX_BACKOFF_MS", "500"),
+        ])
+        .await;
     service.wait_ready().await;
     proxy.withhold_next_commit();
     let orders = generated_orders(66, 100);
