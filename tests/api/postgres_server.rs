@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use rand::distr::{Alphanumeric, SampleString};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
 pub struct PostgresServer {
     bin: PathBuf,
@@ -58,20 +58,36 @@ impl PostgresServer {
         );
         server.start_again();
 
-        let mut conn = server
+        let owner = admin_role();
+        let service = std::env::var("TEST_SERVICE_ROLE").unwrap_or("order_service".into());
+        let mut template1 = server
             .options("postgres")
+            .database("template1")
             .connect()
             .await
             .expect("connect to the test's own server");
-        let owner = admin_role();
-        let service = std::env::var("TEST_SERVICE_ROLE").unwrap_or("order_service".into());
         for statement in [
             format!("CREATE ROLE {owner} LOGIN CREATEDB"),
             format!("CREATE ROLE {service} LOGIN"),
             // As PostgreSQL 15 makes it for every new database, on any version.
             format!("ALTER SCHEMA public OWNER TO {owner}"),
         ] {
-            sqlx::query(&statement).execute(&mut conn).await.unwrap();
+            sqlx::query(&statement)
+                .execute(&mut template1)
+                .await
+                .unwrap();
+        }
+        template1.close().await.unwrap();
+        // The template the suite names before PostgreSQL 15, made the same way.
+        let template = std::env::var("TEST_DATABASE_TEMPLATE").unwrap_or("template1".into());
+        if template != "template1" {
+            let mut conn = server.options("postgres").connect().await.unwrap();
+            sqlx::query(&format!(
+                "CREATE DATABASE {template} TEMPLATE template1 IS_TEMPLATE true"
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         }
         server
     }
