@@ -812,10 +812,11 @@ impl Ingest {
                 return Ok(());
             }
             self.committer.send_letters(batch, &self.partitions).await?;
-            let Some(batch) = &self.closed else {
-                return Ok(());
-            };
-            let offsets = self.positions(batch);
+            let offsets = self
+                .closed
+                .as_ref()
+                .map(|batch| self.positions(batch))
+                .unwrap_or_default();
             let Some(batch) = self.closed.as_mut() else {
                 return Ok(());
             };
