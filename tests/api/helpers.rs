@@ -30,6 +30,26 @@ pub fn brokers() -> String {
     var("TEST_KAFKA_BROKERS", "127.0.0.1:19092")
 }
 
+/// The value `check` gives, asked for every 100 ms; fails with `why()` if
+/// none comes `within`.
+pub async fn eventually<T, F>(
+    within: Duration,
+    mut check: impl FnMut() -> F,
+    why: impl Fn() -> String,
+) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{}", why());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The suite's PostgreSQL server, as the owner role.
 fn admin() -> PgConnectOptions {
     PgConnectOptions::from_str(&var(
@@ -288,23 +308,25 @@ impl TestEnv {
         sqlx::query_scalar(sql).fetch_one(&self.db).await.unwrap()
     }
 
-    /// Waits until `sql` returns `expected`, and fails with the last value if it never does.
     /// Waits until the group's stored positions add up to `messages`.
     pub async fn wait_for_committed(&self, messages: i64, within: Duration) {
         let committed = "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets";
         self.wait_for_count(committed, messages, within).await;
     }
 
+    /// Waits until `sql` returns `expected`, and fails with the last value if it never does.
     pub async fn wait_for_count(&self, sql: &str, expected: i64, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let n = self.count(sql).await;
-            if n == expected {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{sql}: {n}, expected {expected}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let last = Mutex::new(0);
+        eventually(
+            within,
+            || async {
+                let n = self.count(sql).await;
+                *last.lock().unwrap() = n;
+                (n == expected).then_some(())
+            },
+            || format!("{sql}: {}, expected {expected}", last.lock().unwrap()),
+        )
+        .await;
     }
 
     /// Reads the dead-letter topic until `expected` letters arrived (or the time is up).
@@ -524,59 +546,46 @@ impl Service {
             .expect("request sent")
     }
 
-    /// Waits until the service is ready (PostgreSQL up, partitions assigned).
     /// Waits until the service has logged `text`.
     pub async fn wait_for_log(&self, text: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.log_text().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "not logged within {within:?}: {text}\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            within,
+            || async { self.log_text().contains(text).then_some(()) },
+            || format!("not logged within {within:?}: {text}\n{}", self.log_text()),
+        )
+        .await;
     }
 
     /// Waits until `/readyz` answers 503 with a problem that names `cause`
     /// and the check `key` reads `value`.
     pub async fn wait_unready(&self, cause: &str, (key, value): (&str, &str)) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let unready = || async {
             let r = self.get("/readyz").await;
-            if r.status() == 503 {
-                let body: serde_json::Value = r.json().await.unwrap();
-                let named = body["problems"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
-                if named && body["checks"][key] == value {
-                    return;
-                }
+            if r.status() != 503 {
+                return None;
             }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz never named {cause:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let body: serde_json::Value = r.json().await.unwrap();
+            let named = body["problems"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p.as_str().unwrap_or("").contains(cause)));
+            (named && body["checks"][key] == value).then_some(())
+        };
+        eventually(Duration::from_secs(30), unready, || {
+            format!("/readyz never named {cause:?}:\n{}", self.log_text())
+        })
+        .await;
     }
 
+    /// Waits until the service is ready (PostgreSQL up, partitions assigned).
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "service never became ready:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let ready = || async {
+            let r = self.client.get(self.url("/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        };
+        eventually(Duration::from_secs(60), ready, || {
+            format!("service never became ready:\n{}", self.log_text())
+        })
+        .await;
     }
 
     /// The `/readyz` body once the cache warm-up is done. Warm-up runs beside
@@ -595,19 +604,17 @@ impl Service {
 
     /// Waits until `GET /order/{uid}` answers 200 and returns the body.
     pub async fn wait_for_order(&self, uid: &str, within: Duration) -> serde_json::Value {
-        let deadline = Instant::now() + within;
-        loop {
+        let found = || async {
             let r = self.get(&format!("/order/{uid}")).await;
-            if r.status() == 200 {
-                return r.json().await.unwrap();
+            if r.status() != 200 {
+                return None;
             }
-            assert!(
-                Instant::now() < deadline,
-                "order {uid} never appeared:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Some(r.json().await.unwrap())
+        };
+        eventually(within, found, || {
+            format!("order {uid} never appeared:\n{}", self.log_text())
+        })
+        .await
     }
 
     /// The value of one series; fails if the service does not expose it, so
