@@ -10,6 +10,7 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
         .connect_with(owner)
         .await
         .context("MIGRATION_DATABASE_URL: cannot connect")?;
+    require_utf8(&pool).await?;
     sqlx::migrate!("./migrations")
         .run(&pool)
         .await
@@ -64,6 +65,24 @@ pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Res
              the owner role cannot revoke it; a superuser service role can always). As a \
              superuser run: REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}; and use a \
              service role that is not a superuser"
+        );
+    }
+    Ok(())
+}
+
+/// Orders are UTF-8 text in any script. A database in another encoding would
+/// refuse valid orders one by one, as if their data were at fault, so it is
+/// refused here instead, with the fix.
+async fn require_utf8(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+        .fetch_one(pool)
+        .await
+        .context("reading the database's encoding")?;
+    if encoding != "UTF8" {
+        anyhow::bail!(
+            "the database {} uses the encoding {encoding}, which cannot hold every order's \
+             text; create it with UTF-8: CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0",
+            current_database(pool).await?
         );
     }
     Ok(())

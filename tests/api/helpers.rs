@@ -50,8 +50,15 @@ where
     }
 }
 
+/// Ten random lower-case letters and digits that name a test's own objects.
+pub fn unique_suffix() -> String {
+    Alphanumeric
+        .sample_string(&mut rand::rng(), 10)
+        .to_lowercase()
+}
+
 /// The suite's PostgreSQL server, as the owner role.
-fn admin() -> PgConnectOptions {
+pub fn admin() -> PgConnectOptions {
     PgConnectOptions::from_str(&var(
         "TEST_DATABASE_URL",
         "postgres://order_owner:order_owner_local@127.0.0.1:5432/postgres",
@@ -128,9 +135,7 @@ impl TestEnv {
     }
 
     async fn unmigrated_on(admin: PgConnectOptions, brokers: String, partitions: i32) -> Self {
-        let suffix = Alphanumeric
-            .sample_string(&mut rand::rng(), 10)
-            .to_lowercase();
+        let suffix = unique_suffix();
         let name = format!("test_{suffix}");
         let mut conn = admin.connect().await.expect("connect as the owner role");
         // Before PostgreSQL 15 the stack names a template whose schema `public` is

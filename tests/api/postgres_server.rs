@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-use rand::distr::{Alphanumeric, SampleString};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
@@ -23,9 +22,7 @@ impl PostgresServer {
     /// port, starts it, and creates the roles the suite's server has: the
     /// owner role and the service role, both named as there.
     pub async fn start() -> Self {
-        let suffix = Alphanumeric
-            .sample_string(&mut rand::rng(), 10)
-            .to_lowercase();
+        let suffix = crate::helpers::unique_suffix();
         let dir = std::env::temp_dir().join(format!("order-service-pg-{suffix}"));
         std::fs::create_dir_all(&dir).unwrap();
         let run_as = is_root().then_some("postgres");

@@ -2,9 +2,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
-use crate::helpers::{redis_url, sample_with_uid, TestEnv};
+use crate::helpers::{admin, redis_url, sample_with_uid, unique_suffix, TestEnv};
 
 /// The service role reads and writes its tables and nothing else: no DDL, no
 /// DELETE or TRUNCATE, no other schema, not the migration history.
@@ -84,6 +84,42 @@ async fn migrate_refuses_a_service_role_that_can_create_in_public() {
             && error.contains("REVOKE CREATE ON SCHEMA public"),
         "{error}"
     );
+}
+
+/// A database in an encoding other than UTF-8 would refuse valid orders
+/// whose text it cannot hold, one by one, as if they were bad: `migrate`
+/// refuses it, naming its encoding and the fix, and creates nothing.
+#[tokio::test]
+async fn migrate_refuses_a_database_that_cannot_hold_utf8() {
+    let name = format!("test_latin1_{}", unique_suffix());
+    let mut admin_session = admin().connect().await.unwrap();
+    sqlx::query(&format!(
+        "CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    ))
+    .execute(&mut admin_session)
+    .await
+    .unwrap();
+    let result = order_service::store::migrate(admin().database(&name), "order_service").await;
+    let tables: i64 = {
+        let mut session = admin().database(&name).connect().await.unwrap();
+        let tables =
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+                .fetch_one(&mut session)
+                .await
+                .unwrap();
+        session.close().await.unwrap();
+        tables
+    };
+    sqlx::query(&format!("DROP DATABASE {name}"))
+        .execute(&mut admin_session)
+        .await
+        .unwrap();
+    let error = format!("{:#}", result.expect_err("migrate must refuse"));
+    assert!(
+        error.contains("uses the encoding LATIN1") && error.contains("ENCODING 'UTF8'"),
+        "{error}"
+    );
+    assert_eq!(tables, 0, "nothing is created");
 }
 
 /// A hardened database where PUBLIC may not create temporary tables:
