@@ -117,7 +117,7 @@ async fn list(store: &Store, args: ListArgs, settings: &Settings) -> anyhow::Res
             .await
             .context("DATABASE_URL: cannot read dead letters")?;
         for letter in &page {
-            writeln!(out, "{}", letter.summary()).context("writing to stdout")?;
+            print(&mut out, letter)?;
         }
         if (page.len() as i64) < want {
             break;
@@ -126,6 +126,12 @@ async fn list(store: &Store, args: ListArgs, settings: &Settings) -> anyhow::Res
         before = page.last().map(|l| l.id);
     }
     Ok(())
+}
+
+/// One letter as one line of JSON.
+fn print(out: &mut impl Write, letter: &LetterRecord) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, &letter.summary()).context("writing to stdout")?;
+    writeln!(out).context("writing to stdout")
 }
 
 #[derive(Debug, Default)]
@@ -172,7 +178,7 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
                 continue;
             }
             let Some(producer) = &producer else {
-                writeln!(out, "{}", letter.summary()).context("writing to stdout")?;
+                print(&mut out, letter)?;
                 continue;
             };
             let delivery = send(producer, topic, letter)?;

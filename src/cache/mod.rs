@@ -84,7 +84,8 @@ pub struct WarmupProgress {
     done: AtomicBool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How far loading the most recent orders into memory at start has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WarmupState {
     pub target: u64,
     pub loaded: u64,

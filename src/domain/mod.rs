@@ -11,7 +11,7 @@ pub mod rules;
 pub use order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
 pub use order_uid::{claimed_uid, OrderUid, MAX_ORDER_UID_LEN};
 pub use parse::{parse_order, Limits};
-pub use rejection::{Problem, Rejection, Stage, LETTER_STAGES};
+pub use rejection::{Problem, Rejection, Stage, StageName, LETTER_STAGES};
 
 /// The published sample order, valid under every rule.
 pub const SAMPLE_ORDER: &str = include_str!("sample_order.json");

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::OrderUid;
 
@@ -34,14 +35,16 @@ impl Order {
 }
 
 /// The fields of an order, in the order of the published model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Order)]
 pub struct OrderDocument {
     pub order_uid: OrderUid,
     pub track_number: String,
     pub entry: String,
     pub delivery: Delivery,
     pub payment: Payment,
+    #[schema(min_items = 1)]
     pub items: Vec<Item>,
     pub locale: String,
     pub internal_signature: String,
@@ -49,11 +52,12 @@ pub struct OrderDocument {
     pub delivery_service: String,
     pub shardkey: String,
     pub sm_id: i64,
+    #[schema(value_type = String, format = DateTime)]
     pub date_created: Timestamp,
     pub oof_shard: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Delivery {
     pub name: String,
@@ -66,7 +70,7 @@ pub struct Delivery {
 }
 
 /// Money amounts are integers in the currency's minor unit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Payment {
     pub transaction: String,
@@ -81,7 +85,7 @@ pub struct Payment {
     pub custom_fee: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Item {
     pub chrt_id: i64,

@@ -2,6 +2,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 
 /// The longest order id accepted. Ids appear in URLs and cache keys.
 pub const MAX_ORDER_UID_LEN: usize = 64;
@@ -81,6 +83,19 @@ fn scan_for_uid(payload: &[u8]) -> Option<String> {
     }
     String::from_utf8(rest[..end].to_vec()).ok()
 }
+
+/// In the API's document: a string that follows [`OrderUid::RULE`].
+impl utoipa::PartialSchema for OrderUid {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(format!("^[A-Za-z0-9_-]{{1,{MAX_ORDER_UID_LEN}}}$")))
+            .description(Some(Self::RULE))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for OrderUid {}
 
 impl AsRef<str> for OrderUid {
     fn as_ref(&self) -> &str {

@@ -1,4 +1,9 @@
+use std::borrow::Cow;
 use std::fmt;
+
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 /// Where in the decision a message was turned away. The names are the values of
 /// the `stage` dead-letter header.
@@ -25,6 +30,25 @@ impl Stage {
 /// Every stage a dead letter can name: the decision's three, then `conflict`
 /// (the id is stored with other content) and `store` (PostgreSQL refused it).
 pub const LETTER_STAGES: [&str; 5] = ["too_large", "parse", "validate", "conflict", "store"];
+
+/// A dead letter's stage in the API's document: one of [`LETTER_STAGES`].
+pub struct StageName;
+
+impl PartialSchema for StageName {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(LETTER_STAGES))
+            .description(Some("Where in the decision the message was turned away"))
+            .into()
+    }
+}
+
+impl ToSchema for StageName {
+    fn name() -> Cow<'static, str> {
+        "Stage".into()
+    }
+}
 
 /// One broken rule: the JSON path of the field (empty for the whole message) and
 /// a short reason a person understands.

@@ -9,14 +9,15 @@ use axum::middleware;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::io::{on_io, Io};
 use super::paging::{bad, Page};
 use super::Shared;
-use crate::domain::{OrderUid, LETTER_STAGES};
-use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
+use crate::domain::{OrderUid, StageName, LETTER_STAGES};
+use crate::store::{Cursor, LetterFilter, LetterRecord, LetterSummary, Store};
 
 /// Letters shown with an order's 404.
 const LETTERS_WITH_NOT_FOUND: i64 = 5;
@@ -28,11 +29,56 @@ pub fn router(io: &Io) -> Router<Shared> {
         .route_layer(middleware::from_fn_with_state(io.clone(), on_io))
 }
 
-/// Newest first; `before` is the `next_cursor` of the previous page.
-async fn list(
+/// A page of letters: the newest first, and a cursor to the next page.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = DeadLetterPage)]
+pub struct LetterPage {
+    dead_letters: Vec<LetterSummary>,
+    /// The `before` of the next page; none on the last page.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// A letter with the first bytes of its payload.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = DeadLetterDetail)]
+pub struct LetterDetail {
+    #[serde(flatten)]
+    letter: LetterSummary,
+    /// The first DEAD_LETTER_PREVIEW_BYTES of the payload; bytes that are
+    /// not UTF-8 are replaced.
+    payload_preview: String,
+    payload_preview_bytes: usize,
+    /// Whether the preview is the whole payload.
+    payload_complete: bool,
+    /// Whether the preview is valid UTF-8 as it was sent.
+    payload_utf8: bool,
+}
+
+/// Rejected messages recorded in PostgreSQL, newest first
+///
+/// Only those matching every filter given.
+#[utoipa::path(
+    get,
+    path = "/api/dead-letters",
+    params(
+        ("order_uid" = Option<String>, Query,
+            description = "The id the message claimed, valid or not (or its key, when the payload names none)"),
+        ("key" = Option<String>, Query, description = "The message's key, exactly"),
+        ("stage" = Option<StageName>, Query),
+        ("since" = Option<DateTime<Utc>>, Query, description = "Recorded at or after this time"),
+        Page,
+    ),
+    responses(
+        (status = 200, description = "A page of letters", body = LetterPage),
+        (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
+        (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn list(
     State(state): State<Shared>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LetterPage>, ApiError> {
     let page = Page::from_params(&params, &["order_uid", "key", "stage", "since"])?;
     let stage = match params.get("stage") {
         Some(stage) if !LETTER_STAGES.contains(&stage.as_str()) => {
@@ -66,17 +112,34 @@ async fn list(
         .await
         .map_err(ApiError::Unavailable)?;
     let next_cursor = page.next_cursor(letters.len(), letters.last().map(|l| l.id));
-    let letters: Vec<Value> = letters.iter().map(LetterRecord::summary).collect();
-    Ok(Json(
-        json!({ "dead_letters": letters, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(LetterPage {
+        dead_letters: letters.iter().map(LetterRecord::summary).collect(),
+        next_cursor,
+    }))
 }
 
-/// One letter with its reasons and the first bytes of its payload.
-async fn one(
+/// The letter of the message at this source position
+///
+/// With its reasons and the first bytes of its payload, as a JSON string.
+#[utoipa::path(
+    get,
+    path = "/api/dead-letters/{topic}/{partition}/{offset}",
+    params(
+        ("topic" = String, Path),
+        ("partition" = i32, Path),
+        ("offset" = i64, Path),
+    ),
+    responses(
+        (status = 200, description = "The letter", body = LetterDetail),
+        (status = 400, description = "Partition or offset is not a whole number", body = ErrorBody),
+        (status = 404, description = "No letter at this position", body = ErrorBody),
+        (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn one(
     State(state): State<Shared>,
     Path((topic, partition, offset)): Path<(String, String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LetterDetail>, ApiError> {
     let (Ok(partition), Ok(offset)) = (partition.parse::<i32>(), offset.parse::<i64>()) else {
         return Err(bad(
             "a dead letter is named /api/dead-letters/{topic}/{partition}/{offset}, with whole numbers"
@@ -89,18 +152,19 @@ async fn one(
         .await
         .map_err(ApiError::Unavailable)?
         .ok_or(ApiError::NoDeadLetter)?;
-    let mut body = letter.summary();
     let preview = &letter.payload_preview;
-    body["payload_preview"] = json!(String::from_utf8_lossy(preview));
-    body["payload_preview_bytes"] = json!(preview.len());
-    body["payload_complete"] = json!(letter.holds_whole_payload());
-    body["payload_utf8"] = json!(std::str::from_utf8(preview).is_ok());
-    Ok(Json(body))
+    Ok(Json(LetterDetail {
+        letter: letter.summary(),
+        payload_preview: String::from_utf8_lossy(preview).into_owned(),
+        payload_preview_bytes: preview.len(),
+        payload_complete: letter.holds_whole_payload(),
+        payload_utf8: std::str::from_utf8(preview).is_ok(),
+    }))
 }
 
 /// The letters of messages that claimed `uid`, newest first, for its 404. A
 /// failure to read them leaves the 404 plain rather than failing it.
-pub async fn letters_of_order(store: &Store, uid: &OrderUid) -> Vec<Value> {
+pub async fn letters_of_order(store: &Store, uid: &OrderUid) -> Vec<LetterSummary> {
     let filter = LetterFilter {
         order_uid: Some(uid.to_string()),
         ..LetterFilter::default()

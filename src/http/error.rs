@@ -1,7 +1,10 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::LetterSummary;
 
 /// Errors a handler returns. The log gets the cause; the client gets a clean
 /// status and message, never SQL or internal detail.
@@ -15,55 +18,72 @@ pub enum ApiError {
     #[error("order not found")]
     NotFound {
         order_uid: String,
-        /// Letters of messages that claimed this id, as the API shows them.
-        dead_letters: Vec<serde_json::Value>,
+        /// Letters of messages that claimed this id.
+        dead_letters: Vec<LetterSummary>,
     },
     #[error("no dead letter at that position")]
     NoDeadLetter,
-    #[error("storage unavailable")]
+    #[error("storage unavailable, try again shortly")]
     Unavailable(#[source] sqlx::Error),
     /// The runtime that owns the connections is shutting down.
     #[error("the service is stopping")]
     Stopping,
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// What went wrong, in words.
+    pub error: String,
+    /// The id asked for, when the error is about one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_uid: Option<String>,
+}
+
+/// The body of a 404 for an order: the letters of messages that claimed its
+/// id, if any, say why it is not stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = NotFound)]
+pub struct NotFoundBody {
+    pub error: String,
+    pub order_uid: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dead_letters: Vec<LetterSummary>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match self {
-            ApiError::BadRequest { reason, order_uid } => {
-                let mut body = json!({ "error": reason });
-                if let Some(uid) = order_uid {
-                    body["order_uid"] = json!(uid);
-                }
-                (StatusCode::BAD_REQUEST, body)
-            }
+        let status = match &self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } | ApiError::NoDeadLetter => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let error = self.to_string();
+        match self {
             ApiError::NotFound {
                 order_uid,
                 dead_letters,
             } => {
-                let mut body = json!({ "error": "order not found", "order_uid": order_uid });
-                if !dead_letters.is_empty() {
-                    body["dead_letters"] = json!(dead_letters);
-                }
-                (StatusCode::NOT_FOUND, body)
+                let body = NotFoundBody {
+                    error,
+                    order_uid,
+                    dead_letters,
+                };
+                (status, Json(body)).into_response()
             }
-            ApiError::NoDeadLetter => (
-                StatusCode::NOT_FOUND,
-                json!({ "error": "no dead letter at that position" }),
-            ),
-            ApiError::Unavailable(e) => {
-                let cause = format!("{:#}", anyhow::Error::new(e));
-                tracing::error!(error = cause, "storage error while serving a request");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({ "error": "storage unavailable, try again shortly" }),
-                )
+            other => {
+                let order_uid = match other {
+                    ApiError::BadRequest { order_uid, .. } => order_uid,
+                    ApiError::Unavailable(e) => {
+                        let cause = format!("{:#}", anyhow::Error::new(e));
+                        tracing::error!(error = cause, "storage error while serving a request");
+                        None
+                    }
+                    _ => None,
+                };
+                (status, Json(ErrorBody { error, order_uid })).into_response()
             }
-            ApiError::Stopping => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "the service is stopping" }),
-            ),
-        };
-        (status, Json(body)).into_response()
+        }
     }
 }

@@ -16,7 +16,17 @@ pub fn router() -> Router<Shared> {
     Router::new().route("/api/orders/stream", get(stream))
 }
 
-async fn stream(State(state): State<Shared>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// Orders as they are stored, as Server-Sent Events
+///
+/// Each event is named `order`; its data is an OrderSummary.
+#[utoipa::path(
+    get,
+    path = "/api/orders/stream",
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = String))
+)]
+pub(super) async fn stream(
+    State(state): State<Shared>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.feed.subscribe();
     let events = futures::stream::unfold(receiver, |mut receiver| async move {
         loop {

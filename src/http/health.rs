@@ -7,36 +7,130 @@ use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::io::{on_io, Io};
 use super::Shared;
-
-const OPENAPI: &str = include_str!("openapi.json");
+use crate::cache::WarmupState;
 
 pub fn router(io: &Io) -> Router<Shared> {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(healthz))
         .route(
             "/readyz",
             get(readyz).route_layer(middleware::from_fn_with_state(io.clone(), on_io)),
         )
         .route("/metrics", get(metrics))
-        .route(
-            "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Liveness {
+    status: Alive,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Alive {
+    Ok,
+}
+
+/// Liveness: the process answers
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive", body = Liveness)))]
+pub(super) async fn healthz() -> Json<Liveness> {
+    Json(Liveness { status: Alive::Ok })
+}
+
+/// Whether the service is ready, each check's state, and what keeps it unready.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    status: Status,
+    checks: Checks,
+    /// What keeps the service unready, in words, e.g. "ingest paused:
+    /// database: permission denied for table orders (42501)".
+    problems: Vec<String>,
+    warmup: WarmupState,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Status {
+    Ready,
+    NotReady,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Checks {
+    postgres: Link,
+    kafka_assignment: Assignment,
+    kafka_topic: Topic,
+    kafka_broker: Broker,
+    ingest: Ingest,
+    redis: Tier,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Link {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Assignment {
+    /// No partition assignment yet.
+    Waiting,
+    /// Reading the assigned partitions' stored positions.
+    Loading,
+    Assigned,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Topic {
+    Present,
+    Missing,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Broker {
+    Answering,
+    Slow,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Ingest {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Tier {
+    Up,
+    Down,
+    Disabled,
+}
+
+/// Readiness: PostgreSQL reachable, the consumer holds its assignment and ingest is not paused
+///
 /// Ready when PostgreSQL answers, the orders topic exists, the consumer
 /// holds its assignment with the stored positions read, ingest is not paused
 /// and the broker answers in time. Redis and the warm-up are reported but
 /// never make the service unready. `problems` says in words what keeps it
 /// unready.
-async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready", body = Readiness),
+    )
+)]
+pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Readiness>) {
     let postgres = matches!(
         tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
         Ok(Ok(()))
@@ -45,9 +139,9 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     let loading = state.ingest.loading.load(Ordering::Relaxed);
     let stalled = state.ingest.stalled();
     let redis = match state.cache.redis_up() {
-        None => "disabled",
-        Some(true) => "up",
-        Some(false) => "down",
+        None => Tier::Disabled,
+        Some(true) => Tier::Up,
+        Some(false) => Tier::Down,
     };
     let mut problems = Vec::new();
     if !postgres {
@@ -80,23 +174,39 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
         ));
     }
     let ready = problems.is_empty();
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": {
-            "postgres": if postgres { "up" } else { "down" },
-            "kafka_assignment": match (assigned, loading) {
-                (false, _) => "waiting",
-                (true, true) => "loading",
-                (true, false) => "assigned",
-            },
-            "kafka_topic": if missing_topic.is_some() { "missing" } else { "present" },
-            "kafka_broker": if broker_slow.is_some() { "slow" } else { "answering" },
-            "ingest": if stalled.is_some() { "paused" } else { "running" },
-            "redis": redis,
+    let body = Readiness {
+        status: if ready {
+            Status::Ready
+        } else {
+            Status::NotReady
         },
-        "problems": problems,
-        "warmup": state.cache.warmup().state(),
-    });
+        checks: Checks {
+            postgres: if postgres { Link::Up } else { Link::Down },
+            kafka_assignment: match (assigned, loading) {
+                (false, _) => Assignment::Waiting,
+                (true, true) => Assignment::Loading,
+                (true, false) => Assignment::Assigned,
+            },
+            kafka_topic: if missing_topic.is_some() {
+                Topic::Missing
+            } else {
+                Topic::Present
+            },
+            kafka_broker: if broker_slow.is_some() {
+                Broker::Slow
+            } else {
+                Broker::Answering
+            },
+            ingest: if stalled.is_some() {
+                Ingest::Paused
+            } else {
+                Ingest::Running
+            },
+            redis,
+        },
+        problems,
+        warmup: state.cache.warmup().state(),
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -105,7 +215,13 @@ async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+/// Prometheus metrics in the text exposition format
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Metrics", content_type = "text/plain", body = String))
+)]
+pub(super) async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
     let m = &state.metrics;
     let memory = state.cache.memory();
     m.cache_entries.set(memory.entries() as i64);

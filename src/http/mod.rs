@@ -1,5 +1,6 @@
 //! The HTTP API and web page.
 
+mod api_doc;
 mod dead_letters;
 mod error;
 mod feed;
@@ -90,6 +91,7 @@ fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Sema
         .merge(orders::router(&state.io))
         .merge(dead_letters::router(&state.io))
         .merge(health::router(&state.io))
+        .merge(api_doc::router())
         .merge(feed::router())
         .merge(ui::router())
         .fallback(no_route)

@@ -10,16 +10,17 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::dead_letters::letters_of_order;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody, NotFoundBody};
 use super::io::{on_io, Io};
 use super::paging::Page;
 use super::Shared;
 use crate::cache::CachedOrder;
-use crate::domain::OrderUid;
-use crate::store::OrderFilter;
+use crate::domain::{OrderDocument, OrderUid};
+use crate::store::{OrderFilter, OrderSummary};
 
 pub fn router(io: &Io) -> Router<Shared> {
     Router::new().route("/order/{order_uid}", get(order)).route(
@@ -28,9 +29,28 @@ pub fn router(io: &Io) -> Router<Shared> {
     )
 }
 
-/// The order as received. Orders never change, so the ETag (a hash of the
-/// bytes, computed when the order was cached) is strong and caches may keep them.
-async fn order(
+/// One order, exactly as received
+///
+/// Orders never change, so the ETag (a hash of the bytes, computed when the
+/// order was cached) is strong and caches may keep them. HEAD answers the
+/// same without the body.
+#[utoipa::path(
+    method(get, head),
+    path = "/order/{order_uid}",
+    params(
+        ("order_uid" = OrderUid, Path),
+        ("If-None-Match" = Option<String>, Header, description = "ETags the client holds"),
+    ),
+    responses(
+        (status = 200, description = "The order", body = OrderDocument,
+            headers(("ETag" = String, description = "Strong validator of the exact bytes"))),
+        (status = 304, description = "Not modified: the ETag in If-None-Match matches"),
+        (status = 400, description = "The id breaks the order id rule; no store was consulted", body = ErrorBody),
+        (status = 404, description = "No order has this id; dead_letters lists the letters of messages that claimed it, if any", body = NotFoundBody),
+        (status = 503, description = "The order is not cached and PostgreSQL is unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn order(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,
     IfNoneMatch(if_none_match): IfNoneMatch,
@@ -91,7 +111,7 @@ async fn order(
 
 /// The request's `If-None-Match`, alone: the `HeaderMap` extractor would copy
 /// every header of every request.
-struct IfNoneMatch(Option<HeaderValue>);
+pub(super) struct IfNoneMatch(Option<HeaderValue>);
 
 impl<S: Sync> FromRequestParts<S> for IfNoneMatch {
     type Rejection = Infallible;
@@ -114,13 +134,37 @@ async fn look_up(state: Shared, uid: OrderUid) -> Result<CachedOrder, ApiError> 
     }
 }
 
-/// The most recently ingested orders as summaries, newest first, narrowed by
-/// exact `track_number`, `customer_id` or payment `transaction` when given.
-/// `before` is the `next_cursor` of the previous page.
-async fn recent(
+/// A page of order summaries: the newest first, and a cursor to the next page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderPage {
+    orders: Vec<OrderSummary>,
+    /// The `before` of the next page; none on the last page.
+    #[schema(required = true)]
+    next_cursor: Option<String>,
+}
+
+/// The most recently ingested orders, newest first
+///
+/// Only those matching every filter given.
+#[utoipa::path(
+    get,
+    path = "/api/orders",
+    params(
+        ("track_number" = Option<String>, Query, description = "Only orders with exactly this track number"),
+        ("customer_id" = Option<String>, Query, description = "Only orders of exactly this customer"),
+        ("transaction" = Option<String>, Query, description = "Only orders whose payment has exactly this transaction id"),
+        Page,
+    ),
+    responses(
+        (status = 200, description = "A page of summaries", body = OrderPage),
+        (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
+        (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn recent(
     State(state): State<Shared>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OrderPage>, ApiError> {
     let page = Page::from_params(&params, &["track_number", "customer_id", "transaction"])?;
     let filter = OrderFilter {
         track_number: params.get("track_number").cloned(),
@@ -133,7 +177,8 @@ async fn recent(
         .await
         .map_err(ApiError::Unavailable)?;
     let next_cursor = page.next_cursor(orders.len(), orders.last().map(|o| o.ingest_seq));
-    Ok(Json(
-        json!({ "orders": orders, "next_cursor": next_cursor }),
-    ))
+    Ok(Json(OrderPage {
+        orders,
+        next_cursor,
+    }))
 }

@@ -3,6 +3,12 @@
 
 use std::collections::HashMap;
 
+use serde_json::json;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::Required;
+use utoipa::IntoParams;
+
 use super::error::ApiError;
 
 const MAX_PAGE: i64 = 100;
@@ -51,6 +57,35 @@ impl Page {
         (rows as i64 == self.limit)
             .then(|| last.map(|id| id.to_string()))
             .flatten()
+    }
+}
+
+/// `limit` and `before` in the API's document.
+impl IntoParams for Page {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let limit = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(MAX_PAGE))
+            .default(Some(json!(DEFAULT_PAGE)));
+        let before = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[0-9]+$"));
+        let query = |name: &str, description: &str| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some(description))
+        };
+        vec![
+            query("limit", "How many to return, at most")
+                .schema(Some(limit))
+                .build(),
+            query("before", "The next_cursor of the previous page")
+                .schema(Some(before))
+                .build(),
+        ]
     }
 }
 

@@ -2,11 +2,13 @@
 //! offsets that move past them; read by the API, the page and replay.
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder};
+use utoipa::ToSchema;
 
 use super::{BatchTx, Store};
+use crate::domain::StageName;
 
 /// One letter as the batch records it.
 #[derive(Debug, Clone, Copy)]
@@ -48,22 +50,25 @@ impl LetterRecord {
     }
 
     /// The letter as the API and `dead-letters list` show it, without its payload.
-    pub fn summary(&self) -> Value {
-        json!({
-            "source": {
-                "topic": self.source_topic,
-                "partition": self.source_partition,
-                "offset": self.source_offset,
+    pub fn summary(&self) -> LetterSummary {
+        LetterSummary {
+            source: LetterSource {
+                topic: self.source_topic.clone(),
+                partition: self.source_partition,
+                offset: self.source_offset,
             },
-            "key": self.message_key.as_deref().map(String::from_utf8_lossy),
-            "order_uid": self.order_uid,
-            "stage": self.stage,
-            "reasons": self.reasons.0,
-            "at": self.dead_lettered_at,
-            "payload_bytes": self.payload_bytes,
-            "replay_of": self.replay_of,
-            "href": self.href(),
-        })
+            key: self
+                .message_key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            order_uid: self.order_uid.clone(),
+            stage: self.stage.clone(),
+            reasons: self.reasons.0.clone(),
+            at: self.dead_lettered_at,
+            payload_bytes: self.payload_bytes,
+            replay_of: self.replay_of.clone(),
+            href: self.href(),
+        }
     }
 
     /// The letter's address in the HTTP API; the topic is percent-encoded.
@@ -85,6 +90,40 @@ impl LetterRecord {
             self.source_topic, self.source_partition, self.source_offset
         )
     }
+}
+
+/// A letter as the API and `dead-letters list` show it, without its payload.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = DeadLetter)]
+pub struct LetterSummary {
+    pub source: LetterSource,
+    /// The message's key; bytes that are not UTF-8 are replaced.
+    #[schema(required = true)]
+    pub key: Option<String>,
+    /// The id the message claimed, valid or not.
+    #[schema(required = true)]
+    pub order_uid: Option<String>,
+    #[schema(value_type = StageName)]
+    pub stage: String,
+    /// Why the message was turned away, one reason per broken rule.
+    pub reasons: Vec<String>,
+    /// When the letter was recorded.
+    pub at: DateTime<Utc>,
+    /// The size of the whole original message.
+    pub payload_bytes: i64,
+    /// `topic/partition/offset` of the letter this message was replayed from.
+    #[schema(required = true)]
+    pub replay_of: Option<String>,
+    /// This letter in the HTTP API.
+    pub href: String,
+}
+
+/// Where the message was on the orders topic.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LetterSource {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Which letters to list; every field set narrows the list.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
 
-pub use dead_letters::{Cursor, LetterFilter, LetterRecord, NewLetter};
+pub use dead_letters::{Cursor, LetterFilter, LetterRecord, LetterSummary, NewLetter};
 pub use migrate::migrate;
 pub use read::{OrderFilter, OrderSummary, StoredDocument, StoredOffset};
 pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};

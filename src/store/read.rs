@@ -7,7 +7,7 @@ use sqlx::{Postgres, QueryBuilder};
 use super::Store;
 
 /// One line of the recent-orders list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OrderSummary {
     #[serde(skip)]
     pub ingest_seq: i64,

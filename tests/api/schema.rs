@@ -28,6 +28,14 @@ fn mismatches(doc: &Value, schema: &Value, value: &Value, at: &str, strict: bool
         }
         return found;
     }
+    // One of several shapes (an optional reference is `null` or the reference).
+    if let Some(choices) = schema["oneOf"].as_array().or(schema["anyOf"].as_array()) {
+        let fits = |choice| mismatches(doc, choice, value, at, strict).is_empty();
+        if !choices.iter().any(fits) {
+            found.push(format!("{at}: {value} fits none of {choices:?}"));
+        }
+        return found;
+    }
     if let Some(allowed) = schema["enum"].as_array() {
         if !allowed.contains(value) {
             found.push(format!("{at}: {value} is not one of {allowed:?}"));
