@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use order_service::configuration::Settings;
 use order_service::domain::{parse_order, Limits};
 use order_service::producer::Generator;
 use order_service::store::{Incoming, Store};
@@ -246,7 +247,11 @@ async fn main() {
     order_service::store::migrate(owner.clone(), &role)
         .await
         .unwrap();
-    let store = Store::with_options(PgPoolOptions::new().max_connections(2), owner);
+    let store = Store::with_options(
+        PgPoolOptions::new().max_connections(2),
+        owner,
+        Settings::default().write_timeout(),
+    );
 
     // Load N orders through the service's own write path, 2000 per transaction.
     let mut generator = Generator::new(7, 5);

@@ -16,6 +16,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use order_service::configuration::Settings;
 use order_service::domain::{parse_order, Limits, OrderDocument};
 use order_service::producer::Generator;
 use order_service::store::{Incoming, PartitionOffset, Store};
@@ -296,9 +297,8 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
 /// (d) The service's own write path on the same rows, in batches of the
 /// default size, without the broker: what PostgreSQL costs the service.
 async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
-    let batch_size = order_service::configuration::Settings::default()
-        .ingest
-        .batch_size;
+    let defaults = Settings::default();
+    let batch_size = defaults.ingest.batch_size;
     let incoming: Vec<Incoming> = orders
         .iter()
         .enumerate()
@@ -315,6 +315,7 @@ async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
     let store = Store::with_options(
         PgPoolOptions::new().max_connections(2),
         PgConnectOptions::from_str(url).unwrap(),
+        defaults.write_timeout(),
     );
     let started = Instant::now();
     for chunk in incoming.chunks(batch_size) {

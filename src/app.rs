@@ -22,6 +22,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.service_options()?,
         settings.database.max_connections,
         Duration::from_millis(settings.database.connect_timeout_ms),
+        settings.write_timeout(),
     );
     let redis = match &settings.redis.url {
         Some(url) => {

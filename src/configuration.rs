@@ -292,17 +292,11 @@ impl Settings {
         Ok(())
     }
 
-    /// The service's sessions. What the client abandons after
-    /// `INGEST_WRITE_TIMEOUT_MS` (no answer: a host lost, a network
-    /// partition), the server abandons too: a statement running that long,
-    /// or a transaction left idle that long, is ended, so an abandoned
-    /// transaction cannot keep its locks, which every retry would wait on.
+    /// The service's sessions. sqlx's `extra_float_digits` startup parameter
+    /// is left out (no column here is a float): a connection pooler such as
+    /// PgBouncer refuses startup parameters it does not know.
     pub fn service_options(&self) -> anyhow::Result<PgConnectOptions> {
-        let patience = self.ingest.write_timeout_ms.to_string();
-        Ok(pg_options("DATABASE_URL", &self.database.url)?.options([
-            ("statement_timeout", patience.as_str()),
-            ("idle_in_transaction_session_timeout", patience.as_str()),
-        ]))
+        Ok(pg_options("DATABASE_URL", &self.database.url)?.extra_float_digits(None))
     }
 
     pub fn migration_options(&self) -> anyhow::Result<PgConnectOptions> {

@@ -95,6 +95,7 @@ pub async fn run(command: DeadLettersCommand, settings: &Settings) -> anyhow::Re
         settings.service_options()?,
         1,
         Duration::from_millis(settings.database.connect_timeout_ms),
+        settings.write_timeout(),
     );
     match command {
         DeadLettersCommand::List(args) => list(&store, args, settings).await.map(|()| true),

@@ -232,7 +232,7 @@ pub const SETTINGS: &[Setting] = &[
     setting!("INGEST_MAX_BACKOFF_MS", ingest.max_backoff_ms, "Ingest", "MS",
         "Longest pause between retries while PostgreSQL is unreachable, in ms"),
     setting!("INGEST_WRITE_TIMEOUT_MS", ingest.write_timeout_ms, "Ingest", "MS",
-        "Longest wait for PostgreSQL to finish a batch's write, in ms; then ingest pauses and retries on new sessions. The server ends the service's statements and idle transactions after the same time"),
+        "Longest wait for PostgreSQL to finish a batch's write, in ms; then ingest pauses and retries on new sessions. The server ends a batch's statements and its idle transaction after the same time"),
     setting!("SHUTDOWN_TIMEOUT_MS", ingest.shutdown_timeout_ms, "Ingest", "MS",
         "Time allowed on SIGTERM/SIGINT to finish the batch in hand and leave the group, in ms"),
     setting!("DEAD_LETTER_PREVIEW_BYTES", ingest.dead_letter_preview_bytes, "Ingest", "BYTES",

@@ -40,6 +40,28 @@ pub async fn answered<T, E: From<sqlx::Error>>(
 pub struct Store {
     pool: PgPool,
     recycled: Arc<Recycled>,
+    /// What opens a batch's transaction (see [`begin_batch`]).
+    begin_batch: Arc<str>,
+}
+
+/// Opens a batch's transaction. Its statements wait at most 5 s for a lock
+/// (a DBA's `LOCK TABLE`, a long `ALTER TABLE`): the attempt then fails, and
+/// ingest pauses naming the wait and retries, instead of hanging unseen. What
+/// the client abandons after `write_timeout` (no answer: a host lost, a
+/// network partition), the server abandons too: a statement running that
+/// long, or the transaction left idle that long, is ended, so an abandoned
+/// transaction cannot keep its locks, which every retry would wait on.
+/// Notices (a staging table that exists already) are not worth a log line.
+/// All of it is set per transaction, not at the session's start, so it holds
+/// behind a connection pooler (PgBouncer refuses startup `options`).
+fn begin_batch(write_timeout: Duration) -> Arc<str> {
+    let ms = write_timeout.as_millis();
+    format!(
+        "BEGIN; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = {ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}; \
+         SET LOCAL client_min_messages = warning"
+    )
+    .into()
 }
 
 /// Sessions opened before this moment are closed instead of reused: a
@@ -63,26 +85,29 @@ impl Recycled {
 
 impl Store {
     /// Connects lazily, so the service starts (and reports not-ready) while
-    /// PostgreSQL is still down.
+    /// PostgreSQL is still down. `write_timeout`: how long a batch's
+    /// transaction may run or idle before the server ends it.
     pub fn connect_lazy(
         options: PgConnectOptions,
         max_connections: u32,
         timeout: Duration,
+        write_timeout: Duration,
     ) -> Self {
         Self::with_options(
             PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(timeout),
-            // Notices (a staging table that exists already, every batch on
-            // the fallback path but a session's first) are not worth a log line.
-            options
-                .application_name("order-service")
-                .options([("client_min_messages", "warning")]),
+            options.application_name("order-service"),
+            write_timeout,
         )
     }
 
     /// A pool built from `pool` options, with session recycling.
-    pub fn with_options(pool: PgPoolOptions, options: PgConnectOptions) -> Self {
+    pub fn with_options(
+        pool: PgPoolOptions,
+        options: PgConnectOptions,
+        write_timeout: Duration,
+    ) -> Self {
         let recycled = Arc::new(Recycled::default());
         let keeps = recycled.clone();
         let pool = pool
@@ -91,7 +116,11 @@ impl Store {
                 Box::pin(async move { Ok(keep) })
             })
             .connect_lazy_with(options);
-        Self { pool, recycled }
+        Self {
+            pool,
+            recycled,
+            begin_batch: begin_batch(write_timeout),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -42,14 +42,9 @@ pub struct BatchTx {
     pub(super) tx: Transaction<'static, Postgres>,
 }
 
-/// A batch's transaction, whose statements wait at most 5 s for a lock (a
-/// DBA's `LOCK TABLE`, a long `ALTER TABLE`): the attempt then fails, and
-/// ingest pauses naming the wait and retries, instead of hanging unseen.
-const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '5s'";
-
 impl Store {
     pub async fn begin(&self) -> Result<BatchTx, sqlx::Error> {
-        match self.pool().begin_with(BEGIN_BATCH).await {
+        match self.pool().begin_with(self.begin_batch.to_string()).await {
             Ok(tx) => Ok(BatchTx { tx }),
             Err(e) => Err(self.explained(e).await),
         }

@@ -14,7 +14,6 @@
 //! its faults); FAULT_SEED=N replays it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
-use crate::helpers::{self, sample_with_uid, Service, TcpProxy, TestEnv};
+use crate::helpers::{self, free_port, sample_with_uid, Service, TcpProxy, TestEnv};
 use crate::postgres_server::PostgresServer;
 
 const PARTITIONS: i32 = 4;
@@ -591,15 +590,6 @@ async fn on_own_broker(settings: &[(&str, &str)]) -> (tempfile::TempDir, Broker,
     let service = env.spawn_with(settings);
     service.wait_ready().await;
     (storage, broker, env, service)
-}
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

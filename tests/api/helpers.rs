@@ -50,6 +50,15 @@ where
     }
 }
 
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Ten random lower-case letters and digits that name a test's own objects.
 pub fn unique_suffix() -> String {
     Alphanumeric

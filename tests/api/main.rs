@@ -8,6 +8,7 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod observability;
+mod pooler;
 mod postgres_server;
 mod producer;
 mod schema;

@@ -192,7 +192,7 @@ fn bindir() -> PathBuf {
     root.join(newest.to_string()).join("bin")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     id(&["-u"]) == 0
 }
 

@@ -5,6 +5,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use order_service::configuration::Settings;
 use order_service::domain::{parse_order, Limits};
 use order_service::store::{classify, ErrorClass, Incoming, InsertOutcome, Store};
 use sqlx::postgres::PgConnectOptions;
@@ -16,6 +17,7 @@ fn store(env: &TestEnv) -> Store {
         PgConnectOptions::from_str(&env.service_url).unwrap(),
         2,
         Duration::from_secs(5),
+        Settings::default().write_timeout(),
     )
 }
 
@@ -137,6 +139,7 @@ async fn an_order_stored_meanwhile_by_another_writer_is_classified_and_the_rest_
         PgConnectOptions::from_str(&env.service_url).unwrap(),
         1,
         Duration::from_secs(5),
+        Settings::default().write_timeout(),
     );
     let mut other_tx = other.begin().await.unwrap();
     other_tx
