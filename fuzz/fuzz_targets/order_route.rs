@@ -33,7 +33,8 @@ fn target() -> &'static Target {
             .unwrap();
         let app = runtime.block_on(async {
             let unreachable = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
-            let store = Store::connect_lazy(unreachable, 1, Duration::from_millis(1));
+            let patience = Duration::from_millis(1);
+            let store = Store::connect_lazy(unreachable, 1, patience, patience);
             let metrics = Arc::new(Metrics::new());
             let cache = Arc::new(OrderCache::new(
                 MemoryTier::new(1 << 20),

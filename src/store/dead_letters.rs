@@ -1,6 +1,8 @@
 //! The record of dead letters: written in a batch's transaction, with the
 //! offsets that move past them; read by the API, the page and replay.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
@@ -145,6 +147,17 @@ pub enum Cursor {
     After(i64),
 }
 
+/// `text` as PostgreSQL can hold it: NUL, which no text or jsonb value may
+/// contain (a claimed id, a field name in a reason, a replay header, all
+/// read from the message), becomes U+FFFD. Nothing else is changed.
+fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
 impl BatchTx {
     /// Records the batch's letters. A letter another consumer group already
     /// recorded (same source position) is kept as it is.
@@ -159,15 +172,20 @@ impl BatchTx {
         let partitions: Vec<i32> = letters.iter().map(|l| l.partition).collect();
         let offsets: Vec<i64> = letters.iter().map(|l| l.offset).collect();
         let keys: Vec<Option<&[u8]>> = letters.iter().map(|l| l.key).collect();
-        let uids: Vec<Option<&str>> = letters.iter().map(|l| l.order_uid).collect();
+        let uids: Vec<Option<Cow<str>>> =
+            letters.iter().map(|l| l.order_uid.map(storable)).collect();
         let stages: Vec<&str> = letters.iter().map(|l| l.stage).collect();
-        let reasons: Vec<Json<&[String]>> = letters.iter().map(|l| Json(l.reasons)).collect();
+        let reasons: Vec<Json<Vec<Cow<str>>>> = letters
+            .iter()
+            .map(|l| Json(l.reasons.iter().map(|r| storable(r)).collect()))
+            .collect();
         let sizes: Vec<i64> = letters
             .iter()
             .map(|l| i64::try_from(l.payload_bytes).unwrap_or(i64::MAX))
             .collect();
         let previews: Vec<&[u8]> = letters.iter().map(|l| l.preview).collect();
-        let replays: Vec<Option<&str>> = letters.iter().map(|l| l.replay_of).collect();
+        let replays: Vec<Option<Cow<str>>> =
+            letters.iter().map(|l| l.replay_of.map(storable)).collect();
         sqlx::query(
             "INSERT INTO dead_letters (source_topic, source_partition, source_offset, message_key,
                  order_uid, stage, reasons, payload_bytes, payload_preview, replay_of)
@@ -211,7 +229,12 @@ impl Store {
             query.push(" AND order_uid = ").push_bind(uid);
         }
         if let Some(key) = &filter.key {
-            query.push(" AND message_key = ").push_bind(key);
+            // Through the index on the key's md5 (a key may be too long for one on itself).
+            query
+                .push(" AND md5(message_key) = md5(")
+                .push_bind(key)
+                .push(") AND message_key = ")
+                .push_bind(key);
         }
         if let Some(stage) = &filter.stage {
             query.push(" AND stage = ").push_bind(stage);

@@ -161,8 +161,10 @@ impl Store {
 /// What a PostgreSQL error says about the order being written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// The order's own data is refused (SQLSTATE class 22, data exception, or
-    /// 23, integrity violation): writing it again will fail again.
+    /// The order's own data is refused (SQLSTATE class 22, data exception; 23,
+    /// integrity violation; or 54, a limit of the server's such as the size of
+    /// an index entry): writing it again will fail again. Ingest tells by
+    /// writing each order of a refused batch alone.
     OrderData { reason: String },
     /// The environment is at fault (connection, authentication, permissions,
     /// missing tables, read-only database, resources, operator intervention,
@@ -175,7 +177,10 @@ pub enum ErrorClass {
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
     if let sqlx::Error::Database(db) = error {
         let code = db.code().unwrap_or_default();
-        if code.starts_with("22") || code.starts_with("23") {
+        if ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class))
+        {
             return ErrorClass::OrderData {
                 reason: format!("store: database refused the order ({code})"),
             };

@@ -206,3 +206,91 @@ async fn messages_at_the_size_limit_are_consumed_not_stuck() {
         )]
     );
 }
+
+/// `n` characters outside the Basic Multilingual Plane, four bytes each,
+/// random so that PostgreSQL cannot compress them.
+fn astral(rng: &mut impl Rng, n: usize) -> String {
+    (0..n)
+        .map(|_| char::from_u32(rng.random_range(0x1F300..=0x1FAFF)).unwrap())
+        .collect()
+}
+
+/// Text PostgreSQL cannot put in a btree index (a value over a third of a
+/// page) or hold at all (NUL), in a valid order and in the letters of invalid
+/// messages. Every message is accounted for, and none holds its partition:
+/// the orders sent after each one, on the same partition, are stored.
+#[tokio::test]
+async fn text_the_database_cannot_index_or_hold_holds_no_partition() {
+    let env = TestEnv::on_broker(crate::helpers::brokers(), 1).await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // 1 024 characters (the default MAX_STRING_CHARS), 4 096 bytes.
+    let long = astral(&mut rng, 1024);
+    let long_text = with("long-text", |o| {
+        o["track_number"] = json!(long);
+        o["items"][0]["track_number"] = json!(long);
+        o["customer_id"] = json!(long);
+        o["payment"]["transaction"] = json!(long);
+    });
+    let mut unknown_field = sample_with_uid("nul-field");
+    unknown_field["ti\u{0}p"] = json!(1);
+    let unknown_field = unknown_field.to_string();
+    let long_key = astral(&mut rng, 1000);
+    let messages: Vec<(Option<&str>, &[u8])> = vec![
+        (Some("long-text"), &long_text),
+        (Some("nul-uid"), br#"{"order_uid":"nul\u0000uid"}"#),
+        (Some("nul-field"), unknown_field.as_bytes()),
+        (Some(&long_key), b"{}"),
+    ];
+    let after: Vec<(Option<&str>, Vec<u8>)> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| (*key, with(&format!("after-{i}"), |_| {})))
+        .collect();
+    env.produce(&messages).await;
+    let after: Vec<(Option<&str>, &[u8])> = after.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    env.produce(&after).await;
+
+    env.wait_for_count(
+        "SELECT count(*) FROM orders WHERE order_uid LIKE 'after-%'",
+        4,
+        Duration::from_secs(60),
+    )
+    .await;
+    let served = service
+        .wait_for_order("long-text", Duration::from_secs(5))
+        .await;
+    assert_eq!(served["track_number"], json!(long));
+    let found: Value = service
+        .get(&format!(
+            "/api/orders?track_number={}",
+            url::form_urlencoded::byte_serialize(long.as_bytes()).collect::<String>()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["orders"][0]["order_uid"], "long-text", "{found}");
+
+    let letters: Value = service.get("/api/dead-letters").await.json().await.unwrap();
+    let letters = letters["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 3, "{letters:#?}");
+    let claimed: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l["order_uid"].as_str())
+        .collect();
+    assert!(claimed.contains(&"nul\u{FFFD}uid"), "{claimed:?}");
+    assert!(claimed.contains(&"nul-field"), "{claimed:?}");
+    let by_key: Value = service
+        .get(&format!(
+            "/api/dead-letters?key={}",
+            url::form_urlencoded::byte_serialize(long_key.as_bytes()).collect::<String>()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_key["dead_letters"][0]["key"], json!(long_key));
+    assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+}
