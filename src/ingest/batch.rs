@@ -126,6 +126,7 @@ impl Batch {
                             .map(|uid| uid.as_str().to_owned())
                     }),
                     replay_of: replay_of.map(str::to_owned),
+                    slim: false,
                 });
             }
         }
@@ -194,6 +195,7 @@ impl Batch {
                 reasons: vec![reason],
                 order_uid: Some(incoming.order.uid().to_string()),
                 replay_of: source.replay_of,
+                slim: false,
             });
         }
     }

@@ -219,7 +219,8 @@ impl Committer {
                 .is_some_and(|s| s.dead_lettered.contains(&l.offset))
         };
         let mut failure = None;
-        for letter in &batch.rejected {
+        for i in 0..batch.rejected.len() {
+            let letter = &batch.rejected[i];
             let done = batch
                 .acknowledged
                 .contains(&(letter.partition, letter.offset))
@@ -228,11 +229,19 @@ impl Committer {
             if done {
                 continue;
             }
-            if let Err(e) = self
+            let mut sent = self
                 .dead_letters
                 .enqueue(letter, &mut batch.in_flight)
-                .await
-            {
+                .await;
+            if sent.as_ref().is_err_and(|e| e.too_large() && !letter.slim) {
+                slim_down(&self.topic, &mut batch.rejected[i]);
+                let letter = &batch.rejected[i];
+                sent = self
+                    .dead_letters
+                    .enqueue(letter, &mut batch.in_flight)
+                    .await;
+            }
+            if let Err(e) = sent {
                 failure = Some(e.to_string());
                 break;
             }
@@ -266,8 +275,16 @@ impl Committer {
                     batch.dead_lettered_at(partition, dlq_offset);
                     batch.acknowledged.insert((partition, offset));
                 }
-                // Refused by the broker, so not written: the retry sends it again.
-                Err(e) => failure = Some(e.to_string()),
+                // Refused by the broker, so not written: the retry sends it
+                // again, slim if it was refused for its size.
+                Err(e) => {
+                    if let Some(&i) = by_origin.get(&(partition, offset)) {
+                        if e.too_large() && !batch.rejected[i].slim {
+                            slim_down(&self.topic, &mut batch.rejected[i]);
+                        }
+                    }
+                    failure = Some(e.to_string());
+                }
             }
         }
         match failure {
@@ -280,6 +297,20 @@ impl Committer {
 /// How long one commit attempt waits for its letters' acknowledgements before
 /// ingest reports a stall; the letters stay in flight and the wait goes on.
 const ACK_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Marks `letter` to be sent without its payload (see [`DeadLetter::slim`]).
+fn slim_down(topic: &str, letter: &mut DeadLetter) {
+    tracing::warn!(
+        topic,
+        partition = letter.partition,
+        offset = letter.offset,
+        payload_bytes = letter.payload.len(),
+        key_bytes = letter.key.as_ref().map_or(0, Vec::len),
+        "the dead-letter topic refuses this letter whole as too large; it is sent without the \
+         original, which stays at its source offset"
+    );
+    letter.slim = true;
+}
 
 fn log_dead_lettered(topic: &str, letter: &DeadLetter) {
     tracing::info!(

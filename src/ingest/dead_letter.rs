@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -30,6 +30,8 @@ pub mod header {
     pub const TIME: &str = "dlq-time";
     /// Size of an original left out of the letter; it stays at its source offset.
     pub const PAYLOAD_OMITTED: &str = "dlq-payload-omitted-bytes";
+    /// Size of a key left out of a letter the topic refused whole as too large.
+    pub const KEY_OMITTED: &str = "dlq-key-omitted-bytes";
     /// On a replayed message and on its letter if it is rejected again: the
     /// letter it was replayed from, as `topic/partition/offset`.
     pub const REPLAY_OF: &str = "dlq-replay-of";
@@ -67,7 +69,16 @@ pub struct DeadLetter {
     pub order_uid: Option<String>,
     /// The letter this message was replayed from.
     pub replay_of: Option<String>,
+    /// Sent without the original's payload, and without a key longer than
+    /// [`SLIM_KEY_BYTES`], because the dead-letter topic refused it whole as
+    /// too large (its limit may be below the orders topic's). The original
+    /// stays at its source offset, and the record in PostgreSQL keeps its
+    /// first bytes as for any letter.
+    pub slim: bool,
 }
+
+/// The longest key a slim letter keeps.
+pub const SLIM_KEY_BYTES: usize = 4096;
 
 /// Letters of one source partition all go to one dead-letter partition, in
 /// order. After a crash between a letter's acknowledgement and the commit of
@@ -185,9 +196,19 @@ impl DeadLetters {
             .insert(header_value(header::SOURCE_PARTITION, &partition))
             .insert(header_value(header::SOURCE_OFFSET, &offset))
             .insert(header_value(header::TIME, &time));
-        let omitted = letter.omitted_bytes.map(|n| n.to_string());
+        let omitted = letter
+            .omitted_bytes
+            .or(letter.slim.then_some(letter.payload.len()))
+            .map(|n| n.to_string());
         if let Some(omitted) = &omitted {
             headers = headers.insert(header_value(header::PAYLOAD_OMITTED, omitted));
+        }
+        let key = letter.key.as_deref();
+        let key_omitted = key
+            .filter(|k| letter.slim && k.len() > SLIM_KEY_BYTES)
+            .map(|k| k.len().to_string());
+        if let Some(omitted) = &key_omitted {
+            headers = headers.insert(header_value(header::KEY_OMITTED, omitted));
         }
         if let Some(replay_of) = &letter.replay_of {
             headers = headers.insert(header_value(header::REPLAY_OF, replay_of));
@@ -203,12 +224,13 @@ impl DeadLetters {
             );
             headers = headers.insert(header_value(header::REASON, &more));
         }
+        let payload: &[u8] = if letter.slim { &[] } else { &letter.payload };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
             .partition(dlq_partition)
-            .payload(&letter.payload[..])
+            .payload(payload)
             .headers(headers);
-        if let Some(key) = &letter.key {
-            record = record.key(&key[..]);
+        if let (Some(key), None) = (key, &key_omitted) {
+            record = record.key(key);
         }
         let delivery = self
             .producer
@@ -418,6 +440,19 @@ pub enum SendError {
     Dropped,
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl SendError {
+    /// Whether the letter was refused for its size, by the client's own
+    /// limit or by the broker's for the topic.
+    pub fn too_large(&self) -> bool {
+        matches!(
+            self,
+            SendError::Kafka(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+            ))
+        )
+    }
 }
 
 /// Runs blocking client calls off the async threads.

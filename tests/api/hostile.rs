@@ -294,3 +294,52 @@ async fn text_the_database_cannot_index_or_hold_holds_no_partition() {
     assert_eq!(by_key["dead_letters"][0]["key"], json!(long_key));
     assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
 }
+
+/// A letter the dead-letter topic refuses whole as too large (on Apache
+/// Kafka, a topic whose `max.message.bytes` is below the orders topic's; here
+/// the service's own client limit, 1 000 000 bytes with MAX_MESSAGE_BYTES
+/// set low, stands in for it) is sent slim: without the original's payload
+/// and long key, their sizes in headers. It does not hold the partition, and
+/// the record in PostgreSQL keeps the key and the first bytes.
+#[tokio::test]
+async fn a_letter_too_large_for_the_dead_letter_topic_is_sent_without_the_original() {
+    let env = TestEnv::on_broker(crate::helpers::brokers(), 1).await;
+    let service = env.spawn_with(&[("MAX_MESSAGE_BYTES", "100000")]);
+    service.wait_ready().await;
+    // Read and rejected (under MAX_MESSAGE_BYTES), so its letter would carry
+    // it whole; with its key, over the letter's limit.
+    let payload = format!(
+        r#"{{"order_uid":"slim","padding":"{}"}}"#,
+        "x".repeat(90_000)
+    );
+    let key = "k".repeat(950_000);
+    let after = with("after-slim", |_| {});
+    env.produce(&[(Some(&key), payload.as_bytes()), (Some(&key), &after)])
+        .await;
+    service
+        .wait_for_order("after-slim", Duration::from_secs(60))
+        .await;
+
+    let letters = env.dead_letters(1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1, "{}", service.log_text());
+    let letter = &letters[0];
+    assert_eq!(letter.header("dlq-stage"), "validate");
+    assert_eq!(
+        letter.header("dlq-payload-omitted-bytes"),
+        payload.len().to_string()
+    );
+    assert_eq!(
+        letter.header("dlq-key-omitted-bytes"),
+        key.len().to_string()
+    );
+    assert!(letter.payload.is_empty());
+    assert_eq!(letter.key, None);
+    let (key_bytes, payload_bytes): (i32, i64) =
+        sqlx::query_as("SELECT length(message_key), payload_bytes FROM dead_letters")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(key_bytes as usize, key.len());
+    assert_eq!(payload_bytes as usize, payload.len());
+    assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+}
