@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder};
 use utoipa::ToSchema;
 
-use super::{BatchTx, Store};
+use super::{storable, BatchTx, Store};
 use crate::domain::StageName;
 
 /// One letter as the batch records it.
@@ -147,17 +147,6 @@ pub enum Cursor {
     After(i64),
 }
 
-/// `text` as PostgreSQL can hold it: NUL, which no text or jsonb value may
-/// contain (a claimed id, a field name in a reason, a replay header, all
-/// read from the message), becomes U+FFFD. Nothing else is changed.
-fn storable(text: &str) -> Cow<'_, str> {
-    if text.contains('\0') {
-        Cow::Owned(text.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(text)
-    }
-}
-
 impl BatchTx {
     /// Records the batch's letters. A letter another consumer group already
     /// recorded (same source position) is kept as it is.
@@ -226,7 +215,7 @@ impl Store {
             query.push(" AND source_topic = ").push_bind(topic);
         }
         if let Some(uid) = &filter.order_uid {
-            query.push(" AND order_uid = ").push_bind(uid);
+            query.push(" AND order_uid = ").push_bind(storable(uid));
         }
         if let Some(key) = &filter.key {
             // Through the index on the key's md5 (a key may be too long for one on itself).

@@ -5,6 +5,7 @@ mod migrate;
 mod read;
 mod write;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -155,6 +156,18 @@ impl Store {
     /// Every session open now is closed when next taken from the pool.
     pub fn recycle_sessions(&self) {
         *self.recycled.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+}
+
+/// `text` as PostgreSQL can hold it: NUL, which no text or jsonb value may
+/// contain (a claimed id, a field name in a reason, a replay header, all read
+/// from a message; a filter in a query string), becomes U+FFFD, as it is
+/// recorded, so a search finds what was recorded. Nothing else is changed.
+fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
     }
 }
 

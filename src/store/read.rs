@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder};
 
-use super::Store;
+use super::{storable, Store};
 
 /// One line of the recent-orders list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -62,13 +62,19 @@ impl Store {
              FROM orders o JOIN payments p USING (order_uid) WHERE true",
         );
         if let Some(track_number) = &filter.track_number {
-            query.push(" AND o.track_number = ").push_bind(track_number);
+            query
+                .push(" AND o.track_number = ")
+                .push_bind(storable(track_number));
         }
         if let Some(customer_id) = &filter.customer_id {
-            query.push(" AND o.customer_id = ").push_bind(customer_id);
+            query
+                .push(" AND o.customer_id = ")
+                .push_bind(storable(customer_id));
         }
         if let Some(transaction) = &filter.transaction {
-            query.push(" AND p.transaction = ").push_bind(transaction);
+            query
+                .push(" AND p.transaction = ")
+                .push_bind(storable(transaction));
         }
         if let Some(before) = before {
             query.push(" AND o.ingest_seq < ").push_bind(before);

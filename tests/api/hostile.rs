@@ -292,6 +292,19 @@ async fn text_the_database_cannot_index_or_hold_holds_no_partition() {
         .await
         .unwrap();
     assert_eq!(by_key["dead_letters"][0]["key"], json!(long_key));
+    // A NUL in a filter finds what was recorded for it, and fails nothing.
+    let by_uid: Value = service
+        .get("/api/dead-letters?order_uid=nul%00uid")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        by_uid["dead_letters"][0]["order_uid"], "nul\u{FFFD}uid",
+        "{by_uid}"
+    );
+    let none = service.get("/api/orders?customer_id=%00").await;
+    assert_eq!(none.status(), 200);
     assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
 }
 
