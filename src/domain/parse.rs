@@ -128,7 +128,7 @@ fn read_order(mut o: Object, p: &mut Problems, l: &Limits) -> Option<OrderDocume
                     p.add(
                         o.path_of("date_created"),
                         format!(
-                            "{} is not an RFC 3339 date-time such as 2021-11-26T06:22:19Z",
+                            "{} is not an RFC 3339 date-time from 1970 to 2999, such as 2021-11-26T06:22:19Z",
                             rules::shown(&v)
                         ),
                     );

@@ -1,7 +1,7 @@
 //! The single-field rules of the order model. Each returns the reason a person
 //! reads when the value breaks it. `docs/validation.md` lists them all.
 
-/// The latest accepted `payment_dt`: 3000-01-01T00:00:00Z. Keeps obvious
+/// The latest accepted `payment_dt` and `date_created`: 3000-01-01T00:00:00Z. Keeps obvious
 /// millisecond timestamps (13 digits) out without depending on the clock, so a
 /// replay decides exactly as the first delivery did.
 pub const MAX_UNIX_TIME: i64 = 32_503_680_000;
