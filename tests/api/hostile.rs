@@ -7,7 +7,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::helpers::{sample_with_uid, TestEnv};
+use crate::helpers::{sample_with_uid, Service, TestEnv};
 
 const MB: usize = 1 << 20;
 
@@ -207,6 +207,19 @@ async fn messages_at_the_size_limit_are_consumed_not_stuck() {
     );
 }
 
+/// `path` with the one query parameter `name` = `value`, answered as JSON.
+async fn query(service: &Service, path: &str, name: &str, value: &str) -> Value {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(name, value)
+        .finish();
+    service
+        .get(&format!("{path}?{query}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 /// `n` characters outside the Basic Multilingual Plane, four bytes each,
 /// random so that PostgreSQL cannot compress them.
 fn astral(rng: &mut impl Rng, n: usize) -> String {
@@ -262,15 +275,7 @@ async fn text_the_database_cannot_index_or_hold_holds_no_partition() {
         .wait_for_order("long-text", Duration::from_secs(5))
         .await;
     assert_eq!(served["track_number"], json!(long));
-    let found: Value = service
-        .get(&format!(
-            "/api/orders?track_number={}",
-            url::form_urlencoded::byte_serialize(long.as_bytes()).collect::<String>()
-        ))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let found = query(&service, "/api/orders", "track_number", &long).await;
     assert_eq!(found["orders"][0]["order_uid"], "long-text", "{found}");
 
     let letters: Value = service.get("/api/dead-letters").await.json().await.unwrap();
@@ -282,23 +287,10 @@ async fn text_the_database_cannot_index_or_hold_holds_no_partition() {
         .collect();
     assert!(claimed.contains(&"nul\u{FFFD}uid"), "{claimed:?}");
     assert!(claimed.contains(&"nul-field"), "{claimed:?}");
-    let by_key: Value = service
-        .get(&format!(
-            "/api/dead-letters?key={}",
-            url::form_urlencoded::byte_serialize(long_key.as_bytes()).collect::<String>()
-        ))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let by_key = query(&service, "/api/dead-letters", "key", &long_key).await;
     assert_eq!(by_key["dead_letters"][0]["key"], json!(long_key));
     // A NUL in a filter finds what was recorded for it, and fails nothing.
-    let by_uid: Value = service
-        .get("/api/dead-letters?order_uid=nul%00uid")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let by_uid = query(&service, "/api/dead-letters", "order_uid", "nul\u{0}uid").await;
     assert_eq!(
         by_uid["dead_letters"][0]["order_uid"], "nul\u{FFFD}uid",
         "{by_uid}"
