@@ -6,8 +6,7 @@ use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::rules::MAX_UNIX_TIME;
-use super::OrderUid;
+use super::{rules, OrderUid};
 
 /// A valid order. Fields are read through [`Order::document`]; the only way to
 /// build one is [`super::parse_order`].
@@ -111,11 +110,11 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
-    /// An RFC 3339 time from 1970 up to the year 3000, the range `payment_dt`
-    /// takes too. Wider would let in times PostgreSQL cannot hold (year 0).
+    /// An RFC 3339 time in the range `payment_dt` takes (after 1970, before
+    /// the year 3000). Wider would let in times PostgreSQL cannot hold (year 0).
     pub fn parse(text: &str) -> Option<Self> {
         let at = DateTime::parse_from_rfc3339(text).ok()?;
-        (0..MAX_UNIX_TIME).contains(&at.timestamp()).then(|| Self {
+        rules::unix_time(at.timestamp()).is_ok().then(|| Self {
             text: text.to_owned(),
             at,
         })

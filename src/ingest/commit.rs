@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
 
 use super::batch::{Batch, Refusal, UnansweredCommit};
-use super::dead_letter::{DeadLetter, DeadLetters};
+use super::dead_letter::{DeadLetter, DeadLetters, SendError};
 use super::PartitionState;
 use crate::store::{
     answered, classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store,
@@ -233,8 +233,10 @@ impl Committer {
                 .dead_letters
                 .enqueue(letter, &mut batch.in_flight)
                 .await;
-            if sent.as_ref().is_err_and(|e| e.too_large() && !letter.slim) {
-                slim_down(&self.topic, &mut batch.rejected[i]);
+            if sent
+                .as_ref()
+                .is_err_and(|e| slimmed(&self.topic, &mut batch.rejected[i], e))
+            {
                 let letter = &batch.rejected[i];
                 sent = self
                     .dead_letters
@@ -279,9 +281,7 @@ impl Committer {
                 // again, slim if it was refused for its size.
                 Err(e) => {
                     if let Some(&i) = by_origin.get(&(partition, offset)) {
-                        if e.too_large() && !batch.rejected[i].slim {
-                            slim_down(&self.topic, &mut batch.rejected[i]);
-                        }
+                        slimmed(&self.topic, &mut batch.rejected[i], &e);
                     }
                     failure = Some(e.to_string());
                 }
@@ -298,8 +298,12 @@ impl Committer {
 /// ingest reports a stall; the letters stay in flight and the wait goes on.
 const ACK_PATIENCE: Duration = Duration::from_secs(15);
 
-/// Marks `letter` to be sent without its payload (see [`DeadLetter::slim`]).
-fn slim_down(topic: &str, letter: &mut DeadLetter) {
+/// Whether `letter`, refused with `error`, is now to be sent without its
+/// payload (see [`DeadLetter::slim`]): refused for its size, and not slim yet.
+fn slimmed(topic: &str, letter: &mut DeadLetter, error: &SendError) -> bool {
+    if letter.slim || !error.too_large() {
+        return false;
+    }
     tracing::warn!(
         topic,
         partition = letter.partition,
@@ -310,6 +314,7 @@ fn slim_down(topic: &str, letter: &mut DeadLetter) {
          original, which stays at its source offset"
     );
     letter.slim = true;
+    true
 }
 
 fn log_dead_lettered(topic: &str, letter: &DeadLetter) {
