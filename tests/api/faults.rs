@@ -613,6 +613,44 @@ async fn broker_restarted_mid_stream() {
     drop(broker);
 }
 
+/// Started while its broker is down (a host booting, the broker slower to
+/// come up): the service serves what PostgreSQL holds, `/readyz` names the
+/// broker, and once the broker is up it consumes without a restart.
+#[tokio::test]
+async fn started_while_the_broker_is_down() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start(storage.path().to_owned(), port);
+    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let orders = helpers::generated_orders(73, 20);
+    let first = env.spawn();
+    helpers::store_orders(&env, &orders[..10]).await;
+    assert!(first.terminate().success());
+    drop(broker);
+
+    let service = env.spawn();
+    service
+        .wait_unready("the broker did not answer", ("kafka_broker", "slow"))
+        .await;
+    let served = service
+        .wait_for_order(&orders[0].0, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        served,
+        serde_json::from_slice::<Value>(&orders[0].1).unwrap()
+    );
+    let dir = storage.path().to_owned();
+    let broker = tokio::task::spawn_blocking(move || Broker::start(dir, port))
+        .await
+        .unwrap();
+    helpers::produce_orders(&env, &orders[10..]).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 20, Duration::from_secs(90))
+        .await;
+    service.wait_ready().await;
+    env.assert_no_dead_letters();
+    drop(broker);
+}
+
 /// The broker loses its data (its storage wiped, as a container without its
 /// volume; or the topic deleted and created again) while PostgreSQL keeps the
 /// positions: they are past the end of the new topic (which holds fewer
@@ -949,28 +987,43 @@ async fn wait_paused_by(service: &Service, cause: &str) {
     service.wait_unready(cause, ("ingest", "paused")).await;
 }
 
-/// Time paused is counted, and `cause` was logged once during a pause that
-/// ended. (A long stream can also pause on a busy local
-/// broker; such pauses are logged on their own lines, each ended too.)
-async fn assert_paused_once(service: &Service, cause: &str) {
+/// Time paused is counted, `cause` was logged, and every pause ended. Within
+/// one pause each wording of a cause is told once, never once per retry: on
+/// pausing or as a change of cause while paused (a fault can first show as
+/// another, e.g. ended sessions before a refused password; or be met in two
+/// places, e.g. INSERT refused on `items` by a batch that had written
+/// `orders` before the revoke, then on `orders` by its retry). A fault may
+/// pause ingest more than once: a full disk lets a few orders into the free
+/// space left in its pages between pauses. (A long stream can also pause on a
+/// busy local broker; such pauses are logged on their own lines, each ended too.)
+async fn assert_each_pause_told_once(service: &Service, cause: &str) {
     assert!(service.metric("ingest_paused_seconds_total").await > 0.0);
     let logs = service.log_text();
-    let paused = logs.matches("ingest paused").count();
-    // The cause is told once, on pausing or as a change of cause while paused
-    // (a fault can first show as another, e.g. ended sessions before a refused password).
-    // One fault can also be met in two places, e.g. INSERT refused on `items`
-    // by a batch that had written `orders` before the revoke, then on `orders`
-    // by its retry: each wording once, never once per retry.
-    let for_cause: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("ingest paused") || l.contains("the cause changed"))
-        .filter(|l| l.contains(cause))
-        .filter_map(|l| l.split("\"cause\":").nth(1))
-        .collect();
-    let distinct: HashSet<&str> = for_cause.iter().copied().collect();
-    assert!(!for_cause.is_empty(), "{logs}");
-    assert_eq!(distinct.len(), for_cause.len(), "{logs}");
-    let resumed = logs.matches("ingest resumed").count();
+    let (mut paused, mut resumed, mut told) = (0, 0, 0);
+    let mut this_pause: HashSet<&str> = HashSet::new();
+    for line in logs.lines() {
+        if line.contains("ingest resumed") {
+            resumed += 1;
+            this_pause.clear();
+            continue;
+        }
+        if line.contains("ingest paused") {
+            paused += 1;
+        } else if !line.contains("the cause changed") {
+            continue;
+        }
+        let Some(wording) = line.split("\"cause\":").nth(1) else {
+            continue;
+        };
+        if wording.contains(cause) {
+            told += 1;
+            assert!(
+                this_pause.insert(wording),
+                "told twice in one pause: {logs}"
+            );
+        }
+    }
+    assert!(told > 0, "{logs}");
     assert_eq!(resumed, paused, "{logs}");
 }
 
@@ -995,7 +1048,7 @@ async fn environment_fault(
     let delivered = stream.finish().await;
     let scenario = format!("{label} {} s", env_outage().as_secs());
     reconcile(env, &scenario, delivered, service, Some(service)).await;
-    assert_paused_once(service, cause).await;
+    assert_each_pause_told_once(service, cause).await;
 }
 
 /// A DBA's permission slip: INSERT on the order tables revoked from the
@@ -1138,6 +1191,39 @@ async fn connections_refused_then_allowed() {
     .await;
 }
 
+/// The disk under the orders table fills up mid-stream (PostgreSQL refuses
+/// the next page with SQLSTATE 53100), then space is freed. A full disk is
+/// the environment's fault: ingest pauses naming it, not one order is
+/// dead-lettered for it, and it resumes by itself. (The write-ahead log stays
+/// on the server's own disk: a full log stops the server, which
+/// `postgres_crashed_and_restarted` covers.)
+#[tokio::test]
+async fn disk_full_then_space_freed() {
+    let server = PostgresServer::start().await;
+    let disk = server
+        .tablespace_on_small_disk("small_disk", 64 << 20)
+        .await;
+    let env = TestEnv::on_postgres(server.admin()).await;
+    let mut superuser = sqlx::ConnectOptions::connect(&server.superuser(&env.name))
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE orders SET TABLESPACE small_disk")
+        .execute(&mut superuser)
+        .await
+        .unwrap();
+    let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "1000")]);
+    service.wait_ready().await;
+    environment_fault(
+        &env,
+        &service,
+        "(o) disk full",
+        "No space left on device",
+        async { disk.fill() },
+        async { disk.resize(64 << 20) },
+    )
+    .await;
+}
+
 /// `serve` started before `migrate`: it waits, naming the missing table,
 /// and takes the whole stream in once the tables exist.
 #[tokio::test]
@@ -1162,7 +1248,7 @@ async fn served_before_migrations() {
         Some(&service),
     )
     .await;
-    assert_paused_once(&service, "does not exist").await;
+    assert_each_pause_told_once(&service, "does not exist").await;
 }
 
 /// The service role's password changed and its sessions ended (as when a

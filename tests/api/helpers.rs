@@ -411,6 +411,11 @@ impl TestEnv {
         records
     }
 
+    pub fn assert_no_dead_letters(&self) {
+        let letters = self.read_topic(&self.dlq_topic, 1);
+        assert!(letters.is_empty(), "{letters:#?}");
+    }
+
     fn reader(&self, topic: &str, partitions: i32, report_ends: bool) -> BaseConsumer {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)

@@ -69,7 +69,7 @@ async fn batches_in_every_compression_codec_are_read() {
     env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(30))
         .await;
     env.wait_for_committed(100, Duration::from_secs(30)).await;
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// Every kind of message at once: each ends stored, absorbed as a duplicate,
@@ -250,7 +250,7 @@ async fn redelivered_orders_are_absorbed_as_duplicates() {
             .await,
         50
     );
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// Two instances share the partitions; one joins mid-stream, then the first
@@ -296,7 +296,7 @@ async fn two_consumers_share_a_group_through_rebalances() {
             .await,
         1200
     );
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// PostgreSQL goes away mid-stream: ingest pauses, reports not ready, and
@@ -360,7 +360,7 @@ async fn a_database_outage_pauses_ingest_and_loses_nothing() {
         1,
         "logged once per state change:\n{logs}"
     );
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// The dead-letter topic missing (not created yet, or a wrong name): ingest
@@ -391,7 +391,7 @@ async fn a_missing_dead_letter_topic_pauses_ingest_until_it_exists() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].payload, b"not an order");
     assert!(letters[0].headers.contains_key("dlq-reason"), "{letters:?}");
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
     assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
 }
 
@@ -454,7 +454,7 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
     let logs = service.log_text();
     assert_eq!(logs.matches("ingest paused").count(), 1, "{logs}");
     assert!(logs.contains("ingest resumed"), "{logs}");
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// PostgreSQL gone without a word (its host lost, a network that drops
@@ -493,7 +493,7 @@ async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
     env.wait_for_committed(200, Duration::from_secs(30)).await;
     service.wait_ready().await;
     assert!(service.log_text().contains("ingest resumed"));
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// The answer to a batch's COMMIT is lost (the connection drops once the
@@ -574,7 +574,7 @@ async fn a_commit_lost_on_its_way_does_not_hold_ingest_behind_its_locks() {
         0.0,
         "{logs}"
     );
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
@@ -675,11 +675,6 @@ async fn dead_letters_of_an_interrupted_batch_are_not_sent_twice() {
 }
 
 /// Reads the dead-letter topic to its end: it must hold nothing.
-fn assert_no_dead_letters(env: &TestEnv) {
-    let letters = env.read_topic(&env.dlq_topic, 1);
-    assert!(letters.is_empty(), "{letters:#?}");
-}
-
 /// SIGTERM while ingest is paused by its environment (here a revoked
 /// grant): the process exits 0 within the shutdown bound, dead-letters
 /// nothing, and a restart stores every order once the grant is back.
@@ -734,7 +729,7 @@ async fn sigterm_while_paused_exits_within_the_bound() {
     env.wait_for_count(COUNT_ORDERS, 50, Duration::from_secs(30))
         .await;
     restarted.wait_ready().await;
-    assert_no_dead_letters(&env);
+    env.assert_no_dead_letters();
 }
 
 /// A member killed for good keeps its partitions on the local broker (on

@@ -94,6 +94,36 @@ impl PostgresServer {
         self.options(&admin_role())
     }
 
+    /// A tablespace `name` on a disk of its own that holds `bytes`, owned by
+    /// the server's user, so that a test can fill the disk under the tables
+    /// it moves there and free space again.
+    pub async fn tablespace_on_small_disk(&self, name: &str, bytes: u64) -> SmallDisk {
+        let path = std::env::temp_dir().join(format!(
+            "order-service-disk-{}",
+            crate::helpers::unique_suffix()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        let (uid, gid) = match self.run_as {
+            Some(user) => (id(&["-u", user]), id(&["-g", user])),
+            None => (id(&["-u"]), id(&["-g"])),
+        };
+        let options = format!("size={bytes},uid={uid},gid={gid},mode=0700");
+        privileged("mount", &["-t", "tmpfs", "-o", &options, "tmpfs"], &path);
+        let disk = SmallDisk { path };
+        let mut conn = self.options("postgres").connect().await.unwrap();
+        let location = disk.path.display();
+        sqlx::query(&format!("CREATE TABLESPACE {name} LOCATION '{location}'"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        disk
+    }
+
+    /// A superuser's connection to `database`.
+    pub fn superuser(&self, database: &str) -> PgConnectOptions {
+        self.options("postgres").database(database)
+    }
+
     fn options(&self, user: &str) -> PgConnectOptions {
         PgConnectOptions::new()
             .host("127.0.0.1")
@@ -163,6 +193,82 @@ impl Drop for PostgresServer {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A tmpfs mounted for a tablespace; unmounted when dropped (before the
+/// server that uses it, which stops at once and is removed).
+pub struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Shrinks the disk to what it holds: the next page a table needs is
+    /// refused with ENOSPC, as on a full disk. (A shrink below what the disk
+    /// holds is refused; the server may write between the reading and the
+    /// shrink, so it reads again.)
+    pub fn fill(&self) {
+        for _ in 0..50 {
+            let output = Command::new("df")
+                .args(["--output=used", "-B1"])
+                .arg(&self.path)
+                .output()
+                .expect("df");
+            let used: u64 = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .nth(1)
+                .and_then(|line| line.trim().parse().ok())
+                .expect("df prints the bytes used");
+            let options = format!("remount,size={}", used.max(4096));
+            let shrunk = as_root("mount")
+                .args(["-o", &options])
+                .arg(&self.path)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if shrunk {
+                return;
+            }
+        }
+        panic!("{} never shrank to what it holds", self.path.display());
+    }
+
+    pub fn resize(&self, bytes: u64) {
+        let options = format!("remount,size={bytes}");
+        privileged("mount", &["-o", &options], &self.path);
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Never panics here: a drop may run while a failed test unwinds.
+        let _ = as_root("umount").arg("-l").arg(&self.path).output();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// `program` run as root: directly when the tests run as root, else through
+/// `sudo -n` (a sudo user's run; it must not ask for a password).
+fn as_root(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    }
+}
+
+fn privileged(program: &str, args: &[&str], path: &Path) {
+    let output = as_root(program)
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn admin_role() -> String {
