@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::configuration::Settings;
 use crate::domain::LETTER_STAGES;
 use crate::ingest::dead_letter::header;
-use crate::producer::{drain, order_producer};
+use crate::publish::{drain, order_producer};
 use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 
 /// Letters read from PostgreSQL per query.

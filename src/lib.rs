@@ -11,7 +11,9 @@ pub mod domain;
 pub mod events;
 pub mod http;
 pub mod ingest;
+#[cfg(feature = "producer")]
 pub mod producer;
+pub mod publish;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

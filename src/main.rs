@@ -2,7 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use order_service::cli::{Cli, Command};
-use order_service::{app, dead_letters, producer, store, telemetry, validate};
+#[cfg(feature = "producer")]
+use order_service::producer;
+use order_service::{app, dead_letters, store, telemetry, validate};
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
                 tracing::info!(service_role = %role, "migrations applied");
                 Ok(true)
             }
+            #[cfg(feature = "producer")]
             Command::Produce(args) => producer::run(*args, &settings.kafka).await,
             Command::DeadLetters(command) => dead_letters::run(command, &settings).await,
             Command::Validate(_) => unreachable!("handled before the runtime starts"),

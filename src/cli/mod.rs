@@ -11,6 +11,7 @@ pub use self::settings::{Setting, SettingsArgs, SETTINGS};
 use crate::configuration::Settings;
 use crate::dead_letters::DeadLettersCommand;
 use crate::documents::Format;
+#[cfg(feature = "producer")]
 use crate::producer::ProduceArgs;
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,7 @@ pub enum Command {
     /// Apply database migrations as the owner role and grant the service role its access.
     Migrate,
     /// Send generated (or file) orders to the orders topic, for demos, tests and benchmarks.
+    #[cfg(feature = "producer")]
     Produce(Box<ProduceArgs>),
     /// Check orders from a JSON array or NDJSON file (or stdin) and print why each is invalid.
     Validate(ValidateArgs),

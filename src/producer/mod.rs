@@ -3,7 +3,6 @@
 mod generator;
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -14,17 +13,13 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub use self::generator::{Generator, InvalidKind};
 use crate::configuration::KafkaSettings;
 use crate::documents::{for_each_document, Document, Format};
-
-/// The largest message sent. Brokers have their own limit (Apache Kafka's
-/// default is about 1 MB); what they refuse is counted as failed.
-const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+use crate::publish::{drain, order_producer, MAX_MESSAGE_BYTES};
 
 #[derive(Debug, clap::Args)]
 pub struct ProduceArgs {
@@ -165,24 +160,6 @@ impl Tally {
             }
         }
     }
-}
-
-/// A producer for the orders topic: idempotent, acknowledged by every replica.
-pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        // Never expire a message in the client: an idempotent producer
-        // whose message times out bumps its epoch, which some brokers
-        // cannot follow. A slow broker is waited for; Ctrl-C stops.
-        .set("message.timeout.ms", "0")
-        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
-        .set("queue.buffering.max.messages", "100000")
-        .create()
-        .context("KAFKA_BROKERS: cannot create the producer")
 }
 
 /// Hands over the documents of `path`, as they are, each keyed by its
@@ -442,23 +419,6 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         Tally::total(&tally.sent) as f64 / elapsed.max(0.001)
     );
     Ok(Tally::total(&tally.failed) == 0 && unconfirmed == 0)
-}
-
-/// Waits for every delivery in flight, handing each answer to `settle`,
-/// until `interrupt` (a Ctrl-C) ends the wait; returns how many were left.
-pub async fn drain<F: Future>(
-    in_flight: &mut FuturesUnordered<F>,
-    interrupt: impl Future,
-    mut settle: impl FnMut(F::Output),
-) -> usize {
-    tokio::pin!(interrupt);
-    while !in_flight.is_empty() {
-        tokio::select! {
-            Some(result) = in_flight.next() => settle(result),
-            _ = &mut interrupt => return in_flight.len(),
-        }
-    }
-    0
 }
 
 type DeliveryResult = Result<

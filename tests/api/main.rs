@@ -1,4 +1,6 @@
-//! End-to-end tests: the real binary, PostgreSQL, Redis and broker.
+//! End-to-end tests: the real binary, PostgreSQL, Redis and broker. They
+//! send generated orders, so they need the `producer` feature (a default).
+#![cfg(feature = "producer")]
 
 mod browser;
 mod cache_and_http;
