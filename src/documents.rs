@@ -53,6 +53,8 @@ pub struct Summary {
     pub blank_lines: u64,
 }
 
+const BYTE_ORDER_MARK: &[u8] = b"\xef\xbb\xbf";
+
 /// Calls `each` with every document, in order, until it breaks.
 ///
 /// Without a declared format, a leading `[` makes an array; a first line that
@@ -69,6 +71,11 @@ pub fn for_each_document<R: BufRead>(
     max_bytes: usize,
     mut each: impl FnMut(Document<'_>) -> ControlFlow<()>,
 ) -> std::io::Result<Summary> {
+    // A UTF-8 byte order mark that an editor put first is the file's, not
+    // the first document's; left there it would hide a leading `[`.
+    if reader.fill_buf()?.starts_with(BYTE_ORDER_MARK) {
+        reader.consume(BYTE_ORDER_MARK.len());
+    }
     let (format, seen) = match declared {
         Some(format) => (format, Vec::new()),
         None => detect(&mut reader, max_bytes)?,
@@ -422,6 +429,10 @@ mod tests {
         assert_eq!(detected("{\n{\"b\": 2}"), Format::Ndjson);
         assert_eq!(detected("{\n  \"cut\": "), Format::Ndjson);
         assert_eq!(detected(""), Format::Ndjson);
+        // A byte order mark first belongs to the file.
+        assert_eq!(detected("\u{FEFF}[1]"), Format::Array);
+        let (docs, _) = read(&format!("\u{FEFF}{FIRST}\n{LAST}"), None, 1000);
+        assert_eq!(docs, [FIRST, LAST]);
         // A declared format is kept whatever the content.
         let (docs, _) = read("{\n  \"a\": 1\n}", Some(Format::Ndjson), 1000);
         assert_eq!(docs, ["{", "\"a\": 1", "}"]);

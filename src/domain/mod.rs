@@ -7,6 +7,7 @@ mod order_uid;
 mod parse;
 mod rejection;
 pub mod rules;
+mod unique_keys;
 
 pub use order::{Delivery, Item, Order, OrderDocument, Payment, Timestamp};
 pub use order_uid::{claimed_uid, OrderUid, MAX_ORDER_UID_LEN};
@@ -189,13 +190,65 @@ mod tests {
         );
     }
 
+    /// A UTF-8 byte order mark first is ignored, as RFC 8259 allows: some
+    /// writers put one before every document.
+    #[test]
+    fn a_leading_byte_order_mark_is_not_part_of_the_order() {
+        let limits = Limits::default();
+        let sample = SAMPLE_ORDER.as_bytes();
+        let plain = parse_order(sample, &limits).unwrap();
+        let with_mark = parse_order(&[&b"\xef\xbb\xbf"[..], sample].concat(), &limits).unwrap();
+        assert_eq!(with_mark.to_json(), plain.to_json());
+        // Only first: anywhere else it is text that is not JSON.
+        let inside = [&b" \xef\xbb\xbf"[..], sample].concat();
+        assert_eq!(
+            parse_order(&inside, &limits).unwrap_err().stage(),
+            Stage::Parse
+        );
+    }
+
+    /// A field named twice is two orders to two readers (serde_json keeps
+    /// the last, others the first): refused, on both paths, at any depth.
+    #[test]
+    fn a_field_named_twice_is_refused() {
+        let limits = Limits::default();
+        for (find, twice) in [
+            (
+                r#""order_uid": "b563feb7b2b84b6test""#,
+                r#""order_uid": "x""#,
+            ),
+            (r#""zip": "2639809""#, r#""zip": "2639809""#),
+            (r#""amount": 1817"#, r#""amount": 5"#),
+            (r#""nm_id": 2389212"#, r#""nm_id": 1"#),
+        ] {
+            assert!(SAMPLE_ORDER.contains(find), "{find}");
+            let text = SAMPLE_ORDER.replacen(find, &format!("{find}, {twice}"), 1);
+            assert_paths_agree(text.as_bytes());
+            let rejection = parse_order(text.as_bytes(), &limits).unwrap_err();
+            assert_eq!(rejection.stage(), Stage::Parse, "{twice}");
+            let key = twice.split(':').next().unwrap();
+            assert!(
+                rejection.to_string().starts_with(&format!(
+                    "the key {key} appears twice in one object at line "
+                )),
+                "{rejection}"
+            );
+        }
+    }
+
     #[test]
     fn malformed_messages_are_parse_rejections() {
         let limits = Limits::default();
         let cases: Vec<(&[u8], &str)> = vec![
             (b"", "message is empty"),
             (b"  \n", "message is empty"),
-            (b"\xff\xfe{}", "not valid UTF-8 (first bad byte at 0)"),
+            (b"\xef\xbb\xbf \n", "message is empty"),
+            (
+                b"\xff\xfe{\x00}\x00",
+                "not valid UTF-8: the message starts with a UTF-16 byte order mark; orders are UTF-8 JSON",
+            ),
+            (b"\xfe\xff\x00{\x00}", "not valid UTF-8: the message starts with a UTF-16 byte order mark; orders are UTF-8 JSON"),
+            (b"\xc3\x28{}", "not valid UTF-8 (first bad byte at 0)"),
             (b"hello", "not JSON: expected value at line 1 column 1"),
             (
                 b"{\"order_uid\": \"a\"",

@@ -10,6 +10,7 @@ use super::fields::{Field, Kind, DELIVERY, ITEM, ORDER, PAYMENT};
 use super::order::{Item, Order, OrderDocument, Payment, Timestamp};
 use super::rejection::{Problem, Rejection, Stage};
 use super::rules::{self, RuleResult};
+use super::unique_keys::UniqueKeys;
 use super::{fast_path, OrderUid};
 
 /// Bounds that keep one message from costing unbounded memory or time.
@@ -41,8 +42,11 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
             limits.max_message_bytes,
         ));
     }
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(Rejection::single(Stage::Parse, "message is empty"));
+    if bytes.starts_with(b"\xff\xfe") || bytes.starts_with(b"\xfe\xff") {
+        return Err(Rejection::single(
+            Stage::Parse,
+            "not valid UTF-8: the message starts with a UTF-16 byte order mark; orders are UTF-8 JSON",
+        ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Rejection::single(
@@ -50,6 +54,13 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
             format!("not valid UTF-8 (first bad byte at {})", e.valid_up_to()),
         )
     })?;
+    // A UTF-8 byte order mark, which some writers put first, is not part of
+    // the document (RFC 8259 lets a reader ignore it): the order is read as
+    // if it were not there.
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    if text.bytes().all(|b| b.is_ascii_whitespace()) {
+        return Err(Rejection::single(Stage::Parse, "message is empty"));
+    }
     match fast_path::read_valid(text, limits) {
         Some(document) => Ok(Order::from_valid(document)),
         None => read_tree(text, limits),
@@ -58,13 +69,16 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
 
 /// The thorough path: every problem, with its path and reason.
 pub(super) fn read_tree(text: &str, limits: &Limits) -> Result<Order, Rejection> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
+    let UniqueKeys(value) = serde_json::from_str(text).map_err(|e| {
         let reason = if e.is_eof() {
             format!(
                 "truncated JSON: input ends at line {} column {}",
                 e.line(),
                 e.column()
             )
+        } else if e.is_data() {
+            // Well-formed, but ambiguous: a key twice in one object.
+            e.to_string()
         } else {
             format!("not JSON: {e}")
         };

@@ -101,6 +101,31 @@ async fn hostile_messages_are_dead_lettered_or_stored_verbatim() {
             "validate",
             "order_uid: is 10000 characters long, the limit is 1024",
         ),
+        (
+            "utf-16",
+            b"\xff\xfe{\x00}\x00".to_vec(),
+            "parse",
+            "not valid UTF-8: the message starts with a UTF-16 byte order mark",
+        ),
+        (
+            "key-twice",
+            String::from_utf8(with("key-twice", |_| {}))
+                .unwrap()
+                .replacen(
+                    r#""order_uid":"key-twice""#,
+                    r#""order_uid":"key-twice","order_uid":"other""#,
+                    1,
+                )
+                .into_bytes(),
+            "parse",
+            "the key \"order_uid\" appears twice in one object",
+        ),
+        (
+            "only-a-byte-order-mark",
+            b"\xef\xbb\xbf".to_vec(),
+            "parse",
+            "message is empty",
+        ),
     ];
     let markup = with("markup-and-sql", |o| {
         o["delivery"]["name"] = "Robert'); DROP TABLE orders;--".into();
@@ -113,6 +138,10 @@ async fn hostile_messages_are_dead_lettered_or_stored_verbatim() {
         .map(|(key, bytes, _, _)| (Some(*key), bytes.as_slice()))
         .collect();
     messages.push((Some("markup-and-sql"), &markup));
+    // A UTF-8 byte order mark first is no part of the order: stored without it.
+    let marked = with("byte-order-mark", |_| {});
+    let marked_bytes = [&b"\xef\xbb\xbf"[..], &marked].concat();
+    messages.push((Some("byte-order-mark"), &marked_bytes));
     env.produce(&messages).await;
 
     let letters = env.dead_letters(rejected.len(), Duration::from_secs(60));
@@ -148,7 +177,11 @@ async fn hostile_messages_are_dead_lettered_or_stored_verbatim() {
         .await
         .unwrap();
     assert_eq!(stored, "Robert'); DROP TABLE orders;--");
-    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+    let served = service
+        .wait_for_order("byte-order-mark", Duration::from_secs(30))
+        .await;
+    assert_eq!(served, serde_json::from_slice::<Value>(&marked).unwrap());
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
 
     // Still up, and the 2 MB message left no lasting cost.
     service.wait_ready().await;
