@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::Connection;
+use sqlx::{Connection, Executor};
 
 pub use dead_letters::{Cursor, LetterFilter, LetterRecord, LetterSummary, NewLetter};
 pub use migrate::migrate;
@@ -65,6 +65,17 @@ fn begin_batch(write_timeout: Duration) -> Arc<str> {
     .into()
 }
 
+/// Bounds every statement of a session, reads included (a batch sets its own
+/// in [`begin_batch`]): a read waits at most 5 s for a lock and runs at most
+/// `write_timeout`. A read the client gave up on (an HTTP request timed out)
+/// would otherwise wait on a DBA's `LOCK TABLE` for as long as it is held,
+/// and keep its session from the pool, which ingest shares. Set once when the
+/// session opens, which a pooler in session mode passes on.
+fn session_limits(write_timeout: Duration) -> Arc<str> {
+    let ms = write_timeout.as_millis();
+    format!("SET lock_timeout = '5s'; SET statement_timeout = {ms}").into()
+}
+
 /// Sessions opened before this moment are closed instead of reused: a
 /// session can carry the conditions of its start (read-only after a failover,
 /// a role's old settings), which a retry must not inherit.
@@ -111,7 +122,15 @@ impl Store {
     ) -> Self {
         let recycled = Arc::new(Recycled::default());
         let keeps = recycled.clone();
+        let session = session_limits(write_timeout);
         let pool = pool
+            .after_connect(move |conn, _| {
+                let session = session.clone();
+                Box::pin(async move {
+                    conn.execute(&*session).await?;
+                    Ok(())
+                })
+            })
             .before_acquire(move |_, meta| {
                 let keep = keeps.keeps(meta.age);
                 Box::pin(async move { Ok(keep) })

@@ -461,6 +461,22 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
         served_at < timed_out_at,
         "memory answered while the searches hung"
     );
+    // The server gives up the searches too (lock_timeout), while the lock is
+    // still held: they keep no session from the pool ingest shares.
+    let waiting = || async {
+        let n = env
+            .count(&format!(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                 WHERE d.datname = '{}' AND NOT l.granted",
+                env.name
+            ))
+            .await;
+        (n == 0).then_some(())
+    };
+    crate::helpers::eventually(Duration::from_secs(15), waiting, || {
+        "the service's searches still wait on the lock".to_owned()
+    })
+    .await;
     lock.rollback().await.unwrap();
     let search = service.get("/api/orders?customer_id=nobody").await;
     assert_eq!(search.status(), 200);
