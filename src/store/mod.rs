@@ -41,39 +41,26 @@ pub async fn answered<T, E: From<sqlx::Error>>(
 pub struct Store {
     pool: PgPool,
     recycled: Arc<Recycled>,
-    /// What opens a batch's transaction (see [`begin_batch`]).
-    begin_batch: Arc<str>,
 }
 
-/// Opens a batch's transaction. Its statements wait at most 5 s for a lock
-/// (a DBA's `LOCK TABLE`, a long `ALTER TABLE`): the attempt then fails, and
-/// ingest pauses naming the wait and retries, instead of hanging unseen. What
-/// the client abandons after `write_timeout` (no answer: a host lost, a
-/// network partition), the server abandons too: a statement running that
-/// long, or the transaction left idle that long, is ended, so an abandoned
-/// transaction cannot keep its locks, which every retry would wait on.
-/// Notices (a staging table that exists already) are not worth a log line.
-/// All of it is set per transaction, not at the session's start, so it holds
-/// behind a connection pooler (PgBouncer refuses startup `options`).
-fn begin_batch(write_timeout: Duration) -> Arc<str> {
-    let ms = write_timeout.as_millis();
-    format!(
-        "BEGIN; SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = {ms}; \
-         SET LOCAL idle_in_transaction_session_timeout = {ms}; \
-         SET LOCAL client_min_messages = warning"
-    )
-    .into()
-}
-
-/// Bounds every statement of a session, reads included (a batch sets its own
-/// in [`begin_batch`]): a read waits at most 5 s for a lock and runs at most
-/// `write_timeout`. A read the client gave up on (an HTTP request timed out)
-/// would otherwise wait on a DBA's `LOCK TABLE` for as long as it is held,
-/// and keep its session from the pool, which ingest shares. Set once when the
-/// session opens, which a pooler in session mode passes on.
+/// Bounds every statement of a session, set once when it opens (a pooler in
+/// session mode passes it on; PgBouncer refuses startup `options`). A
+/// statement waits at most 5 s for a lock (a DBA's `LOCK TABLE`, a long
+/// `ALTER TABLE`): a batch then fails, and ingest pauses naming the wait and
+/// retries, instead of hanging unseen; a search an HTTP client gave up on
+/// lets its session go back to the pool, which ingest shares. What the client
+/// abandons after `write_timeout` (no answer: a host lost, a network
+/// partition), the server abandons too: a statement running that long, or a
+/// transaction left idle that long, is ended, so an abandoned transaction
+/// cannot keep its locks, which every retry would wait on. Notices (a staging
+/// table that exists already) are not worth a log line.
 fn session_limits(write_timeout: Duration) -> Arc<str> {
     let ms = write_timeout.as_millis();
-    format!("SET lock_timeout = '5s'; SET statement_timeout = {ms}").into()
+    format!(
+        "SET lock_timeout = '5s'; SET statement_timeout = {ms}; \
+         SET idle_in_transaction_session_timeout = {ms}; SET client_min_messages = warning"
+    )
+    .into()
 }
 
 /// Sessions opened before this moment are closed instead of reused: a
@@ -136,11 +123,7 @@ impl Store {
                 Box::pin(async move { Ok(keep) })
             })
             .connect_lazy_with(options);
-        Self {
-            pool,
-            recycled,
-            begin_batch: begin_batch(write_timeout),
-        }
+        Self { pool, recycled }
     }
 
     pub fn pool(&self) -> &PgPool {

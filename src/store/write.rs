@@ -44,7 +44,7 @@ pub struct BatchTx {
 
 impl Store {
     pub async fn begin(&self) -> Result<BatchTx, sqlx::Error> {
-        match self.pool().begin_with(self.begin_batch.to_string()).await {
+        match self.pool().begin().await {
             Ok(tx) => Ok(BatchTx { tx }),
             Err(e) => Err(self.explained(e).await),
         }
