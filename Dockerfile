@@ -12,8 +12,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/order-service /order-service
 
 # Run: a small image with only the binary, as a user without privileges.
+# libssl3 for TLS and SASL SCRAM to the brokers; ca-certificates are the
+# authorities a broker's certificate is checked against by default.
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
 COPY --from=build /order-service /usr/local/bin/order-service

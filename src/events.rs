@@ -66,6 +66,8 @@ pub struct IngestHealth {
     orphaned: Mutex<Vec<i32>>,
     /// How the broker fails to answer in time, while it does.
     broker_slow: Mutex<Option<String>>,
+    /// Why the broker turns this client away (sign-in, TLS), while it does.
+    broker_refused: Mutex<Option<String>>,
     /// The orders topic, while the broker says it does not exist.
     missing_topic: Mutex<Option<String>>,
 }
@@ -94,6 +96,16 @@ impl IngestHealth {
     /// Stores the broker's verdict; true when it changed.
     pub(crate) fn set_broker_slow(&self, problem: Option<String>) -> bool {
         replace(&self.broker_slow, problem)
+    }
+
+    /// Why the broker turns this client away, if it does.
+    pub fn broker_refused(&self) -> Option<String> {
+        lock(&self.broker_refused).clone()
+    }
+
+    /// Stores why the broker turns this client away; true when that started or ended.
+    pub(crate) fn set_broker_refused(&self, reason: Option<String>) -> bool {
+        replace(&self.broker_refused, reason)
     }
 
     /// The orders topic, if the broker says it does not exist.

@@ -6,7 +6,6 @@ use std::future::Future;
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
 
 use crate::configuration::KafkaSettings;
 
@@ -16,8 +15,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A producer for the orders topic: idempotent, acknowledged by every replica.
 pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
+    kafka
+        .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
@@ -29,7 +28,7 @@ pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
         .set("queue.buffering.max.messages", "100000")
         .create()
-        .context("KAFKA_BROKERS: cannot create the producer")
+        .context("cannot create the Kafka producer")
 }
 
 /// Waits for every delivery in flight, handing each answer to `settle`,

@@ -4,12 +4,13 @@
 //! layering over the file are derived from [`SETTINGS`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Arg, ArgMatches, Args, FromArgMatches, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::configuration::{LogFormat, Settings};
+use crate::configuration::{LogFormat, SaslMechanism, SecurityProtocol, Settings};
 
 /// One setting of the service, declared once: its environment variable (the
 /// flag is the same name in lower case with dashes), where it goes in
@@ -66,6 +67,7 @@ impl Setting {
             arg
         } else {
             arg.value_parser(PossibleValuesParser::new(choices))
+                .ignore_case(true)
         }
     }
 
@@ -134,9 +136,22 @@ impl FlagValue for Option<SecretString> {
     }
 }
 
+/// A file: empty means unset, like an absent one.
+impl FlagValue for Option<PathBuf> {
+    fn read(value: &str) -> Result<Self, String> {
+        Ok((!value.is_empty()).then(|| value.into()))
+    }
+    fn show(&self) -> Option<String> {
+        None
+    }
+}
+
 impl FlagValue for bool {
     fn read(value: &str) -> Result<Self, String> {
-        value.parse().map_err(|e| format!("{e}"))
+        value
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|e| format!("{e}"))
     }
     fn show(&self) -> Option<String> {
         Some(self.to_string())
@@ -146,20 +161,26 @@ impl FlagValue for bool {
     }
 }
 
-impl FlagValue for LogFormat {
-    fn read(value: &str) -> Result<Self, String> {
-        <Self as ValueEnum>::from_str(value, false)
-    }
-    fn show(&self) -> Option<String> {
-        self.to_possible_value().map(|v| v.get_name().to_owned())
-    }
-    fn choices() -> Vec<PossibleValue> {
-        Self::value_variants()
-            .iter()
-            .filter_map(ValueEnum::to_possible_value)
-            .collect()
-    }
+/// A value of a fixed set, by its name in any case.
+macro_rules! flag_value_enum {
+    ($($t:ty),*) => {$(
+        impl FlagValue for $t {
+            fn read(value: &str) -> Result<Self, String> {
+                <Self as ValueEnum>::from_str(value, true)
+            }
+            fn show(&self) -> Option<String> {
+                self.to_possible_value().map(|v| v.get_name().to_owned())
+            }
+            fn choices() -> Vec<PossibleValue> {
+                Self::value_variants()
+                    .iter()
+                    .filter_map(ValueEnum::to_possible_value)
+                    .collect()
+            }
+        }
+    )*};
 }
+flag_value_enum!(LogFormat, SecurityProtocol, SaslMechanism);
 
 fn choices_of<T: FlagValue>(_: &T) -> Vec<PossibleValue> {
     T::choices()
@@ -223,6 +244,20 @@ pub const SETTINGS: &[Setting] = &[
         "Stable member name of this instance in the group (static membership), e.g. the pod name"),
     setting!("KAFKA_SESSION_TIMEOUT_MS", kafka.session_timeout_ms, "Kafka", "MS",
         "How long the group waits for a silent member before moving its partitions, in ms"),
+    setting!("KAFKA_SECURITY_PROTOCOL", kafka.security_protocol, "Kafka", "PROTOCOL",
+        "How connections to the brokers are made: TLS (ssl), SASL sign-in (sasl_plaintext), or both (sasl_ssl)"),
+    setting!("KAFKA_SASL_MECHANISM", kafka.sasl_mechanism, "Kafka", "MECHANISM",
+        "How the SASL user name and password sign in"),
+    setting!("KAFKA_SASL_USERNAME", kafka.sasl_username, "Kafka", "USER",
+        "SASL user name, with sasl_plaintext or sasl_ssl"),
+    setting!("KAFKA_SASL_PASSWORD", kafka.sasl_password, "Kafka", "PASSWORD",
+        "SASL password, with sasl_plaintext or sasl_ssl", secret = true),
+    setting!("KAFKA_SSL_CA_LOCATION", kafka.ssl_ca_location, "Kafka", "FILE",
+        "PEM file of the authorities the brokers' certificates are checked against, with ssl or sasl_ssl", unset = Some("the system's")),
+    setting!("KAFKA_SSL_CERTIFICATE_LOCATION", kafka.ssl_certificate_location, "Kafka", "FILE",
+        "PEM file of this client's certificate, for brokers that ask for one (with KAFKA_SSL_KEY_LOCATION)"),
+    setting!("KAFKA_SSL_KEY_LOCATION", kafka.ssl_key_location, "Kafka", "FILE",
+        "PEM file of this client's private key, unencrypted"),
     setting!("INGEST_BATCH_SIZE", ingest.batch_size, "Ingest", "N",
         "Messages per database transaction, at most"),
     setting!("INGEST_BATCH_MAX_BYTES", ingest.batch_max_bytes, "Ingest", "BYTES",
@@ -398,6 +433,42 @@ mod tests {
         assert_eq!(settings.ingest.batch_size, 7);
         // An empty Redis URL turns the tier off, like an unset one.
         assert!(settings.redis.url.is_none());
+    }
+
+    /// Kafka's names in either case, as Java clients' properties write them
+    /// (`SASL_SSL`) or librdkafka's (`sasl_ssl`), in flags and in the file.
+    #[test]
+    fn fixed_choices_are_read_in_any_case() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"[kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_mechanism = \"scram-sha-256\"\nsasl_username = \"svc\"\nsasl_password = \"pw\"\n")
+            .unwrap();
+        let path = file.path().to_str().unwrap();
+        let settings = Cli::try_parse_from(["order-service", "--config", path, "validate"])
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(settings.kafka.sasl_mechanism, SaslMechanism::ScramSha256);
+        let args = [
+            "order-service",
+            "--kafka-security-protocol",
+            "Ssl",
+            "--log-format",
+            "JSON",
+        ];
+        let settings = Cli::try_parse_from(args.into_iter().chain(["validate"]))
+            .unwrap()
+            .settings()
+            .unwrap();
+        assert_eq!(settings.kafka.security_protocol, SecurityProtocol::Ssl);
+        assert_eq!(settings.log.format, LogFormat::Json);
+        let refused = Cli::try_parse_from([
+            "order-service",
+            "--kafka-security-protocol",
+            "tls",
+            "validate",
+        ]);
+        assert!(refused.is_err());
     }
 
     #[test]

@@ -98,6 +98,8 @@ enum Topic {
 enum Broker {
     Answering,
     Slow,
+    /// The broker turns this client away: its credentials, or TLS.
+    Refused,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -166,6 +168,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
     if let Some(problem) = &broker_slow {
         problems.push(format!("kafka: {problem}"));
     }
+    let broker_refused = state.ingest.broker_refused();
+    if let Some(reason) = &broker_refused {
+        problems.push(format!("kafka: the broker refuses this client: {reason}"));
+    }
     let orphaned = state.ingest.orphaned();
     if !orphaned.is_empty() {
         problems.push(format!(
@@ -192,10 +198,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
             } else {
                 Topic::Present
             },
-            kafka_broker: if broker_slow.is_some() {
-                Broker::Slow
-            } else {
-                Broker::Answering
+            kafka_broker: match (&broker_refused, &broker_slow) {
+                (Some(_), _) => Broker::Refused,
+                (None, Some(_)) => Broker::Slow,
+                (None, None) => Broker::Answering,
             },
             ingest: if stalled.is_some() {
                 Ingest::Paused

@@ -4,7 +4,9 @@
 //! of one partition of the orders topic) is timed every few seconds; a slow or
 //! missing answer is named in `/readyz` and logged once, and so is its end.
 //! The same answer tells whether the orders topic exists: a missing one is
-//! named too, rather than left to look like a group that never assigns.
+//! named too, rather than left to look like a group that never assigns. And
+//! a broker that turns the service away (failed sign-in, untrusted
+//! certificate) is named with its reason, rather than as one that is slow.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode::{UnknownPartition, UnknownTopic, UnknownTopicOrPartition};
 use tokio_util::sync::CancellationToken;
 
+use super::refusals::Refusals;
 use crate::events::IngestHealth;
 use crate::telemetry::Metrics;
 
@@ -25,6 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn watch(
     consumer: Arc<BaseConsumer>,
+    refusals: Refusals,
     topic: String,
     health: Arc<IngestHealth>,
     metrics: Arc<Metrics>,
@@ -35,11 +39,10 @@ pub async fn watch(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(EVERY) => {}
         }
-        let (consumer, asked) = (consumer.clone(), topic.clone());
+        let (client, asked) = (consumer.clone(), topic.clone());
         let started = Instant::now();
         let answer =
-            tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&asked, 0, TIMEOUT))
-                .await;
+            tokio::task::spawn_blocking(move || client.fetch_watermarks(&asked, 0, TIMEOUT)).await;
         let took = started.elapsed();
         metrics.broker_probe_seconds.set(took.as_secs_f64());
         let missing = matches!(&answer, Ok(Err(e)) if matches!(
@@ -48,8 +51,13 @@ pub async fn watch(
         ));
         if matches!(answer, Ok(Ok(_))) || missing {
             report_missing(&health, &topic, missing);
+            refusals.clear();
         }
+        let refusal = refusals.last();
+        report_refusal(&health, refusal.clone());
         let verdict = match answer {
+            // Turned away: not slow, and told above.
+            _ if refusal.is_some() => None,
             Ok(Ok(_)) if took < SLOW => None,
             Ok(Ok(_)) => Some(format!(
                 "the broker took {:.1} s to answer a request for a partition's end",
@@ -71,6 +79,20 @@ pub async fn watch(
                 ),
                 None => tracing::info!("the broker answers in time again"),
             }
+        }
+    }
+}
+
+/// Names the brokers' refusal of this client once, and its end.
+fn report_refusal(health: &IngestHealth, refusal: Option<String>) {
+    if health.set_broker_refused(refusal.clone()) {
+        match refusal {
+            Some(reason) => tracing::error!(
+                reason,
+                "the broker refuses this client: nothing is consumed until it lets it in \
+                 (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*)"
+            ),
+            None => tracing::info!("the broker lets this client in again"),
         }
     }
 }

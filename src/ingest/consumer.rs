@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::configuration::KafkaSettings;
@@ -81,12 +81,12 @@ impl SignalingContext {
 /// slow broker would cost the instance its partitions, and on the local broker
 /// the group may never hand them back.
 pub fn side_client(kafka: &KafkaSettings) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
+    kafka
+        .client_config()
         // Its view of a topic created after the start follows within seconds.
         .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         .create()
-        .context("KAFKA_BROKERS: cannot create the client that reads partition ends")
+        .context("cannot create the Kafka client that reads partition ends")
 }
 
 /// A topic created after the start (the orders topic subscribed to before
@@ -107,12 +107,11 @@ pub fn subscribe(
         events,
         metrics,
     };
-    let mut config = ClientConfig::new();
+    let mut config = kafka.client_config();
     if let Some(name) = member {
         config.set("group.instance.id", name);
     }
     let consumer: OrderConsumer = config
-        .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -129,7 +128,7 @@ pub fn subscribe(
             (max_message_bytes + 64 * 1024).max(1_048_576).to_string(),
         )
         .create_with_context(context)
-        .context("KAFKA_BROKERS: cannot create the consumer")?;
+        .context("cannot create the Kafka consumer")?;
     rdkafka::consumer::Consumer::subscribe(&consumer, &[&kafka.topic])
         .with_context(|| format!("KAFKA_TOPIC: cannot subscribe to {}", kafka.topic))?;
     Ok((consumer, receiver))

@@ -16,6 +16,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sync_wrapper::SyncWrapper;
 use tokio::sync::OnceCell;
 
+use super::refusals::Refusals;
+use crate::configuration::KafkaSettings;
+
 /// Most `dlq-reason` headers on one dead letter; an order with a thousand bad
 /// items gets the first ones and a count of the rest.
 const MAX_REASON_HEADERS: usize = 100;
@@ -85,22 +88,24 @@ pub const SLIM_KEY_BYTES: usize = 4096;
 /// its batch, [`DeadLetters::already_sent`] reads them back, so replaying the
 /// batch sends none twice.
 pub struct DeadLetters {
-    producer: FutureProducer,
-    brokers: String,
+    producer: FutureProducer<Refusals>,
+    /// The brokers and how to reach them, for the reader of letters sent.
+    client: ClientConfig,
     topic: String,
     source_topic: String,
     partitions: OnceCell<i32>,
 }
 
 impl DeadLetters {
+    /// The producer tells `refusals` why the brokers turn it away, if they do.
     pub fn new(
-        brokers: &str,
-        topic: &str,
-        source_topic: &str,
+        kafka: &KafkaSettings,
         max_message_bytes: usize,
+        refusals: Refusals,
     ) -> anyhow::Result<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let client = kafka.client_config();
+        let producer = client
+            .clone()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
@@ -115,13 +120,13 @@ impl DeadLetters {
             // the timed-out copy may still land, so a resend could double it.
             // The commit waits on the same delivery instead, however long.
             .set("message.timeout.ms", "0")
-            .create()
-            .context("KAFKA_BROKERS: cannot create the dead-letter producer")?;
+            .create_with_context(refusals)
+            .context("cannot create the dead-letter producer")?;
         Ok(Self {
             producer,
-            brokers: brokers.to_owned(),
-            topic: topic.to_owned(),
-            source_topic: source_topic.to_owned(),
+            client,
+            topic: kafka.dlq_topic.clone(),
+            source_topic: kafka.topic.clone(),
             partitions: OnceCell::new(),
         })
     }
@@ -171,12 +176,12 @@ impl DeadLetters {
             let partition = self.partition_for(request.source_partition).await?;
             by_partition.entry(partition).or_default().push(*request);
         }
-        let (brokers, topic, source_topic) = (
-            self.brokers.clone(),
+        let (client, topic, source_topic) = (
+            self.client.clone(),
             self.topic.clone(),
             self.source_topic.clone(),
         );
-        blocking(move || read_back(&brokers, &topic, &source_topic, &by_partition)).await?
+        blocking(move || read_back(client, &topic, &source_topic, &by_partition)).await?
     }
 
     /// Hands `letter` to the producer; its acknowledgement arrives through
@@ -332,13 +337,12 @@ pub struct AlreadySent {
 /// source partitions to its end. Gives up only when the broker sends nothing
 /// for a while, never because the read is long.
 fn read_back(
-    brokers: &str,
+    mut client: ClientConfig,
     topic: &str,
     source_topic: &str,
     by_partition: &HashMap<i32, Vec<ReadBack>>,
 ) -> anyhow::Result<HashMap<i32, AlreadySent>> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let reader: BaseConsumer = client
         .set("group.id", "order-service-dlq-reader")
         .set("enable.auto.commit", "false")
         // The end as the broker sees it, which may lie past the last record.

@@ -17,6 +17,7 @@ mod commit;
 mod consumer;
 pub mod dead_letter;
 mod orphans;
+mod refusals;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -37,6 +38,7 @@ use self::commit::{Attempt, Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
 use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
+use self::refusals::Refusals;
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
@@ -76,6 +78,8 @@ pub struct Ingest {
     consumer: Arc<OrderConsumer>,
     /// Partition ends and metadata; never the group's connection (see `side_client`).
     side: Arc<BaseConsumer>,
+    /// Why the brokers turn the service away, if they do.
+    refusals: Refusals,
     events: mpsc::UnboundedReceiver<Rebalance>,
     committer: Arc<Committer>,
     cache: Arc<OrderCache>,
@@ -129,13 +133,14 @@ impl Ingest {
             settings.validation.max_message_bytes,
             metrics.clone(),
         )?;
+        let refusals = Refusals::default();
         let dead_letters = DeadLetters::new(
-            &settings.kafka.brokers,
-            &settings.kafka.dlq_topic,
-            &settings.kafka.topic,
+            &settings.kafka,
             settings.validation.max_message_bytes,
+            refusals.clone(),
         )?;
         Ok(Self {
+            refusals,
             consumer: Arc::new(consumer),
             side: Arc::new(consumer::side_client(&settings.kafka)?),
             events,
@@ -183,11 +188,15 @@ impl Ingest {
         let _probe_guard = probe.clone().drop_guard();
         tokio::spawn(broker_probe::watch(
             self.side.clone(),
+            self.refusals.clone(),
             self.settings.kafka.topic.clone(),
             self.health.clone(),
             self.metrics.clone(),
             probe,
         ));
+        // While the brokers cannot be reached, librdkafka reports the same
+        // error many times a second: each is logged once, until a message comes.
+        let mut last_error = None;
         loop {
             let ingest = &self.settings.ingest;
             // At most one batch is written while the next is gathered; a full
@@ -227,6 +236,7 @@ impl Ingest {
                 },
                 message = consumer.recv(), if !(full && self.writing.is_some()) => match message {
                     Ok(message) => {
+                        last_error = None;
                         // Rebalance signals raised while polling come first, so a
                         // message is never judged against a stale assignment.
                         let mut finished = true;
@@ -250,7 +260,11 @@ impl Ingest {
                         finished
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "kafka consumer error");
+                        let error = e.to_string();
+                        if last_error.as_ref() != Some(&error) {
+                            tracing::warn!(error, "kafka consumer error");
+                            last_error = Some(error);
+                        }
                         true
                     }
                 },

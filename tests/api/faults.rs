@@ -14,7 +14,7 @@
 //! its faults); FAULT_SEED=N replays it.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
+use crate::broker::Broker;
 use crate::helpers::{self, free_port, sample_with_uid, Service, TcpProxy, TestEnv};
 use crate::postgres_server::PostgresServer;
 
@@ -511,73 +512,6 @@ async fn redis_stopped_and_started() {
         Some(&service),
     )
     .await;
-}
-
-/// A broker of this test's own, so restarting it disturbs no other test.
-struct Broker {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Broker {
-    /// Sends `name` (`STOP`, `CONT`) to the broker's process.
-    fn signal(&self, name: &str) {
-        helpers::signal(&self.child, name);
-    }
-
-    fn start(dir: PathBuf, port: u16) -> Self {
-        Self::start_with_storage(dir, port, "sqlite://tansu.db")
-    }
-
-    fn start_with_storage(dir: PathBuf, port: u16, storage: &str) -> Self {
-        let listener = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
-            .args(["broker", "--listener-url", &listener])
-            .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", storage])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu (TEST_TANSU names the binary)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the broker never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, dir, port }
-    }
-
-    fn restart(mut self, down_for: Duration) -> Self {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::thread::sleep(down_for);
-        Self::start(std::mem::take(&mut self.dir), self.port)
-    }
-
-    /// Restarts the broker as `scripts/stack up` does: with its groups'
-    /// membership forgotten while it is stopped.
-    fn restart_forgetting_groups(mut self) -> Self {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker-forget-groups.sql");
-        let status = Command::new("sqlite3")
-            .arg(self.dir.join("tansu.db"))
-            .stdin(std::fs::File::open(&sql).unwrap())
-            .status()
-            .expect("sqlite3 (scripts/stack test installs it)");
-        assert!(status.success(), "{sql:?}: {status:?}");
-        Self::start(std::mem::take(&mut self.dir), self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A broker of the scenario's own (its storage lives as long as the first

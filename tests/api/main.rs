@@ -2,6 +2,7 @@
 //! send generated orders, so they need the `producer` feature (a default).
 #![cfg(feature = "producer")]
 
+mod broker;
 mod browser;
 mod cache_and_http;
 mod dead_letters;
@@ -9,6 +10,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod ingest;
+mod kafka_security;
 mod observability;
 mod pooler;
 mod postgres_server;

@@ -13,7 +13,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;
 
+pub use self::kafka::{KafkaSettings, SaslMechanism, SecurityProtocol};
 use crate::domain::Limits;
+
+mod kafka;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,62 +52,6 @@ impl Default for DatabaseSettings {
             service_role: None,
             max_connections: 8,
             connect_timeout_ms: 3000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSettings {
-    pub brokers: String,
-    pub topic: String,
-    pub dlq_topic: String,
-    pub group_id: String,
-    /// A stable name per instance (static membership): a restarted instance
-    /// takes its partitions back at once instead of waiting for a rebalance.
-    /// Unset: derived from the host name and the HTTP address; empty: none.
-    pub group_instance_id: Option<String>,
-    /// How long the group waits for a silent member before it counts it gone
-    /// and moves its partitions.
-    pub session_timeout_ms: u64,
-}
-
-impl KafkaSettings {
-    /// The static member name this instance joins its group with, if any.
-    /// By default `{host}-{ip}-{port}` of the bound HTTP address: an instance
-    /// restarted the same way takes its partitions straight back, and two
-    /// instances on one host never share a name (they cannot share an
-    /// address). An empty setting asks for dynamic membership.
-    pub fn member_name(&self, http: SocketAddr) -> Option<String> {
-        match self.group_instance_id.as_deref() {
-            Some("") => None,
-            Some(name) => Some(name.to_owned()),
-            None => {
-                let host = whoami::fallible::hostname().unwrap_or_else(|_| "localhost".into());
-                let name = format!("{host}-{}-{}", http.ip(), http.port());
-                // Kafka takes [A-Za-z0-9._-] in member names.
-                Some(
-                    name.chars()
-                        .map(|c| match c {
-                            'A'..='Z' | 'a'..='z' | '0'..='9' | '.' | '_' | '-' => c,
-                            _ => '-',
-                        })
-                        .collect(),
-                )
-            }
-        }
-    }
-}
-
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            brokers: "127.0.0.1:9092".into(),
-            topic: "orders".into(),
-            dlq_topic: "orders.dlq".into(),
-            group_id: "order-service".into(),
-            group_instance_id: None,
-            session_timeout_ms: 45_000,
         }
     }
 }
@@ -212,8 +159,7 @@ impl Default for CacheSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON otherwise.
     #[default]
@@ -225,7 +171,16 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
+    #[serde(deserialize_with = "case_blind")]
     pub format: LogFormat,
+}
+
+/// A value of a fixed set, read by its name in any case (`sasl_ssl`, `SASL_SSL`).
+fn case_blind<'de, D: serde::Deserializer<'de>, T: clap::ValueEnum>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    T::from_str(&name, true).map_err(serde::de::Error::custom)
 }
 
 impl Settings {
@@ -276,6 +231,7 @@ impl Settings {
             (6_000..=1_800_000).contains(&self.kafka.session_timeout_ms),
             "KAFKA_SESSION_TIMEOUT_MS: must be between 6000 and 1800000"
         );
+        self.kafka.check_security()?;
         for (name, value) in [
             ("KAFKA_BROKERS", &self.kafka.brokers),
             ("KAFKA_TOPIC", &self.kafka.topic),

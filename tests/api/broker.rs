@@ -1,0 +1,108 @@
+//! A broker of a test's own, on storage of its own: restarting, freezing or
+//! reconfiguring it disturbs no other test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers;
+
+/// The broker's program (`TEST_TANSU` names another).
+pub fn tansu() -> Command {
+    Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
+}
+
+pub struct Broker {
+    child: Child,
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl Broker {
+    /// Sends `name` (`STOP`, `CONT`) to the broker's process.
+    pub fn signal(&self, name: &str) {
+        helpers::signal(&self.child, name);
+    }
+
+    pub fn start(dir: PathBuf, port: u16) -> Self {
+        Self::start_with_storage(dir, port, "sqlite://tansu.db")
+    }
+
+    pub fn start_with_storage(dir: PathBuf, port: u16, storage: &str) -> Self {
+        Self::start_with_args(dir, port, storage, &[])
+    }
+
+    /// Started with broker arguments of the test's own (`--authentication`).
+    pub fn start_with_args(dir: PathBuf, port: u16, storage: &str, args: &[&str]) -> Self {
+        Self::launch(dir, port, port, storage, args)
+    }
+
+    /// Listening on `port`, and telling clients to connect to `advertised`.
+    fn launch(dir: PathBuf, port: u16, advertised: u16, storage: &str, args: &[&str]) -> Self {
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
+        let child = tansu()
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &advertised])
+            .args(["--storage-engine", storage])
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (TEST_TANSU names the binary)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the broker never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, dir, port }
+    }
+
+    pub fn restart(mut self, down_for: Duration) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        Self::start(std::mem::take(&mut self.dir), self.port)
+    }
+
+    /// Restarts the broker on the same storage with other arguments.
+    pub fn restart_with_args(mut self, args: &[&str]) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::take(&mut self.dir);
+        Self::start_with_args(dir, self.port, "sqlite://tansu.db", args)
+    }
+
+    /// Restarts the broker on the same storage, telling clients to connect
+    /// to `advertised` (a proxy in front of it) instead.
+    pub fn restart_advertising(mut self, advertised: u16) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::take(&mut self.dir);
+        Self::launch(dir, self.port, advertised, "sqlite://tansu.db", &[])
+    }
+
+    /// Restarts the broker as `scripts/stack up` does: with its groups'
+    /// membership forgotten while it is stopped.
+    pub fn restart_forgetting_groups(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker-forget-groups.sql");
+        let status = Command::new("sqlite3")
+            .arg(self.dir.join("tansu.db"))
+            .stdin(std::fs::File::open(&sql).unwrap())
+            .status()
+            .expect("sqlite3 (scripts/stack test installs it)");
+        assert!(status.success(), "{sql:?}: {status:?}");
+        Self::start(std::mem::take(&mut self.dir), self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
