@@ -10,12 +10,12 @@ use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use crate::configuration::Settings;
 use crate::domain::LETTER_STAGES;
 use crate::ingest::dead_letter::header;
-use crate::publish::{drain, order_producer};
+use crate::publish::{drain, order_producer, OrderProducer};
 use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 
 /// Letters read from PostgreSQL per query.
@@ -152,7 +152,7 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
     let producer = if args.dry_run {
         None
     } else {
-        Some(order_producer(&settings.kafka)?)
+        Some(order_producer(&settings.kafka).await?)
     };
     let filter = LetterFilter {
         originals_only: true,
@@ -249,7 +249,7 @@ fn replayable(letter: &LetterRecord, settings: &Settings, tally: &mut Tally) -> 
 
 type Delivery = rdkafka::producer::DeliveryFuture;
 
-fn send(producer: &FutureProducer, topic: &str, letter: &LetterRecord) -> anyhow::Result<Delivery> {
+fn send(producer: &OrderProducer, topic: &str, letter: &LetterRecord) -> anyhow::Result<Delivery> {
     let position = letter.position();
     let headers = OwnedHeaders::new().insert(Header {
         key: header::REPLAY_OF,

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod events;
 pub mod http;
 pub mod ingest;
+pub mod kafka_errors;
 #[cfg(feature = "producer")]
 pub mod producer;
 pub mod publish;

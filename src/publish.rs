@@ -2,20 +2,33 @@
 //! the producer client and the wait for its deliveries.
 
 use std::future::Future;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::configuration::KafkaSettings;
+use crate::kafka_errors::Refusals;
+
+/// A producer whose context hears why the brokers turn it away, if they do.
+pub type OrderProducer = FutureProducer<Refusals>;
+
+/// How long a new producer waits for a first answer before it starts
+/// sending anyway (to brokers that are away, whom it then waits for).
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// The largest message sent. Brokers have their own limit (Apache Kafka's
 /// default is about 1 MB); what they refuse is counted as failed.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// A producer for the orders topic: idempotent, acknowledged by every replica.
-pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
-    kafka
+/// A producer for the orders topic: idempotent, acknowledged by every
+/// replica. Brokers that are away are waited for, however long; brokers that
+/// turn it away (a failed sign-in, an untrusted certificate) fail it at once,
+/// with their reason, rather than leave it waiting for good.
+pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProducer> {
+    let refusals = Refusals::default();
+    let producer: OrderProducer = kafka
         .client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -27,8 +40,23 @@ pub fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("message.timeout.ms", "0")
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
         .set("queue.buffering.max.messages", "100000")
-        .create()
-        .context("cannot create the Kafka producer")
+        .create_with_context(refusals.clone())
+        .context("cannot create the Kafka producer")?;
+    let started = Instant::now();
+    while started.elapsed() < FIRST_ANSWER_WAIT {
+        let client = producer.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            // All topics: asking for one may create it on some brokers.
+            client.client().fetch_metadata(None, Duration::from_secs(1))
+        });
+        if matches!(asked.await, Ok(Ok(_))) {
+            break;
+        }
+        if let Some(reason) = refusals.last() {
+            anyhow::bail!("the broker refuses this client: {reason}");
+        }
+    }
+    Ok(producer)
 }
 
 /// Waits for every delivery in flight, handing each answer to `settle`,

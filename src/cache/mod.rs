@@ -57,6 +57,8 @@ impl CachedOrder {
 struct TierCounters {
     memory: (IntCounter, IntCounter),
     redis: (IntCounter, IntCounter),
+    /// Values in Redis under an order's key that are not that order.
+    redis_unusable: IntCounter,
     postgres: (IntCounter, IntCounter),
 }
 
@@ -71,9 +73,24 @@ impl TierCounters {
         Self {
             memory: pair("memory"),
             redis: pair("redis"),
+            redis_unusable: metrics
+                .cache_requests
+                .with_label_values(&["redis", "unusable"]),
             postgres: pair("postgres"),
         }
     }
+}
+
+/// Whether `json` is the order document of `uid`. Redis may be shared, and
+/// a value under an order's key that anything else wrote (another program,
+/// a release with another layout, a write cut short) is not served as the order.
+fn is_order(json: &[u8], uid: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Claim<'a> {
+        #[serde(borrow)]
+        order_uid: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Claim>(json).is_ok_and(|claim| claim.order_uid == uid)
 }
 
 /// How far the start-up warm-up has got, for logs and readiness.
@@ -140,13 +157,17 @@ impl OrderCache {
         let uid = uid.as_str();
         let c = &self.counters;
         if let Some(redis) = &self.redis {
-            if let Some(json) = redis.get(uid).await {
-                c.redis.0.inc();
-                let order = CachedOrder::new(json);
-                self.memory.insert(uid, order.clone());
-                return Ok(Some(order));
+            match redis.get(uid).await {
+                Some(json) if is_order(&json, uid) => {
+                    c.redis.0.inc();
+                    let order = CachedOrder::new(json);
+                    self.memory.insert(uid, order.clone());
+                    return Ok(Some(order));
+                }
+                // Replaced below by the order from PostgreSQL.
+                Some(_) => c.redis_unusable.inc(),
+                None => c.redis.1.inc(),
             }
-            c.redis.1.inc();
         }
         let Some(document) = self.store.order_document(uid).await? else {
             c.postgres.1.inc();

@@ -57,7 +57,9 @@ impl RedisTier {
         self.inner.up.load(Ordering::Relaxed)
     }
 
-    /// The order's JSON if Redis has it; `None` on a miss and whenever Redis is away.
+    /// The value under the order's key; `None` on a miss and whenever Redis
+    /// is away. A key that holds no string (written by something else: Redis
+    /// may be shared) gives an empty value, which is no order either.
     pub async fn get(&self, uid: &str) -> Option<Bytes> {
         let mut conn = self.inner.connection()?;
         let key = format!("{}{uid}", self.inner.key_prefix);
@@ -65,6 +67,7 @@ impl RedisTier {
         let get = cmd.arg(&key).query_async::<Option<Vec<u8>>>(&mut conn);
         match tokio::time::timeout(READ_TIMEOUT, get).await {
             Ok(Ok(value)) => value.map(Bytes::from),
+            Ok(Err(e)) if e.code() == Some("WRONGTYPE") => Some(Bytes::new()),
             Ok(Err(e)) => {
                 self.inner.set_up(false, Some(&e.to_string()));
                 None

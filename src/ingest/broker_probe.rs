@@ -15,8 +15,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode::{UnknownPartition, UnknownTopic, UnknownTopicOrPartition};
 use tokio_util::sync::CancellationToken;
 
-use super::refusals::Refusals;
 use crate::events::IngestHealth;
+use crate::kafka_errors::Refusals;
 use crate::telemetry::Metrics;
 
 const EVERY: Duration = Duration::from_secs(2);

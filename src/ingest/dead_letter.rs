@@ -16,8 +16,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sync_wrapper::SyncWrapper;
 use tokio::sync::OnceCell;
 
-use super::refusals::Refusals;
 use crate::configuration::KafkaSettings;
+use crate::kafka_errors::Refusals;
 
 /// Most `dlq-reason` headers on one dead letter; an order with a thousand bad
 /// items gets the first ones and a count of the rest.

@@ -17,7 +17,6 @@ mod commit;
 mod consumer;
 pub mod dead_letter;
 mod orphans;
-mod refusals;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -38,10 +37,10 @@ use self::commit::{Attempt, Committer, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
 use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
-use self::refusals::Refusals;
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
+use crate::kafka_errors::{LogThrottle, Refusals};
 use crate::store::{answered, InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
@@ -194,9 +193,7 @@ impl Ingest {
             self.metrics.clone(),
             probe,
         ));
-        // While the brokers cannot be reached, librdkafka reports the same
-        // error many times a second: each is logged once, until a message comes.
-        let mut last_error = None;
+        let consumer_errors = LogThrottle::default();
         loop {
             let ingest = &self.settings.ingest;
             // At most one batch is written while the next is gathered; a full
@@ -236,7 +233,6 @@ impl Ingest {
                 },
                 message = consumer.recv(), if !(full && self.writing.is_some()) => match message {
                     Ok(message) => {
-                        last_error = None;
                         // Rebalance signals raised while polling come first, so a
                         // message is never judged against a stale assignment.
                         let mut finished = true;
@@ -261,9 +257,8 @@ impl Ingest {
                     }
                     Err(e) => {
                         let error = e.to_string();
-                        if last_error.as_ref() != Some(&error) {
+                        if consumer_errors.worth_logging(&error) {
                             tracing::warn!(error, "kafka consumer error");
-                            last_error = Some(error);
                         }
                         true
                     }

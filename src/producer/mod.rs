@@ -12,7 +12,7 @@ use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -305,10 +305,10 @@ fn spawn_source(args: &ProduceArgs) -> mpsc::Receiver<anyhow::Result<Outgoing>> 
 
 /// Sends the run and prints a summary. Returns false if any delivery failed.
 pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<bool> {
-    let producer: Option<FutureProducer> = if args.dry_run {
+    let producer = if args.dry_run {
         None
     } else {
-        Some(order_producer(kafka)?)
+        Some(order_producer(kafka).await?)
     };
     let mut output = match &args.output {
         Some(path) => Some(std::io::BufWriter::new(

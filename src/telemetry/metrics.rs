@@ -204,6 +204,7 @@ impl Metrics {
                 m.cache_requests.with_label_values(&[tier, result]);
             }
         }
+        m.cache_requests.with_label_values(&["redis", "unusable"]);
         m
     }
 

@@ -669,6 +669,85 @@ async fn reads_fall_through_the_tiers() {
     assert_eq!(counter(&cold, "postgres", "miss").await, 1.0);
 }
 
+/// Redis may be shared: what it holds under an order's key and is not that
+/// order (a value cut short, another order, a key of another type) is never
+/// served. PostgreSQL answers, the key is put right, and Redis stays up.
+#[tokio::test]
+async fn what_redis_holds_under_an_order_key_is_checked_before_it_is_served() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(91, 3);
+    let loader = env.spawn();
+    store_orders(&env, &orders).await;
+    assert!(loader.terminate().success());
+
+    let key_prefix = prefix();
+    let key = |uid: &str| format!("{key_prefix}order:{uid}");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (cut_short, anothers) = (&orders[0].1[..20], &orders[2].1);
+    for (uid, value) in [
+        (&orders[0].0, cut_short),
+        (&orders[1].0, anothers.as_slice()),
+    ] {
+        redis::cmd("SET")
+            .arg(key(uid))
+            .arg(value)
+            .arg("EX")
+            .arg(300)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let hash = key(&orders[2].0);
+    redis::cmd("HSET")
+        .arg(&hash)
+        .arg("field")
+        .arg("value")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("EXPIRE")
+        .arg(&hash)
+        .arg(300)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let service = env.spawn_with(&[
+        ("REDIS_URL", &redis_url()),
+        ("REDIS_KEY_PREFIX", &key_prefix),
+        ("CACHE_WARMUP_ORDERS", "0"),
+    ]);
+    service.wait_ready().await;
+    wait_redis_up(&service).await;
+    for (uid, bytes) in &orders {
+        assert_serves(&service, uid, bytes).await;
+    }
+    assert_eq!(counter(&service, "redis", "unusable").await, 3.0);
+    assert_eq!(counter(&service, "redis", "hit").await, 0.0);
+    assert_eq!(counter(&service, "postgres", "hit").await, 3.0);
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["redis"], "up", "{ready}");
+
+    // Each key now holds its order (written behind the answer).
+    for (uid, bytes) in &orders {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let held: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(key(uid))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            let held = held.and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok());
+            if held == Some(serde_json::from_slice(bytes).unwrap()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{uid}: {held:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// After a restart, the most recent orders are served from memory at once.
 #[tokio::test]
 async fn warm_up_loads_the_most_recent_orders() {
