@@ -10,7 +10,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod ingest;
-mod kafka_security;
+
 mod observability;
 mod pooler;
 mod postgres_server;
@@ -19,4 +19,5 @@ mod schema;
 mod security;
 mod skeleton;
 mod store;
+mod transport_security;
 mod validate;

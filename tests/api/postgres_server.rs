@@ -119,6 +119,26 @@ impl PostgresServer {
         disk
     }
 
+    /// Turns TLS on with this certificate and key (kept in the data
+    /// directory, readable by the server's user alone), without a restart.
+    pub async fn enable_tls(&self, cert: &Path, key: &Path) {
+        let (uid, gid) = match self.run_as {
+            Some(user) => (Some(id(&["-u", user])), Some(id(&["-g", user]))),
+            None => (None, None),
+        };
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = self.dir.join(name);
+            std::fs::copy(from, &to).unwrap();
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            std::os::unix::fs::chown(&to, uid, gid).unwrap();
+        }
+        let mut conn = self.options("postgres").connect().await.unwrap();
+        for statement in ["ALTER SYSTEM SET ssl = on", "SELECT pg_reload_conf()"] {
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+    }
+
     /// A superuser's connection to `database`.
     pub fn superuser(&self, database: &str) -> PgConnectOptions {
         self.options("postgres").database(database)

@@ -1,15 +1,20 @@
-//! Brokers reached over TLS or asking clients to sign in: every Kafka client
-//! of the service (consumer, dead-letter producer and reader, `produce`) uses
-//! the `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` settings,
-//! and wrong credentials or an untrusted broker are environment faults: named,
-//! nothing stored or dead-lettered, no message skipped.
+//! Brokers, PostgreSQL and Redis reached over TLS, and brokers asking clients
+//! to sign in. Every Kafka client of the service (consumer, dead-letter
+//! producer and reader, `produce`) uses the `KAFKA_SECURITY_PROTOCOL`,
+//! `KAFKA_SASL_*` and `KAFKA_SSL_*` settings; PostgreSQL's URL its `sslmode`
+//! and `sslrootcert`; Redis a `rediss://` URL. Wrong credentials or a server
+//! whose certificate is not trusted are environment faults: named, nothing
+//! stored or dead-lettered, no message skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use sqlx::ConnectOptions;
 use std::time::{Duration, Instant};
 
 use crate::broker::{tansu, Broker};
-use crate::helpers::{free_port, sample_with_uid, TestEnv};
+use crate::helpers::{free_port, redis_url, sample_with_uid, TestEnv};
+use crate::postgres_server::PostgresServer;
 
 /// Three valid orders and one invalid message, produced to `env`'s topic.
 async fn produce_some(env: &TestEnv, prefix: &str) {
@@ -244,4 +249,127 @@ async fn tls_to_the_brokers_trusts_only_the_authority_given_and_recovers_when_it
     service.wait_ready().await;
     drop(service);
     drop(broker);
+}
+
+#[tokio::test]
+async fn postgres_over_tls_is_verified_against_the_authority_in_the_url() {
+    let server = PostgresServer::start().await;
+    let certificates = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(certificates.path(), "postgres");
+    let (stranger, _) = certificate(certificates.path(), "stranger");
+    server.enable_tls(&cert, &key).await;
+    let env = TestEnv::on_postgres(server.admin()).await;
+    produce_some(&env, "pg-tls").await;
+    let url_trusting = |ca: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            env.service_url,
+            ca.display()
+        )
+    };
+
+    // A server whose certificate the named authority did not sign.
+    let untrusting = url_trusting(&stranger);
+    let refused = env.spawn_with(&[("DATABASE_URL", &untrusting)]);
+    refused
+        .wait_unready("certificate verify failed", ("postgres", "down"))
+        .await;
+    assert_nothing_taken(&env).await;
+    refused.terminate();
+
+    let trusting = url_trusting(&cert);
+    let service = env.spawn_with(&[("DATABASE_URL", &trusting)]);
+    wait_for_all(&env).await;
+    service.wait_ready().await;
+    // Every session of the service is encrypted (seen as a superuser, who
+    // sees every session's state).
+    let role = url::Url::parse(&env.service_url)
+        .unwrap()
+        .username()
+        .to_owned();
+    let mut superuser = server.superuser("postgres").connect().await.unwrap();
+    let sessions = |ssl: bool| {
+        format!(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE usename = '{role}' AND ssl = {ssl}"
+        )
+    };
+    let encrypted: i64 = sqlx::query_scalar(&sessions(true))
+        .fetch_one(&mut superuser)
+        .await
+        .unwrap();
+    let clear: i64 = sqlx::query_scalar(&sessions(false))
+        .fetch_one(&mut superuser)
+        .await
+        .unwrap();
+    assert!(encrypted > 0, "no encrypted session");
+    assert_eq!(clear, 0, "a session in the clear");
+}
+
+#[tokio::test]
+async fn redis_over_tls_is_used_once_its_certificate_is_trusted() {
+    let env = TestEnv::new().await;
+    let certificates = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(certificates.path(), "redis");
+    let (stranger, _) = certificate(certificates.path(), "stranger");
+    let redis_port = url::Url::parse(&redis_url())
+        .unwrap()
+        .port()
+        .unwrap_or(6379);
+    let tls_port = free_port();
+    let _proxy = TlsProxy::start(tls_port, redis_port, &cert, &key);
+    let prefix = format!("tls-{}:", crate::helpers::unique_suffix());
+    let tls_url = format!("rediss://127.0.0.1:{tls_port}/");
+    // OpenSSL's own setting for the authorities it trusts.
+    let trusting = |ca: &Path| {
+        env.spawn_with(&[
+            ("REDIS_URL", tls_url.as_str()),
+            ("REDIS_KEY_PREFIX", prefix.as_str()),
+            ("SSL_CERT_FILE", &ca.display().to_string()),
+        ])
+    };
+
+    // Not trusted: the tier is down, the service serves on without it.
+    let untrusting = trusting(&stranger);
+    untrusting.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ready: serde_json::Value = untrusting.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["redis"], "down", "{ready}");
+    let log = untrusting.log_text();
+    assert!(log.contains("certificate verify failed"), "{log}");
+    untrusting.terminate();
+
+    let service = trusting(&cert);
+    service.wait_ready().await;
+    crate::helpers::eventually(
+        Duration::from_secs(15),
+        || async {
+            let ready: serde_json::Value = service.get("/readyz").await.json().await.ok()?;
+            (ready["checks"]["redis"] == "up").then_some(())
+        },
+        || format!("Redis never up over TLS:\n{}", service.log_text()),
+    )
+    .await;
+    produce_some(&env, "redis-tls").await;
+    wait_for_all(&env).await;
+    // The orders went through the TLS proxy into the shared Redis.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    crate::helpers::eventually(
+        Duration::from_secs(10),
+        || {
+            let mut conn = conn.clone();
+            let pattern = format!("{prefix}order:*");
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                (keys.len() == 3).then_some(())
+            }
+        },
+        || "the orders never reached Redis".to_owned(),
+    )
+    .await;
 }
