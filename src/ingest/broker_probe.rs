@@ -41,8 +41,19 @@ pub async fn watch(
         }
         let (client, asked) = (consumer.clone(), topic.clone());
         let started = Instant::now();
-        let answer =
-            tokio::task::spawn_blocking(move || client.fetch_watermarks(&asked, 0, TIMEOUT)).await;
+        let answer = tokio::task::spawn_blocking(move || {
+            let answer = client.fetch_watermarks(&asked, 0, TIMEOUT);
+            // Nothing else polls this client: its error events (one per failed
+            // connection while the brokers are away) are let go here, or they
+            // would pile up for as long as an outage lasts.
+            for _ in 0..10_000 {
+                if client.poll(Duration::ZERO).is_none() {
+                    break;
+                }
+            }
+            answer
+        })
+        .await;
         let took = started.elapsed();
         metrics.broker_probe_seconds.set(took.as_secs_f64());
         let missing = matches!(&answer, Ok(Err(e)) if matches!(
