@@ -65,6 +65,7 @@ pub async fn watch(
             refusals.clear();
         }
         let refusal = refusals.last();
+        metrics.broker_refused.set(i64::from(refusal.is_some()));
         report_refusal(&health, refusal.clone());
         let verdict = match answer {
             // Turned away: not slow, and told above.

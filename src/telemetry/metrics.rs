@@ -26,6 +26,7 @@ pub struct Metrics {
     pub consumer_paused: IntGauge,
     /// How long the broker took to answer the last probe.
     pub broker_probe_seconds: Gauge,
+    pub broker_refused: IntGauge,
     pub ingest_stalled_seconds: Counter,
     pub db_pool_in_use: IntGauge,
     pub cache_requests: IntCounterVec,
@@ -114,6 +115,11 @@ impl Metrics {
                 "How long the broker took to answer the last request for a partition's end (probed every 2 s).",
             )
             .unwrap(),
+            broker_refused: IntGauge::new(
+                "kafka_broker_refused",
+                "1 while the brokers turn the service away (a failed sign-in, an untrusted certificate).",
+            )
+            .unwrap(),
             ingest_stalled_seconds: Counter::new(
                 "ingest_paused_seconds_total",
                 "Time ingest spent paused because its environment (database, dead-letter topic) failed.",
@@ -176,6 +182,7 @@ impl Metrics {
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_paused.clone()),
             Box::new(m.broker_probe_seconds.clone()),
+            Box::new(m.broker_refused.clone()),
             Box::new(m.ingest_stalled_seconds.clone()),
             Box::new(m.db_pool_in_use.clone()),
             Box::new(m.cache_requests.clone()),

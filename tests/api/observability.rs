@@ -6,14 +6,20 @@ use order_service::producer::{Generator, InvalidKind};
 use crate::helpers::{generated_orders, produce_orders, store_orders, TestEnv};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/dashboards/order-service.json");
-/// PromQL words and label names that appear in the dashboard's queries.
+const ALERTS: &str = include_str!("../../deploy/prometheus/alerts.yml");
+/// PromQL words and label names that appear in the dashboard's and the
+/// alerts' queries.
 const NOT_METRICS: &[&str] = &[
     "sum",
     "rate",
+    "deriv",
+    "and",
     "by",
     "max",
     "histogram_quantile",
     "le",
+    "instance",
+    "job",
     "stage",
     "tier",
     "result",
@@ -118,29 +124,21 @@ async fn metrics_count_a_known_workload_exactly() {
 }
 
 #[tokio::test]
-async fn every_dashboard_query_names_an_exported_metric() {
+async fn every_dashboard_and_alert_query_names_an_exported_metric() {
     let dashboard: serde_json::Value =
         serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
-    let env = TestEnv::new().await;
-    let service = env.spawn();
-    service.wait_ready().await;
-    // One order and one request, so every family has a series; per-partition lag
-    // comes with librdkafka's statistics (every 5 s).
-    produce_orders(&env, &generated_orders(103, 1)).await;
-    env.wait_for_count("SELECT count(*) FROM orders", 1, Duration::from_secs(30))
-        .await;
-    let _ = service.get("/order/no-such-order").await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut text = service.get("/metrics").await.text().await.unwrap();
-    while !text.contains("# TYPE ingest_consumer_lag_messages") && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        text = service.get("/metrics").await.text().await.unwrap();
+    let families = exported_families().await;
+    let alerts = alert_rules();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for (alert, expr) in &alerts {
+        // `up` is Prometheus's own series of each scrape.
+        for name in metric_names(expr).into_iter().filter(|n| n != "up") {
+            assert!(
+                families.contains(name.as_str()),
+                "alert {alert} queries {name}, which is not exported"
+            );
+        }
     }
-    let families: HashSet<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
     let panels = dashboard["panels"].as_array().unwrap();
     assert!(panels.len() >= 8);
     for panel in panels {
@@ -148,20 +146,9 @@ async fn every_dashboard_query_names_an_exported_metric() {
         assert!(!targets.is_empty(), "{} has a query", panel["title"]);
         for target in targets {
             let expr = target["expr"].as_str().unwrap();
-            let expr_without_strings: String = expr.split('"').step_by(2).collect();
-            let names: Vec<&str> = expr_without_strings
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|t| t.contains('_') || t.chars().all(|c| c.is_ascii_lowercase()))
-                .filter(|t| !t.is_empty() && !t.chars().next().unwrap().is_ascii_digit())
-                .filter(|t| !NOT_METRICS.contains(t) && !matches!(*t, "m" | "s"))
-                .collect();
-            assert!(!names.is_empty(), "{expr}");
-            for name in names {
-                let family = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+            for name in metric_names(expr) {
                 assert!(
-                    families.contains(family),
+                    families.contains(name.as_str()),
                     "{} queries {name}, which is not exported",
                     panel["title"]
                 );
@@ -181,32 +168,8 @@ async fn prometheus_scrapes_the_service() {
     env.wait_for_count("SELECT count(*) FROM orders", 7, Duration::from_secs(30))
         .await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: order-service\n    static_configs:\n      - targets: [\"{}\"]\n",
-            service.addr
-        ),
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut prometheus = std::process::Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("prometheus is installed (scripts/stack test installs it)");
+    let prometheus = Prometheus::start(&service.addr, false);
+    let port = prometheus.port;
     let query = format!("http://127.0.0.1:{port}/api/v1/query?query=orders_stored_total");
     let deadline = Instant::now() + Duration::from_secs(60);
     let value = loop {
@@ -226,7 +189,161 @@ async fn prometheus_scrapes_the_service() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let _ = prometheus.kill();
-    let _ = prometheus.wait();
+    drop(prometheus);
     assert_eq!(value, "7");
+}
+
+/// With the shipped alert rules (their `for:` waits cut to nothing), a real
+/// Prometheus fires `OrderIngestPaused` while ingest is paused, and lets it
+/// go once ingest runs again.
+#[tokio::test]
+async fn prometheus_fires_the_ingest_alert_while_ingest_is_paused() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let prometheus = Prometheus::start(&service.addr, true);
+    let revoke = format!("ON orders FROM {}", env.service_role);
+    env.execute(&format!("REVOKE INSERT {revoke}")).await;
+    produce_orders(&env, &generated_orders(105, 3)).await;
+    prometheus.wait_for_alert("OrderIngestPaused", true).await;
+    env.execute(&format!(
+        "GRANT INSERT {}",
+        revoke.replacen("FROM", "TO", 1)
+    ))
+    .await;
+    env.wait_for_count("SELECT count(*) FROM orders", 3, Duration::from_secs(30))
+        .await;
+    prometheus.wait_for_alert("OrderIngestPaused", false).await;
+}
+
+/// A Prometheus of the test's own, scraping `target` every second.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// With `alerts`, it evaluates the shipped rules every second, each
+    /// firing as soon as its condition holds.
+    fn start(target: &str, alerts: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: order-service\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        );
+        if alerts {
+            let immediate: String = ALERTS
+                .lines()
+                .map(|l| match l.split_once("for: ") {
+                    Some((indent, _)) => format!("{indent}for: 0s\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(dir.path().join("alerts.yml"), immediate).unwrap();
+            config += "rule_files:\n  - alerts.yml\n";
+        }
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).unwrap();
+        let port = crate::helpers::free_port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (scripts/stack test installs it)");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the alert `name` fires (or, `firing` false, until it does not).
+    async fn wait_for_alert(&self, name: &str, firing: bool) {
+        let url = format!("http://127.0.0.1:{}/api/v1/alerts", self.port);
+        crate::helpers::eventually(
+            Duration::from_secs(60),
+            || async {
+                let alerts: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+                let fires = alerts["data"]["alerts"]
+                    .as_array()?
+                    .iter()
+                    .any(|a| a["labels"]["alertname"] == name && a["state"] == "firing");
+                (fires == firing).then_some(())
+            },
+            || format!("{name} never {}", if firing { "fired" } else { "ended" }),
+        )
+        .await;
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each alert of the shipped rules, and its expression.
+fn alert_rules() -> Vec<(String, String)> {
+    let docs = yaml_rust2::YamlLoader::load_from_str(ALERTS).expect("the alert rules are YAML");
+    docs[0]["groups"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| group["rules"].as_vec().cloned().unwrap_or_default())
+        .map(|rule| {
+            let field = |key: &str| rule[key].as_str().unwrap_or_default().to_owned();
+            (field("alert"), field("expr"))
+        })
+        .collect()
+}
+
+/// The metric families the service exports once it has done some work.
+async fn exported_families() -> HashSet<String> {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    // One order and one request, so every family has a series; per-partition lag
+    // comes with librdkafka's statistics (every 5 s).
+    produce_orders(&env, &generated_orders(103, 1)).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 1, Duration::from_secs(30))
+        .await;
+    let _ = service.get("/order/no-such-order").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut text = service.get("/metrics").await.text().await.unwrap();
+    while !text.contains("# TYPE ingest_consumer_lag_messages") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        text = service.get("/metrics").await.text().await.unwrap();
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The metric families a PromQL expression reads (a histogram's series
+/// named by their family).
+fn metric_names(expr: &str) -> Vec<String> {
+    let without_strings: String = expr.split('"').step_by(2).collect();
+    let names: Vec<String> = without_strings
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.contains('_') || t.chars().all(|c| c.is_ascii_lowercase()))
+        .filter(|t| !t.is_empty() && !t.chars().next().unwrap().is_ascii_digit())
+        .filter(|t| !NOT_METRICS.contains(t) && !matches!(*t, "m" | "s"))
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n))
+                .to_owned()
+        })
+        .collect();
+    assert!(!names.is_empty(), "{expr}");
+    names
 }

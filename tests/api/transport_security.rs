@@ -99,6 +99,7 @@ async fn scram_sign_in_is_used_by_every_client_and_a_wrong_password_loses_nothin
         .wait_unready("refuses this client", ("kafka_broker", "refused"))
         .await;
     assert_nothing_taken(&env).await;
+    assert_eq!(refused.metric("kafka_broker_refused").await, 1.0);
     assert!(
         !refused.log_text().contains(PASSWORD) && !refused.log_text().contains("not-the-password"),
         "a password reached the log"
