@@ -38,11 +38,18 @@ impl Refusals {
 
 impl ClientContext for Refusals {
     fn error(&self, error: KafkaError, reason: &str) {
-        use RDKafkaErrorCode::{Authentication, SaslAuthenticationFailed, SSL};
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(Authentication | SaslAuthenticationFailed | SSL)
-        ) {
+        use RDKafkaErrorCode::{
+            Authentication, BrokerTransportFailure, SaslAuthenticationFailed, SSL,
+        };
+        let refused = match error.rdkafka_error_code() {
+            Some(Authentication | SaslAuthenticationFailed | SSL) => true,
+            // Under TLS 1.3 a broker's refusal of the client's certificate
+            // (or of its lack of one) arrives after the handshake, as an
+            // OpenSSL alert on a connection librdkafka then calls failed.
+            Some(BrokerTransportFailure) => reason.contains("SSL routines"),
+            _ => false,
+        };
+        if refused {
             *self.slot() = Some(reason.to_owned());
         }
         if self.logs.worth_logging(&error.to_string()) {

@@ -37,6 +37,8 @@ pub struct KafkaSettings {
     /// This client's own certificate and key, for brokers that ask for one.
     pub ssl_certificate_location: Option<PathBuf>,
     pub ssl_key_location: Option<PathBuf>,
+    /// The key's passphrase, when it is encrypted.
+    pub ssl_key_password: Option<SecretString>,
 }
 
 impl Default for KafkaSettings {
@@ -55,6 +57,7 @@ impl Default for KafkaSettings {
             ssl_ca_location: None,
             ssl_certificate_location: None,
             ssl_key_location: None,
+            ssl_key_password: None,
         }
     }
 }
@@ -125,6 +128,9 @@ impl KafkaSettings {
                     config.set(key, path.to_string_lossy());
                 }
             }
+            if let Some(password) = &self.ssl_key_password {
+                config.set("ssl.key.password", password.expose_secret());
+            }
         }
         config
     }
@@ -175,6 +181,10 @@ impl KafkaSettings {
         anyhow::ensure!(
             self.ssl_certificate_location.is_some() == self.ssl_key_location.is_some(),
             "KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION: give both or neither"
+        );
+        anyhow::ensure!(
+            self.ssl_key_password.is_none() || self.ssl_key_location.is_some(),
+            "KAFKA_SSL_KEY_PASSWORD: set, but KAFKA_SSL_KEY_LOCATION names no key"
         );
         Ok(())
     }

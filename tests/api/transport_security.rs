@@ -142,14 +142,26 @@ async fn scram_sign_in_is_used_by_every_client_and_a_wrong_password_loses_nothin
 
 /// A self-signed certificate for 127.0.0.1 and its key.
 fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    certificate_with_key_passphrase(dir, name, None)
+}
+
+/// As [`certificate`], its key encrypted with `passphrase` if one is given.
+fn certificate_with_key_passphrase(
+    dir: &Path,
+    name: &str,
+    passphrase: Option<&str>,
+) -> (PathBuf, PathBuf) {
     let (cert, key) = (
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}.key")),
     );
+    let key_protection = match passphrase {
+        Some(passphrase) => vec!["-passout".to_owned(), format!("pass:{passphrase}")],
+        None => vec!["-nodes".to_owned()],
+    };
     let status = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-days", "1"])
+        .args(key_protection)
         .args([
             "-subj",
             "/CN=127.0.0.1",
@@ -173,9 +185,24 @@ struct TlsProxy(Child);
 
 impl TlsProxy {
     fn start(port: u16, broker: u16, cert: &Path, key: &Path) -> Self {
+        Self::asking_for_client_certificates(port, broker, cert, key, None)
+    }
+
+    /// With `client_ca`, only clients presenting a certificate it signed get through.
+    fn asking_for_client_certificates(
+        port: u16,
+        broker: u16,
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Self {
         use std::os::unix::process::CommandExt;
+        let verify = match client_ca {
+            Some(ca) => format!("verify=1,cafile={}", ca.display()),
+            None => "verify=0".to_owned(),
+        };
         let listen = format!(
-            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,{verify},cert={},key={}",
             cert.display(),
             key.display()
         );
@@ -248,6 +275,63 @@ async fn tls_to_the_brokers_trusts_only_the_authority_given_and_recovers_when_it
     let _proxy = TlsProxy::start(tls_port, port, &cert, &key);
     wait_for_all(&env).await;
     service.wait_ready().await;
+    drop(service);
+    drop(broker);
+}
+
+/// A broker that asks for the client's own certificate gets it, its key
+/// read with the passphrase given.
+#[tokio::test]
+async fn tls_client_certificates_with_an_encrypted_key_are_presented() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start(storage.path().to_owned(), port);
+    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), 2).await;
+    produce_some(&env, "mtls").await;
+    let tls_port = free_port();
+    let broker = tokio::task::spawn_blocking(move || broker.restart_advertising(tls_port))
+        .await
+        .unwrap();
+    let (cert, key) = certificate(storage.path(), "broker");
+    let passphrase = "key-Pa55phrase";
+    let (client, client_key) =
+        certificate_with_key_passphrase(storage.path(), "client", Some(passphrase));
+    let _proxy =
+        TlsProxy::asking_for_client_certificates(tls_port, port, &cert, &key, Some(&client));
+    // Without one, the broker turns the service away.
+    let without_certificate = [
+        ("KAFKA_BROKERS", format!("127.0.0.1:{tls_port}")),
+        ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+        ("KAFKA_SSL_CA_LOCATION", cert.display().to_string()),
+    ];
+    let refused = env.spawn_with(
+        &without_certificate
+            .each_ref()
+            .map(|(k, v)| (*k, v.as_str())),
+    );
+    refused
+        .wait_unready("refuses this client", ("kafka_broker", "refused"))
+        .await;
+    assert_nothing_taken(&env).await;
+    refused.terminate();
+
+    let settings = [
+        ("KAFKA_BROKERS", format!("127.0.0.1:{tls_port}")),
+        ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+        ("KAFKA_SSL_CA_LOCATION", cert.display().to_string()),
+        (
+            "KAFKA_SSL_CERTIFICATE_LOCATION",
+            client.display().to_string(),
+        ),
+        ("KAFKA_SSL_KEY_LOCATION", client_key.display().to_string()),
+        ("KAFKA_SSL_KEY_PASSWORD", passphrase.to_owned()),
+    ];
+    let service = env.spawn_with(&settings.each_ref().map(|(k, v)| (*k, v.as_str())));
+    wait_for_all(&env).await;
+    assert!(
+        !service.log_text().contains(passphrase),
+        "the passphrase reached the log"
+    );
     drop(service);
     drop(broker);
 }
