@@ -63,6 +63,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         %addr,
         database = %redacted(&settings.database.url),
         brokers = %settings.kafka.brokers,
+        kafka_security = %settings.kafka.security_protocol,
         topic = %settings.kafka.topic,
         group = %settings.kafka.group_id,
         member = member.as_deref().unwrap_or("(dynamic)"),

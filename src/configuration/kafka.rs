@@ -82,6 +82,12 @@ impl SecurityProtocol {
     }
 }
 
+impl std::fmt::Display for SecurityProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&name(*self))
+    }
+}
+
 /// The SASL mechanisms a user name and password sign in with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SaslMechanism {
@@ -108,7 +114,7 @@ impl KafkaSettings {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
-            .set("security.protocol", name(self.security_protocol));
+            .set("security.protocol", self.security_protocol.to_string());
         if self.security_protocol.uses_sasl() {
             config.set("sasl.mechanism", name(self.sasl_mechanism));
             if let Some(user) = &self.sasl_username {
@@ -140,7 +146,7 @@ impl KafkaSettings {
     /// otherwise send credentials nowhere and fail as a refused connection),
     /// and the files named can be read.
     pub fn check_security(&self) -> anyhow::Result<()> {
-        let protocol = name(self.security_protocol);
+        let protocol = self.security_protocol;
         if self.security_protocol.uses_sasl() {
             anyhow::ensure!(
                 self.sasl_username.as_deref().is_some_and(|u| !u.is_empty())
