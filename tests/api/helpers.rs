@@ -914,12 +914,15 @@ async fn hold_silently(mut inbound: tokio::net::TcpStream) {
 }
 
 impl TestEnv {
-    /// The service URL routed through `proxy`.
+    /// The service URL routed through `proxy`, without TLS: the proxy's
+    /// traps read the protocol (`sslmode=prefer`, the default, would encrypt
+    /// it when the server offers TLS, as Debian's does).
     pub fn service_url_via(&self, proxy: &TcpProxy) -> String {
         let url = url::Url::parse(&self.service_url).unwrap();
         let mut via = url.clone();
         via.set_host(Some("127.0.0.1")).unwrap();
         via.set_port(Some(proxy.port)).unwrap();
+        via.query_pairs_mut().append_pair("sslmode", "disable");
         via.to_string()
     }
 
