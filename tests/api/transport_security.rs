@@ -230,34 +230,70 @@ impl Drop for TlsProxy {
     }
 }
 
+/// A broker of the test's own holding the messages of [`produce_some`],
+/// restarted to send its clients to `tls_port`, where the test puts a TLS
+/// proxy; and the broker's certificate and key for that proxy. Topics and
+/// messages are made over the plain listener first.
+/// Dropped in field order: the broker stops before its storage goes.
+struct BrokerBehindTls {
+    broker: Broker,
+    env: TestEnv,
+    storage: tempfile::TempDir,
+    tls_port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl BrokerBehindTls {
+    async fn start(prefix: &str) -> Self {
+        let storage = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let broker = Broker::start(storage.path().to_owned(), port);
+        let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), 2).await;
+        produce_some(&env, prefix).await;
+        let tls_port = free_port();
+        let broker = tokio::task::spawn_blocking(move || broker.restart_advertising(tls_port))
+            .await
+            .unwrap();
+        let (cert, key) = certificate(storage.path(), "broker");
+        Self {
+            storage,
+            broker,
+            env,
+            tls_port,
+            cert,
+            key,
+        }
+    }
+
+    /// Settings that reach the broker over TLS, trusting its certificate.
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KAFKA_BROKERS", format!("127.0.0.1:{}", self.tls_port)),
+            ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+            ("KAFKA_SSL_CA_LOCATION", self.cert.display().to_string()),
+        ]
+    }
+
+    fn spawn(&self, settings: &[(&str, String)]) -> crate::helpers::Service {
+        let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.env.spawn_with(&settings)
+    }
+}
+
 #[tokio::test]
 async fn tls_to_the_brokers_trusts_only_the_authority_given_and_recovers_when_it_is_shown() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    // Topics and messages are made over the plain listener; then the broker
-    // is restarted to send its clients to the TLS proxy.
-    let broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), 2).await;
-    produce_some(&env, "tls").await;
-    let tls_port = free_port();
-    let broker = tokio::task::spawn_blocking(move || broker.restart_advertising(tls_port))
-        .await
-        .unwrap();
-    let (cert, key) = certificate(storage.path(), "broker");
-    let (stranger, stranger_key) = certificate(storage.path(), "stranger");
-    let proxy = TlsProxy::start(tls_port, port, &stranger, &stranger_key);
-    let settings = [
-        ("KAFKA_BROKERS", format!("127.0.0.1:{tls_port}")),
-        ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
-        ("KAFKA_SSL_CA_LOCATION", cert.display().to_string()),
-    ];
-    let service = env.spawn_with(&settings.each_ref().map(|(k, v)| (*k, v.as_str())));
+    let tls = BrokerBehindTls::start("tls").await;
+    let (stranger, stranger_key) = certificate(tls.storage.path(), "stranger");
+    let port = tls.broker.port;
+    let proxy = TlsProxy::start(tls.tls_port, port, &stranger, &stranger_key);
+    let service = tls.spawn(&tls.settings());
 
     // The broker shows a certificate the given authority did not sign.
     service
         .wait_unready("refuses this client", ("kafka_broker", "refused"))
         .await;
-    assert_nothing_taken(&env).await;
+    assert_nothing_taken(&tls.env).await;
     // librdkafka repeats its errors many times a second; each is logged
     // once a minute at most.
     let log = service.log_text();
@@ -272,68 +308,50 @@ async fn tls_to_the_brokers_trusts_only_the_authority_given_and_recovers_when_it
 
     // It shows the right one: the service consumes without a restart.
     drop(proxy);
-    let _proxy = TlsProxy::start(tls_port, port, &cert, &key);
-    wait_for_all(&env).await;
+    let _proxy = TlsProxy::start(tls.tls_port, port, &tls.cert, &tls.key);
+    wait_for_all(&tls.env).await;
     service.wait_ready().await;
-    drop(service);
-    drop(broker);
 }
 
 /// A broker that asks for the client's own certificate gets it, its key
 /// read with the passphrase given.
 #[tokio::test]
 async fn tls_client_certificates_with_an_encrypted_key_are_presented() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), 2).await;
-    produce_some(&env, "mtls").await;
-    let tls_port = free_port();
-    let broker = tokio::task::spawn_blocking(move || broker.restart_advertising(tls_port))
-        .await
-        .unwrap();
-    let (cert, key) = certificate(storage.path(), "broker");
+    let tls = BrokerBehindTls::start("mtls").await;
     let passphrase = "key-Pa55phrase";
     let (client, client_key) =
-        certificate_with_key_passphrase(storage.path(), "client", Some(passphrase));
-    let _proxy =
-        TlsProxy::asking_for_client_certificates(tls_port, port, &cert, &key, Some(&client));
-    // Without one, the broker turns the service away.
-    let without_certificate = [
-        ("KAFKA_BROKERS", format!("127.0.0.1:{tls_port}")),
-        ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
-        ("KAFKA_SSL_CA_LOCATION", cert.display().to_string()),
-    ];
-    let refused = env.spawn_with(
-        &without_certificate
-            .each_ref()
-            .map(|(k, v)| (*k, v.as_str())),
+        certificate_with_key_passphrase(tls.storage.path(), "client", Some(passphrase));
+    let _proxy = TlsProxy::asking_for_client_certificates(
+        tls.tls_port,
+        tls.broker.port,
+        &tls.cert,
+        &tls.key,
+        Some(&client),
     );
+
+    // Without one, the broker turns the service away.
+    let refused = tls.spawn(&tls.settings());
     refused
         .wait_unready("refuses this client", ("kafka_broker", "refused"))
         .await;
-    assert_nothing_taken(&env).await;
+    assert_nothing_taken(&tls.env).await;
     refused.terminate();
 
-    let settings = [
-        ("KAFKA_BROKERS", format!("127.0.0.1:{tls_port}")),
-        ("KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
-        ("KAFKA_SSL_CA_LOCATION", cert.display().to_string()),
+    let mut settings = tls.settings();
+    settings.extend([
         (
             "KAFKA_SSL_CERTIFICATE_LOCATION",
             client.display().to_string(),
         ),
         ("KAFKA_SSL_KEY_LOCATION", client_key.display().to_string()),
         ("KAFKA_SSL_KEY_PASSWORD", passphrase.to_owned()),
-    ];
-    let service = env.spawn_with(&settings.each_ref().map(|(k, v)| (*k, v.as_str())));
-    wait_for_all(&env).await;
+    ]);
+    let service = tls.spawn(&settings);
+    wait_for_all(&tls.env).await;
     assert!(
         !service.log_text().contains(passphrase),
         "the passphrase reached the log"
     );
-    drop(service);
-    drop(broker);
 }
 
 #[tokio::test]
