@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::helpers;
 
@@ -52,11 +52,9 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("start tansu (TEST_TANSU names the binary)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the broker never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        helpers::wait_listening(port, Duration::from_secs(30), || {
+            "the broker never listened".into()
+        });
         Self { child, dir, port }
     }
 

@@ -59,6 +59,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Blocks until something listens on 127.0.0.1:`port` (a server the test
+/// started), failing with `why` after `within`.
+pub fn wait_listening(port: u16, within: Duration, why: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Ten random lower-case letters and digits that name a test's own objects.
 pub fn unique_suffix() -> String {
     Alphanumeric

@@ -53,15 +53,9 @@ impl Pgbouncer {
             .spawn()
             .expect("start pgbouncer (scripts/stack test installs it; TEST_PGBOUNCER names it)");
         let bouncer = Self { child, dir, port };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pgbouncer never listened: {}",
-                bouncer.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::helpers::wait_listening(port, Duration::from_secs(10), || {
+            format!("pgbouncer never listened: {}", bouncer.log())
+        });
         bouncer
     }
 

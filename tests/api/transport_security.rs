@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use sqlx::ConnectOptions;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::broker::{tansu, Broker};
-use crate::helpers::{free_port, redis_url, sample_with_uid, TestEnv};
+use crate::helpers::{free_port, redis_url, sample_with_uid, wait_listening, TestEnv};
 use crate::postgres_server::PostgresServer;
 
 /// Three valid orders and one invalid message, produced to `env`'s topic.
@@ -213,11 +213,9 @@ impl TlsProxy {
             .stderr(Stdio::null())
             .spawn()
             .expect("socat (scripts/stack test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the TLS proxy never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, Duration::from_secs(10), || {
+            "the TLS proxy never listened".into()
+        });
         Self(child)
     }
 }
