@@ -116,6 +116,62 @@ fn parse_ms(value: &str) -> f64 {
     }
 }
 
+/// CPU time the processes used so far, user and system, in seconds
+/// (/proc/PID/stat counts every thread of a process).
+fn cpu_seconds(pids: &[u32]) -> (f64, f64) {
+    let ticks_per_second: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    pids.iter().fold((0.0, 0.0), |(user, system), pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime, fields 14 and 15: 11th and 12th after the state,
+        // which follows the command name in parentheses.
+        let fields: Vec<f64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0.0) / ticks_per_second;
+        (user + field(10), system + field(11))
+    })
+}
+
+/// `nginx`'s master and its worker processes.
+fn with_children(pid: u32) -> Vec<u32> {
+    let children = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.lines().filter_map(|l| l.trim().parse().ok()))
+        .collect()
+}
+
+/// A wrk run and the CPU the server's processes spent meanwhile, per request.
+fn wrk_with_cpu(url: &str, script: Option<&std::path::Path>, pids: &[u32]) -> (Wrk, String) {
+    let before = cpu_seconds(pids);
+    let run = wrk(url, script);
+    let after = cpu_seconds(pids);
+    let requests = run.requests_per_sec * f64::from(WRK_SECS);
+    let per_request = |seconds: f64| seconds * 1e6 / requests.max(1.0);
+    let (user, system) = (
+        per_request(after.0 - before.0),
+        per_request(after.1 - before.1),
+    );
+    let cpu = format!(
+        "{:.1} us CPU/request (user {user:.1}, system {system:.1})",
+        user + system
+    );
+    (run, cpu)
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
@@ -365,11 +421,15 @@ async fn main() {
     let profile = std::env::var("BENCH_HTTP_PROFILE")
         .ok()
         .map(|file| profile_for(service.id(), &file, WRK_SECS));
-    let ours = wrk(&format!("http://{addr}"), Some(&script));
+    let (ours, ours_cpu) = wrk_with_cpu(&format!("http://{addr}"), Some(&script), &[service.id()]);
     if let Some((perf, file)) = profile {
         print_profile(perf, &file);
     }
-    let theirs = wrk("http://127.0.0.1:18081/order.json", None);
+    let (theirs, theirs_cpu) = wrk_with_cpu(
+        "http://127.0.0.1:18081/order.json",
+        None,
+        &with_children(nginx.id()),
+    );
     println!(
         "  wrk {} -d{WRK_SECS}s against each, same run:",
         WRK_ARGS.join(" ")
@@ -386,6 +446,7 @@ async fn main() {
         "    ratio order-service / nginx = {:.2}   (target >= 1.0)",
         ours.requests_per_sec / theirs.requests_per_sec
     );
+    println!("    server CPU meanwhile: order-service {ours_cpu}; nginx {theirs_cpu}");
     let url_file = dir.path().join("urls.txt");
     let urls: Vec<String> = uids
         .iter()
