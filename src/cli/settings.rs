@@ -290,7 +290,7 @@ pub const SETTINGS: &[Setting] = &[
         "Most recent orders loaded into the in-process cache at start"),
     setting!("HTTP_ADDR", http.addr, "HTTP", "HOST:PORT", "Address the HTTP server listens on"),
     setting!("HTTP_REQUEST_TIMEOUT_MS", http.request_timeout_ms, "HTTP", "MS",
-        "Time allowed for one request, in ms"),
+        "Longest wait of one request for PostgreSQL or Redis, in ms; then it answers 408"),
     setting!("HTTP_HEADER_READ_TIMEOUT_MS", http.header_read_timeout_ms, "HTTP", "MS",
         "Time a client may take to send its request head, in ms; slower ones are cut off"),
     setting!("HTTP_MAX_CONCURRENCY", http.max_concurrency, "HTTP", "N",

@@ -25,6 +25,9 @@ pub enum ApiError {
     NoDeadLetter,
     #[error("storage unavailable, try again shortly")]
     Unavailable(#[source] sqlx::Error),
+    /// The storage did not answer within the request timeout.
+    #[error("storage did not answer within {} ms, try again shortly", .0.as_millis())]
+    TimedOut(std::time::Duration),
     /// The runtime that owns the connections is shutting down.
     #[error("the service is stopping")]
     Stopping,
@@ -57,6 +60,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } | ApiError::NoDeadLetter => StatusCode::NOT_FOUND,
+            ApiError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         };
         let error = self.to_string();

@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::error::ErrorBody;
 use super::io::{on_io, Io};
 use super::Shared;
 use crate::cache::WarmupState;
@@ -130,6 +131,7 @@ enum Tier {
     responses(
         (status = 200, description = "Ready", body = Readiness),
         (status = 503, description = "Not ready", body = Readiness),
+        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Readiness>) {

@@ -12,7 +12,7 @@ mod server;
 mod ui;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -23,8 +23,6 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::TimeoutLayer;
 
 pub use self::io::Io;
 pub use self::server::Server;
@@ -70,24 +68,13 @@ impl std::ops::Deref for Shared {
 /// Builds a router over `state` per call, one per worker; all of them share
 /// one concurrency limit.
 pub fn routers(state: AppState, settings: &HttpSettings) -> impl Fn() -> Router {
-    let settings = settings.clone();
     let limit = Arc::new(tokio::sync::Semaphore::new(settings.max_concurrency));
-    move || router(state.clone(), &settings, limit.clone())
+    move || router(state.clone(), limit.clone())
 }
 
-fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Semaphore>) -> Router {
+fn router(state: AppState, limit: Arc<tokio::sync::Semaphore>) -> Router {
     let state = Shared(Arc::new(state));
-    let security = [
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-             connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
-        ),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (header::X_FRAME_OPTIONS, "DENY"),
-    ];
-    let mut router = Router::new()
+    Router::new()
         .merge(orders::router(&state.io))
         .merge(dead_letters::router(&state.io))
         .merge(health::router(&state.io))
@@ -95,7 +82,6 @@ fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Sema
         .merge(feed::router())
         .merge(ui::router())
         .fallback(no_route)
-        .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(
             CompressionLayer::new().gzip(true).br(true).compress_when(
                 SizeAbove::new(COMPRESS_MIN_BYTES)
@@ -104,19 +90,25 @@ fn router(state: AppState, settings: &HttpSettings, limit: Arc<tokio::sync::Sema
             ),
         )
         .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_millis(settings.request_timeout_ms),
-        ))
-        .layer(GlobalConcurrencyLimitLayer::with_semaphore(limit));
-    for (name, value) in security {
-        router = router.layer(SetResponseHeaderLayer::if_not_present(
-            name,
-            HeaderValue::from_static(value),
-        ));
-    }
-    router.with_state(state)
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .with_state(state)
 }
+
+/// Sent with every answer unless a route set its own: the page loads only its
+/// own script and style, and no other site may frame it.
+const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    ),
+    (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+    (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+];
 
 /// Anything not routed: a JSON 404, marked so it is told apart from "no such order".
 async fn no_route() -> impl IntoResponse {
@@ -127,15 +119,17 @@ async fn no_route() -> impl IntoResponse {
     )
 }
 
-/// Counts every request by route template (never the raw path, which would
-/// make one series per order) and status.
+/// The outermost layer: counts every request by route template (never the
+/// raw path, which would make one series per order) and status, its time
+/// included, and adds the security headers, so answers made by the layers
+/// inside (a timeout, a body too large) are counted and covered too.
 async fn record(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let metrics = &state.metrics;
     // A cheap clone (shared string), not a copy of the path.
     let route = request.extensions().get::<MatchedPath>().cloned();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
     metrics
         .http_request_seconds
         .with_label_values(&[route])
@@ -144,5 +138,11 @@ async fn record(State(state): State<Shared>, request: Request, next: Next) -> Re
         .http_requests
         .with_label_values(&[route, response.status().as_str()])
         .inc();
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        if !headers.contains_key(&name) {
+            headers.insert(name, value);
+        }
+    }
     response
 }

@@ -428,8 +428,9 @@ async fn any_number_of_workers_serves_every_route() {
 }
 
 /// A request whose database work hangs (its table locked) answers 408 at
-/// HTTP_REQUEST_TIMEOUT_MS, while the one worker goes on serving orders from
-/// memory; once the lock is gone the same request answers again.
+/// HTTP_REQUEST_TIMEOUT_MS (with the security headers, counted in the
+/// metrics), while the one worker goes on serving orders from memory; once the
+/// lock is gone the same request answers again.
 #[tokio::test]
 async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     let env = TestEnv::new().await;
@@ -456,7 +457,17 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     let ((searches, timed_out_at), served_at) = futures::future::join(searches, from_memory).await;
     for search in searches {
         assert_eq!(search.status(), 408);
+        // Answered like any other error: the security headers and a JSON body.
+        assert_eq!(search.headers()["x-frame-options"], "DENY");
+        let body: serde_json::Value = search.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("1000 ms"),
+            "{body}"
+        );
     }
+    // and counted by route and status.
+    let timed_out = r#"http_requests_total{route="/api/orders",status="408"}"#;
+    assert_eq!(service.metric(timed_out).await, 3.0);
     assert!(
         served_at < timed_out_at,
         "memory answered while the searches hung"
