@@ -3,7 +3,9 @@
 //! `GET /order/{uid}`, and in the same run nginx serving one of the same JSON
 //! documents as a static file with the same wrk settings; then latency of both
 //! under an open-loop load at half our measured maximum (oha), resident memory
-//! against cached bytes, and the warm-up rate from PostgreSQL. BENCH_HTTP_PROFILE=FILE also samples where
+//! against cached bytes, and the warm-up rate from PostgreSQL. Then wrk
+//! again with each server pinned to CPU 0 and wrk to CPU 1, so that neither
+//! shares its core with the load generator. BENCH_HTTP_PROFILE=FILE also samples where
 //! the service spends its time during its wrk run (`perf`, Debian's
 //! linux-perf) into FILE and prints the top of the profile.
 
@@ -32,9 +34,21 @@ struct Wrk {
     p99_ms: f64,
 }
 
-fn wrk(url: &str, script: Option<&std::path::Path>) -> Wrk {
-    let mut cmd = Command::new("wrk");
-    cmd.args(WRK_ARGS).arg(format!("-d{WRK_SECS}s"));
+/// Runs wrk, on `cpu` alone when given (then with one thread).
+fn wrk(url: &str, script: Option<&std::path::Path>, cpu: Option<&str>) -> Wrk {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpu, "wrk", "-t1"]).args(&WRK_ARGS[1..]);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new("wrk");
+            cmd.args(WRK_ARGS);
+            cmd
+        }
+    };
+    cmd.arg(format!("-d{WRK_SECS}s"));
     if let Some(script) = script {
         cmd.arg("-s").arg(script);
     }
@@ -155,9 +169,14 @@ fn with_children(pid: u32) -> Vec<u32> {
 }
 
 /// A wrk run and the CPU the server's processes spent meanwhile, per request.
-fn wrk_with_cpu(url: &str, script: Option<&std::path::Path>, pids: &[u32]) -> (Wrk, String) {
+fn wrk_with_cpu(
+    url: &str,
+    script: Option<&std::path::Path>,
+    pids: &[u32],
+    cpu: Option<&str>,
+) -> (Wrk, String) {
     let before = cpu_seconds(pids);
-    let run = wrk(url, script);
+    let run = wrk(url, script, cpu);
     let after = cpu_seconds(pids);
     let requests = run.requests_per_sec * f64::from(WRK_SECS);
     let per_request = |seconds: f64| seconds * 1e6 / requests.max(1.0);
@@ -172,6 +191,81 @@ fn wrk_with_cpu(url: &str, script: Option<&std::path::Path>, pids: &[u32]) -> (W
     (run, cpu)
 }
 
+/// wrk against us (at `ours`: address, request script, process), then
+/// against nginx (port, master process), and the ratio; `after_ours` runs
+/// between the two.
+fn compare(
+    (addr, script, pid): (&str, &std::path::Path, u32),
+    (port, nginx): (u16, u32),
+    cpu: Option<&str>,
+    after_ours: impl FnOnce(),
+) {
+    let (ours, ours_cpu) = wrk_with_cpu(&format!("http://{addr}"), Some(script), &[pid], cpu);
+    after_ours();
+    let (theirs, theirs_cpu) = wrk_with_cpu(
+        &format!("http://127.0.0.1:{port}/order.json"),
+        None,
+        &with_children(nginx),
+        cpu,
+    );
+    println!(
+        "    order-service GET /order/{{random uid}}  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+        ours.requests_per_sec, ours.p50_ms, ours.p99_ms
+    );
+    println!(
+        "    nginx static file (same JSON)          {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
+        theirs.requests_per_sec, theirs.p50_ms, theirs.p99_ms
+    );
+    println!(
+        "    ratio order-service / nginx = {:.2}   (target >= 1.0)",
+        ours.requests_per_sec / theirs.requests_per_sec
+    );
+    println!("    server CPU meanwhile: order-service {ours_cpu}; nginx {theirs_cpu}");
+}
+
+/// nginx serving `dir`'s files on `port`, tuned as for production (sendfile,
+/// tcp_nopush, long keep-alive) with `workers` worker processes, on `cpu`
+/// alone when given.
+fn start_nginx(dir: &std::path::Path, port: u16, workers: &str, cpu: Option<&str>) -> Child {
+    let conf = dir.join(format!("nginx-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes {workers};\npid {dir}/nginx-{port}.pid;\nerror_log {dir}/error.log;\ndaemon off;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; default_type application/json; sendfile on; tcp_nopush on; keepalive_requests 1000000;\n\
+             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+             server {{ listen 127.0.0.1:{port}; root {dir}; }} }}\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpu, "nginx"]);
+            command
+        }
+        None => Command::new("nginx"),
+    };
+    let nginx = command
+        .arg("-c")
+        .arg(&conf)
+        .spawn()
+        .expect("nginx runs (apt-get install nginx-light)");
+    std::thread::sleep(Duration::from_millis(500));
+    nginx
+}
+
+/// SIGTERM, so nginx's master takes its workers down too.
+fn stop_nginx(mut nginx: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(nginx.id().to_string())
+        .status();
+    let _ = nginx.wait();
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
@@ -184,8 +278,22 @@ fn rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
-fn start_service(db_url: &str, warmup: u64) -> (Child, String, std::sync::mpsc::Receiver<u64>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+/// Starts `serve`; with `cpu`, on that CPU alone with one HTTP worker.
+fn start_service(
+    db_url: &str,
+    warmup: u64,
+    cpu: Option<&str>,
+) -> (Child, String, std::sync::mpsc::Receiver<u64>) {
+    let exe = env!("CARGO_BIN_EXE_order-service");
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpu, exe]);
+            command
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command
         .arg("serve")
         .env_clear()
         .envs([
@@ -198,6 +306,7 @@ fn start_service(db_url: &str, warmup: u64) -> (Child, String, std::sync::mpsc::
             ("CACHE_WARMUP_ORDERS", &warmup.to_string()),
             ("CACHE_MAX_BYTES", &(4u64 << 30).to_string()),
         ])
+        .envs(cpu.map(|_| ("HTTP_WORKERS", "1")))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -349,7 +458,7 @@ async fn main() {
         admin.get_host(),
         admin.get_port()
     );
-    let (mut service, addr, warm_rx) = start_service(&url, n);
+    let (mut service, addr, warm_rx) = start_service(&url, n, None);
     let warm_ms = warm_rx
         .recv_timeout(Duration::from_secs(600))
         .expect("warm-up finishes");
@@ -398,55 +507,25 @@ async fn main() {
         )
         .unwrap();
     std::fs::write(dir.path().join("order.json"), &sample_json).unwrap();
-    let nginx_conf = dir.path().join("nginx.conf");
-    std::fs::write(
-        &nginx_conf,
-        format!(
-            "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\ndaemon off;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; default_type application/json; sendfile on; tcp_nopush on; keepalive_requests 1000000;\n\
-             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
-             server {{ listen 127.0.0.1:18081; root {dir}; }} }}\n",
-            dir = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let mut nginx = Command::new("nginx")
-        .arg("-c")
-        .arg(&nginx_conf)
-        .spawn()
-        .expect("nginx runs (apt-get install nginx-light)");
-    std::thread::sleep(Duration::from_millis(500));
+    let nginx = start_nginx(dir.path(), 18081, "auto", None);
 
     let profile = std::env::var("BENCH_HTTP_PROFILE")
         .ok()
         .map(|file| profile_for(service.id(), &file, WRK_SECS));
-    let (ours, ours_cpu) = wrk_with_cpu(&format!("http://{addr}"), Some(&script), &[service.id()]);
-    if let Some((perf, file)) = profile {
-        print_profile(perf, &file);
-    }
-    let (theirs, theirs_cpu) = wrk_with_cpu(
-        "http://127.0.0.1:18081/order.json",
-        None,
-        &with_children(nginx.id()),
-    );
     println!(
         "  wrk {} -d{WRK_SECS}s against each, same run:",
         WRK_ARGS.join(" ")
     );
-    println!(
-        "    order-service GET /order/{{random uid}}  {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
-        ours.requests_per_sec, ours.p50_ms, ours.p99_ms
+    compare(
+        (&addr, &script, service.id()),
+        (18081, nginx.id()),
+        None,
+        || {
+            if let Some((perf, file)) = profile {
+                print_profile(perf, &file);
+            }
+        },
     );
-    println!(
-        "    nginx static file (same JSON)          {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms",
-        theirs.requests_per_sec, theirs.p50_ms, theirs.p99_ms
-    );
-    println!(
-        "    ratio order-service / nginx = {:.2}   (target >= 1.0)",
-        ours.requests_per_sec / theirs.requests_per_sec
-    );
-    println!("    server CPU meanwhile: order-service {ours_cpu}; nginx {theirs_cpu}");
     let url_file = dir.path().join("urls.txt");
     let urls: Vec<String> = uids
         .iter()
@@ -476,14 +555,31 @@ async fn main() {
     print_oha(nginx_name, &oha(&nginx_urls, Some(half), 10));
     println!("    (target: our p99 <= 2 ms)");
 
-    // SIGTERM, so the master takes its workers down too.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(nginx.id().to_string())
-        .status();
-    let _ = nginx.wait();
+    stop_nginx(nginx);
     let _ = service.kill();
     let _ = service.wait();
+
+    // On a machine of a few cores wrk and the server share them, so the
+    // figures above move with how the scheduler splits them. Pinned, each
+    // server has CPU 0 to itself (one worker) and wrk has CPU 1.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus >= 2 && Command::new("taskset").arg("-V").output().is_ok() {
+        let (mut pinned, addr, warm_rx) = start_service(&url, n, Some("0"));
+        warm_rx
+            .recv_timeout(Duration::from_secs(600))
+            .expect("warm-up finishes");
+        let nginx = start_nginx(dir.path(), 18082, "1", Some("0"));
+        println!("  pinned: each server on CPU 0 with one worker, wrk -t1 on CPU 1:");
+        compare(
+            (&addr, &script, pinned.id()),
+            (18082, nginx.id()),
+            Some("1"),
+            || {},
+        );
+        stop_nginx(nginx);
+        let _ = pinned.kill();
+        let _ = pinned.wait();
+    }
     store.pool().close().await;
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut conn)
