@@ -346,8 +346,15 @@ struct Oha {
 /// file `urls`: as fast as they answer, or paced at `rate` requests/s with
 /// latency counted from when each request was due, so a stalled server is not
 /// hidden by a stalled client (coordinated omission).
-fn oha(urls: &std::path::Path, rate: Option<f64>, secs: u32) -> Oha {
-    let mut cmd = Command::new("oha");
+fn oha(urls: &std::path::Path, rate: Option<f64>, secs: u32, cpu: Option<&str>) -> Oha {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpu, "oha"]);
+            cmd
+        }
+        None => Command::new("oha"),
+    };
     cmd.args(["--no-tui", "--output-format", "json", "-c", "64"])
         .args(["-z", &format!("{secs}s"), "--urls-from-file"])
         .arg(urls);
@@ -377,6 +384,47 @@ fn oha(urls: &std::path::Path, rate: Option<f64>, secs: u32) -> Oha {
         p999_ms: seconds("p99.9") * 1000.0,
         success: report["summary"]["successRate"].as_f64().unwrap_or(0.0),
     }
+}
+
+/// Files of URLs for oha: ours with random keys over all cached orders, and
+/// nginx's one file as often, so both runs pay oha's cost of picking one.
+fn url_files(
+    dir: &std::path::Path,
+    addr: &str,
+    uids: &[String],
+    port: u16,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ours = dir.join(format!("urls-{port}.txt"));
+    let urls: Vec<String> = uids
+        .iter()
+        .map(|uid| format!("http://{addr}/order/{uid}"))
+        .collect();
+    std::fs::write(&ours, urls.join("\n")).unwrap();
+    let theirs = dir.join(format!("nginx-urls-{port}.txt"));
+    std::fs::write(
+        &theirs,
+        format!("http://127.0.0.1:{port}/order.json\n").repeat(urls.len()),
+    )
+    .unwrap();
+    (ours, theirs)
+}
+
+/// oha against both servers as fast as they answer, then paced at half of
+/// our maximum, on `cpu` alone when given.
+fn latencies((ours, theirs): &(std::path::PathBuf, std::path::PathBuf), cpu: Option<&str>) {
+    let (ours_name, nginx_name) = (
+        "order-service GET /order/{random uid}",
+        "nginx static file (same JSON)        ",
+    );
+    println!("  oha -c64 -z5s as fast as answered, same run:");
+    let ours_max = oha(ours, None, 5, cpu);
+    print_oha(ours_name, &ours_max);
+    print_oha(nginx_name, &oha(theirs, None, 5, cpu));
+    let half = ours_max.requests_per_sec / 2.0;
+    println!("  oha -c64 -z10s paced at half our maximum ({half:.0} req/s), same run:");
+    print_oha(ours_name, &oha(ours, Some(half), 10, cpu));
+    print_oha(nginx_name, &oha(theirs, Some(half), 10, cpu));
+    println!("    (target: our p99 <= 2 ms)");
 }
 
 fn print_oha(name: &str, run: &Oha) {
@@ -526,34 +574,10 @@ async fn main() {
             }
         },
     );
-    let url_file = dir.path().join("urls.txt");
-    let urls: Vec<String> = uids
-        .iter()
-        .map(|uid| format!("http://{addr}/order/{uid}"))
-        .collect();
-    std::fs::write(&url_file, urls.join("\n")).unwrap();
-    // nginx's URL from a file too, so both runs pay oha's cost of picking one.
-    let nginx_urls = dir.path().join("nginx-urls.txt");
-    std::fs::write(
-        &nginx_urls,
-        "http://127.0.0.1:18081/order.json\n".repeat(urls.len()),
-    )
-    .unwrap();
+    let urls = url_files(dir.path(), &addr, &uids, 18081);
     // oha costs far more CPU per request than wrk, and it shares the cores, so
     // "half our maximum" is half of what we answer to oha itself.
-    let (ours_name, nginx_name) = (
-        "order-service GET /order/{random uid}",
-        "nginx static file (same JSON)        ",
-    );
-    println!("  oha -c64 -z5s as fast as answered, same run:");
-    let ours_max = oha(&url_file, None, 5);
-    print_oha(ours_name, &ours_max);
-    print_oha(nginx_name, &oha(&nginx_urls, None, 5));
-    let half = ours_max.requests_per_sec / 2.0;
-    println!("  oha -c64 -z10s paced at half our maximum ({half:.0} req/s), same run:");
-    print_oha(ours_name, &oha(&url_file, Some(half), 10));
-    print_oha(nginx_name, &oha(&nginx_urls, Some(half), 10));
-    println!("    (target: our p99 <= 2 ms)");
+    latencies(&urls, None);
 
     stop_nginx(nginx);
     let _ = service.kill();
@@ -569,13 +593,14 @@ async fn main() {
             .recv_timeout(Duration::from_secs(600))
             .expect("warm-up finishes");
         let nginx = start_nginx(dir.path(), 18082, "1", Some("0"));
-        println!("  pinned: each server on CPU 0 with one worker, wrk -t1 on CPU 1:");
+        println!("  pinned: each server on CPU 0 with one worker, wrk -t1 and oha on CPU 1:");
         compare(
             (&addr, &script, pinned.id()),
             (18082, nginx.id()),
             Some("1"),
             || {},
         );
+        latencies(&url_files(dir.path(), &addr, &uids, 18082), Some("1"));
         stop_nginx(nginx);
         let _ = pinned.kill();
         let _ = pinned.wait();
