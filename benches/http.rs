@@ -9,6 +9,9 @@
 //! the service spends its time during its wrk run (`perf`, Debian's
 //! linux-perf) into FILE and prints the top of the profile.
 
+#[path = "support/process.rs"]
+mod process;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -36,17 +39,10 @@ struct Wrk {
 
 /// Runs wrk, on `cpu` alone when given (then with one thread).
 fn wrk(url: &str, script: Option<&std::path::Path>, cpu: Option<&str>) -> Wrk {
-    let mut cmd = match cpu {
-        Some(cpu) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", cpu, "wrk", "-t1"]).args(&WRK_ARGS[1..]);
-            cmd
-        }
-        None => {
-            let mut cmd = Command::new("wrk");
-            cmd.args(WRK_ARGS);
-            cmd
-        }
+    let mut cmd = on_cpu("wrk", cpu);
+    match cpu {
+        Some(_) => cmd.arg("-t1").args(&WRK_ARGS[1..]),
+        None => cmd.args(WRK_ARGS),
     };
     cmd.arg(format!("-d{WRK_SECS}s"));
     if let Some(script) = script {
@@ -130,8 +126,7 @@ fn parse_ms(value: &str) -> f64 {
     }
 }
 
-/// CPU time the processes used so far, user and system, in seconds
-/// (/proc/PID/stat counts every thread of a process).
+/// CPU time the processes used so far, user and system, in seconds.
 fn cpu_seconds(pids: &[u32]) -> (f64, f64) {
     let ticks_per_second: f64 = Command::new("getconf")
         .arg("CLK_TCK")
@@ -139,21 +134,25 @@ fn cpu_seconds(pids: &[u32]) -> (f64, f64) {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0);
-    pids.iter().fold((0.0, 0.0), |(user, system), pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // utime and stime, fields 14 and 15: 11th and 12th after the state,
-        // which follows the command name in parentheses.
-        let fields: Vec<f64> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .filter_map(|f| f.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let field = |i: usize| fields.get(i).copied().unwrap_or(0.0) / ticks_per_second;
-        (user + field(10), system + field(11))
+    pids.iter().fold((0.0, 0.0), |(user, system), &pid| {
+        let (u, s) = process::cpu_ticks(pid);
+        (
+            user + u as f64 / ticks_per_second,
+            system + s as f64 / ticks_per_second,
+        )
     })
+}
+
+/// `program`, on `cpu` alone when given.
+fn on_cpu(program: &str, cpu: Option<&str>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", cpu, program]);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 /// `nginx`'s master and its worker processes.
@@ -240,15 +239,7 @@ fn start_nginx(dir: &std::path::Path, port: u16, workers: &str, cpu: Option<&str
         ),
     )
     .unwrap();
-    let mut command = match cpu {
-        Some(cpu) => {
-            let mut command = Command::new("taskset");
-            command.args(["-c", cpu, "nginx"]);
-            command
-        }
-        None => Command::new("nginx"),
-    };
-    let nginx = command
+    let nginx = on_cpu("nginx", cpu)
         .arg("-c")
         .arg(&conf)
         .spawn()
@@ -285,15 +276,7 @@ fn start_service(
     cpu: Option<&str>,
 ) -> (Child, String, std::sync::mpsc::Receiver<u64>) {
     let exe = env!("CARGO_BIN_EXE_order-service");
-    let mut command = match cpu {
-        Some(cpu) => {
-            let mut command = Command::new("taskset");
-            command.args(["-c", cpu, exe]);
-            command
-        }
-        None => Command::new(exe),
-    };
-    let mut child = command
+    let mut child = on_cpu(exe, cpu)
         .arg("serve")
         .env_clear()
         .envs([
@@ -347,14 +330,7 @@ struct Oha {
 /// latency counted from when each request was due, so a stalled server is not
 /// hidden by a stalled client (coordinated omission).
 fn oha(urls: &std::path::Path, rate: Option<f64>, secs: u32, cpu: Option<&str>) -> Oha {
-    let mut cmd = match cpu {
-        Some(cpu) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", cpu, "oha"]);
-            cmd
-        }
-        None => Command::new("oha"),
-    };
+    let mut cmd = on_cpu("oha", cpu);
     cmd.args(["--no-tui", "--output-format", "json", "-c", "64"])
         .args(["-z", &format!("{secs}s"), "--urls-from-file"])
         .arg(urls);

@@ -9,6 +9,9 @@
 //!
 //! BENCH_ORDERS (default 100000), BENCH_LATENCY_RATE (1000/s), BENCH_LATENCY_SECS (10).
 
+#[path = "support/process.rs"]
+mod process;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -382,19 +385,9 @@ fn machine_cpu() -> (u64, u64) {
 }
 
 /// CPU time a process used so far, in clock ticks (user + system).
-fn process_cpu(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            rest.split_whitespace()
-                .filter_map(|f| f.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line, 11 and 12 after the state.
-    fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)
+fn total_ticks(pid: u32) -> u64 {
+    let (user, system) = process::cpu_ticks(pid);
+    user + system
 }
 
 /// (a) The service, from the first stored order to the last. Also returns the
@@ -410,7 +403,7 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
         at = progress(&client, &addr).await;
     }
     let (first, first_stored, first_committing) = (Instant::now(), at.stored, at.committing);
-    let (machine_from, service_from) = (machine_cpu(), process_cpu(child.id()));
+    let (machine_from, service_from) = (machine_cpu(), total_ticks(child.id()));
     let deadline = first + Duration::from_secs(600);
     while at.stored < n as f64 {
         assert!(Instant::now() < deadline, "ingest did not finish");
@@ -418,7 +411,7 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
         at = progress(&client, &addr).await;
     }
     let elapsed = first.elapsed().as_secs_f64();
-    let (machine_to, service_to) = (machine_cpu(), process_cpu(child.id()));
+    let (machine_to, service_to) = (machine_cpu(), total_ticks(child.id()));
     let (busy, total) = (machine_to.0 - machine_from.0, machine_to.1 - machine_from.1);
     println!(
         "  while (a) ran: machine CPU {:.0} % busy; the service process used {:.0} % of it",
