@@ -200,18 +200,19 @@ async fn consume_only(brokers: &str, topic: &str, n: usize) -> f64 {
     n as f64 / first.unwrap().elapsed().as_secs_f64()
 }
 
-fn csv(fields: &[&str]) -> String {
-    let mut line = String::new();
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            line.push(',');
-        }
-        line.push('"');
-        line.push_str(&f.replace('"', "\"\""));
-        line.push('"');
-    }
-    line.push('\n');
-    line
+/// One row in `COPY`'s text format (PostgreSQL's cheapest to read), each
+/// field escaped as that format asks.
+fn row(fields: &[&str]) -> String {
+    let escaped: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            f.replace('\\', "\\\\")
+                .replace('\t', "\\t")
+                .replace('\n', "\\n")
+                .replace('\r', "\\r")
+        })
+        .collect();
+    escaped.join("\t") + "\n"
 }
 
 /// (c) Raw COPY of the same rows into the same schema: PostgreSQL's ceiling.
@@ -220,7 +221,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
         (String::new(), String::new(), String::new(), String::new());
     for (i, (o, json)) in documents.iter().enumerate() {
         let (d, p) = (&o.delivery, &o.payment);
-        orders += &csv(&[
+        orders += &row(&[
             o.order_uid.as_str(),
             &o.track_number,
             &o.entry,
@@ -237,7 +238,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
             &(i % 4).to_string(),
             &i.to_string(),
         ]);
-        deliveries += &csv(&[
+        deliveries += &row(&[
             o.order_uid.as_str(),
             &d.name,
             &d.phone,
@@ -247,7 +248,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
             &d.region,
             &d.email,
         ]);
-        payments += &csv(&[
+        payments += &row(&[
             o.order_uid.as_str(),
             &p.transaction,
             &p.request_id,
@@ -261,7 +262,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
             &p.custom_fee.to_string(),
         ]);
         for (n, it) in o.items.iter().enumerate() {
-            items += &csv(&[
+            items += &row(&[
                 o.order_uid.as_str(),
                 &n.to_string(),
                 &it.chrt_id.to_string(),
@@ -287,7 +288,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
         ("items", "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, total_price, nm_id, brand, status", &items),
     ] {
         let mut copy = tx
-            .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN WITH (FORMAT csv)"))
+            .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN WITH (FORMAT text)"))
             .await
             .unwrap();
         copy.send(data.as_bytes()).await.unwrap();
