@@ -294,8 +294,8 @@ impl BatchTx {
     }
 }
 
-/// The rows of the four tables in PostgreSQL's CSV format, every text field
-/// quoted (so an empty string stays empty, never NULL).
+/// The rows of the four tables in `COPY`'s text format (an empty field is an
+/// empty string there; NULL would be `\N`, which escaping keeps out).
 #[derive(Default)]
 struct CopyTables {
     orders: String,
