@@ -92,7 +92,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics,
         ingest: health,
         feed,
-        io: Io::current(Duration::from_millis(settings.http.request_timeout_ms)),
+        io: Io::current(settings.http.request_timeout()),
     };
     let routers = http::routers(state, &settings.http);
     let server = Server::start(listener, routers, &settings.http, shutdown.clone())?;

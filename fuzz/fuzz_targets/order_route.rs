@@ -54,7 +54,7 @@ fn target() -> &'static Target {
                 ingest: Arc::new(IngestHealth::default()),
                 feed: Feed::default(),
                 // This runtime owns the (unreachable) pool; block_on drives it.
-                io: Io::current(),
+                io: Io::current(HttpSettings::default().request_timeout()),
             };
             routers(state, &HttpSettings::default())()
         });
