@@ -128,12 +128,15 @@ fn parse_ms(value: &str) -> f64 {
 
 /// CPU time the processes used so far, user and system, in seconds.
 fn cpu_seconds(pids: &[u32]) -> (f64, f64) {
-    let ticks_per_second: f64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
+    static TICKS_PER_SECOND: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks_per_second = *TICKS_PER_SECOND.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
     pids.iter().fold((0.0, 0.0), |(user, system), &pid| {
         let (u, s) = process::cpu_ticks(pid);
         (

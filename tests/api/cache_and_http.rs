@@ -493,6 +493,26 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     assert_eq!(search.status(), 200);
 }
 
+/// A request body over the limit is refused before any handler runs, and that
+/// answer, made by a layer inside the outermost one, still carries the
+/// security headers and is counted by route and status.
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_counted_and_covered() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let response = reqwest::Client::new()
+        .get(service.url("/healthz"))
+        .body(vec![b'x'; 64 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    let refused = r#"http_requests_total{route="/healthz",status="413"}"#;
+    assert_eq!(service.metric(refused).await, 1.0);
+}
+
 /// HTTP/2 without TLS is served only when `HTTP_ALLOW_HTTP2` asks for it; by
 /// default a connection is HTTP/1.1 from its first byte.
 #[tokio::test]
