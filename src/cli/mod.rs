@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use self::settings::{Setting, SettingsArgs, SETTINGS};
+pub use self::settings::SettingsArgs;
 use crate::configuration::Settings;
 use crate::dead_letters::DeadLettersCommand;
 use crate::documents::Format;

@@ -7,58 +7,61 @@ use std::path::PathBuf;
 
 use rdkafka::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
 use super::case_blind;
+use super::setting::{named, section};
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaSettings {
-    pub brokers: String,
-    pub topic: String,
-    pub dlq_topic: String,
-    pub group_id: String,
-    /// A stable name per instance (static membership): a restarted instance
-    /// takes its partitions back at once instead of waiting for a rebalance.
-    /// Unset: derived from the host name and the HTTP address; empty: none.
-    pub group_instance_id: Option<String>,
-    /// How long the group waits for a silent member before it counts it gone
-    /// and moves its partitions.
-    pub session_timeout_ms: u64,
-    #[serde(deserialize_with = "case_blind")]
-    pub security_protocol: SecurityProtocol,
-    #[serde(deserialize_with = "case_blind")]
-    pub sasl_mechanism: SaslMechanism,
-    pub sasl_username: Option<String>,
-    pub sasl_password: Option<SecretString>,
-    /// The authorities the brokers' certificates are checked against;
-    /// unset: the system's.
-    pub ssl_ca_location: Option<PathBuf>,
-    /// This client's own certificate and key, for brokers that ask for one.
-    pub ssl_certificate_location: Option<PathBuf>,
-    pub ssl_key_location: Option<PathBuf>,
-    /// The key's passphrase, when it is encrypted.
-    pub ssl_key_password: Option<SecretString>,
+section! {
+    pub struct KafkaSettings in kafka, heading "Kafka" {
+        /// Kafka bootstrap servers, comma-separated host:port
+        brokers: String = "127.0.0.1:9092".into() => KAFKA_BROKERS "LIST" if named;
+        /// Topic the orders arrive on
+        topic: String = "orders".into() => KAFKA_TOPIC "TOPIC" if named;
+        /// Topic rejected messages go to, with the reasons in headers
+        dlq_topic: String = "orders.dlq".into() => KAFKA_DLQ_TOPIC "TOPIC" if named;
+        /// Consumer group; instances in one group share the partitions
+        group_id: String = "order-service".into() => KAFKA_GROUP_ID "GROUP" if named;
+        /// Stable member name of this instance in the group (static
+        /// membership), e.g. the pod name; a restarted instance takes its
+        /// partitions straight back. Empty: dynamic membership
+        group_instance_id: Option<String> = None => KAFKA_GROUP_INSTANCE_ID "NAME",
+            unset = Some("{host}-{ip}-{port} of the HTTP address");
+        /// How long the group waits for a silent member before moving its
+        /// partitions, in ms
+        session_timeout_ms: u64 = 45_000 => KAFKA_SESSION_TIMEOUT_MS "MS" if session_timeout;
+        /// How connections to the brokers are made: TLS (ssl), SASL sign-in
+        /// (sasl_plaintext), or both (sasl_ssl)
+        #[serde(deserialize_with = "case_blind")]
+        security_protocol: SecurityProtocol = SecurityProtocol::Plaintext
+            => KAFKA_SECURITY_PROTOCOL "PROTOCOL";
+        /// How the SASL user name and password sign in
+        #[serde(deserialize_with = "case_blind")]
+        sasl_mechanism: SaslMechanism = SaslMechanism::Plain => KAFKA_SASL_MECHANISM "MECHANISM";
+        /// SASL user name, with sasl_plaintext or sasl_ssl
+        sasl_username: Option<String> = None => KAFKA_SASL_USERNAME "USER";
+        /// SASL password, with sasl_plaintext or sasl_ssl
+        sasl_password: Option<SecretString> = None => KAFKA_SASL_PASSWORD "PASSWORD", secret = true;
+        /// PEM file of the authorities the brokers' certificates are checked
+        /// against, with ssl or sasl_ssl
+        ssl_ca_location: Option<PathBuf> = None => KAFKA_SSL_CA_LOCATION "FILE",
+            unset = Some("the system's");
+        /// PEM file of this client's certificate, for brokers that ask for one
+        /// (with KAFKA_SSL_KEY_LOCATION)
+        ssl_certificate_location: Option<PathBuf> = None => KAFKA_SSL_CERTIFICATE_LOCATION "FILE";
+        /// PEM file of this client's private key
+        ssl_key_location: Option<PathBuf> = None => KAFKA_SSL_KEY_LOCATION "FILE";
+        /// Passphrase of the private key, if it is encrypted
+        ssl_key_password: Option<SecretString> = None => KAFKA_SSL_KEY_PASSWORD "PASSWORD",
+            secret = true;
+    }
 }
 
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            brokers: "127.0.0.1:9092".into(),
-            topic: "orders".into(),
-            dlq_topic: "orders.dlq".into(),
-            group_id: "order-service".into(),
-            group_instance_id: None,
-            session_timeout_ms: 45_000,
-            security_protocol: SecurityProtocol::Plaintext,
-            sasl_mechanism: SaslMechanism::Plain,
-            sasl_username: None,
-            sasl_password: None,
-            ssl_ca_location: None,
-            ssl_certificate_location: None,
-            ssl_key_location: None,
-            ssl_key_password: None,
-        }
+/// Kafka's brokers accept 6 s to 30 min by default; heartbeats go every 2 s.
+fn session_timeout(ms: &u64) -> Result<(), String> {
+    if (6_000..=1_800_000).contains(ms) {
+        Ok(())
+    } else {
+        Err("must be between 6000 and 1800000".into())
     }
 }
 

@@ -8,15 +8,18 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;
 
 pub use self::kafka::{KafkaSettings, SaslMechanism, SecurityProtocol};
+pub use self::setting::Setting;
+use self::setting::{positive, section};
 use crate::domain::Limits;
 
 mod kafka;
+pub(crate) mod setting;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,137 +34,124 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseSettings {
-    /// The service role: reads and writes the service's tables, nothing more.
-    pub url: SecretString,
-    /// The owner role, used only by `migrate`.
-    pub migration_url: SecretString,
-    /// The role `migrate` grants table access to; by default the user of `url`.
-    pub service_role: Option<String>,
-    pub max_connections: u32,
-    pub connect_timeout_ms: u64,
-}
-
-impl Default for DatabaseSettings {
-    fn default() -> Self {
-        Self {
-            url: "postgres://order_service@127.0.0.1:5432/orders".into(),
-            migration_url: "postgres://order_owner@127.0.0.1:5432/orders".into(),
-            service_role: None,
-            max_connections: 8,
-            connect_timeout_ms: 3000,
-        }
+impl Setting {
+    /// Every setting, in the order `--help` and the README show them.
+    pub fn all() -> impl Iterator<Item = &'static Setting> {
+        [
+            DatabaseSettings::SETTINGS,
+            KafkaSettings::SETTINGS,
+            IngestSettings::SETTINGS,
+            Limits::SETTINGS,
+            RedisSettings::SETTINGS,
+            CacheSettings::SETTINGS,
+            HttpSettings::SETTINGS,
+            LogSettings::SETTINGS,
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestSettings {
-    /// A batch is written when it holds this many messages...
-    pub batch_size: usize,
-    /// ...or this many bytes of messages (so that large orders cannot make a
-    /// batch too large for memory)...
-    pub batch_max_bytes: usize,
-    /// ...or when its first message has waited this long.
-    pub batch_linger_ms: u64,
-    /// Longest wait between retries while PostgreSQL is down.
-    pub max_backoff_ms: u64,
-    /// Longest wait for PostgreSQL to finish a batch's write (or to give the
-    /// stored positions): a server gone without closing its sessions never
-    /// answers, and nothing else would tell.
-    pub write_timeout_ms: u64,
-    /// How long SIGTERM may take to finish the batch in hand and leave the group.
-    pub shutdown_timeout_ms: u64,
-    /// How many of a dead letter's first bytes its record in PostgreSQL keeps
-    /// (the whole original stays on the dead-letter topic).
-    pub dead_letter_preview_bytes: usize,
-}
-
-impl Default for IngestSettings {
-    fn default() -> Self {
-        Self {
-            batch_size: 5000,
-            batch_max_bytes: 16 * 1024 * 1024,
-            batch_linger_ms: 5,
-            max_backoff_ms: 5000,
-            write_timeout_ms: 30_000,
-            shutdown_timeout_ms: 10_000,
-            dead_letter_preview_bytes: 64 * 1024,
-        }
+section! {
+    pub struct DatabaseSettings in database, heading "Database" {
+        /// PostgreSQL URL of the service role, which reads and writes the
+        /// service's tables and nothing more
+        url: SecretString = "postgres://order_service@127.0.0.1:5432/orders".into()
+            => DATABASE_URL "URL" if postgres_url, secret = true;
+        /// PostgreSQL URL of the owner role, used only by `migrate`
+        migration_url: SecretString = "postgres://order_owner@127.0.0.1:5432/orders".into()
+            => MIGRATION_DATABASE_URL "URL" if postgres_url, secret = true;
+        /// Role that `migrate` grants read and write access to
+        service_role: Option<String> = None
+            => DATABASE_SERVICE_ROLE "ROLE", unset = Some("the user in DATABASE_URL");
+        /// Connections in the service's pool
+        max_connections: u32 = 8 => DATABASE_MAX_CONNECTIONS "N" if positive;
+        /// Longest wait for a PostgreSQL session, from the pool or newly opened,
+        /// in ms
+        connect_timeout_ms: u64 = 3000 => DATABASE_CONNECT_TIMEOUT_MS "MS" if positive;
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisSettings {
-    /// Unset: no Redis tier.
-    pub url: Option<SecretString>,
-    pub ttl_secs: u64,
-    /// Prefix of every key, so several deployments can share one Redis.
-    pub key_prefix: String,
-}
-
-impl Default for RedisSettings {
-    fn default() -> Self {
-        Self {
-            url: None,
-            ttl_secs: 7 * 24 * 3600,
-            key_prefix: "order-service:".into(),
-        }
+section! {
+    pub struct IngestSettings in ingest, heading "Ingest" {
+        /// Messages per database transaction, at most
+        batch_size: usize = 5000 => INGEST_BATCH_SIZE "N" if positive;
+        /// Bytes of messages per database transaction, at most (a batch is
+        /// written at either limit, so large orders cannot make one too large
+        /// for memory)
+        batch_max_bytes: usize = 16 * 1024 * 1024 => INGEST_BATCH_MAX_BYTES "BYTES" if positive;
+        /// Longest wait before a partial batch is written, in ms
+        batch_linger_ms: u64 = 5 => INGEST_BATCH_LINGER_MS "MS";
+        /// Longest pause between retries while PostgreSQL is unreachable, in ms
+        max_backoff_ms: u64 = 5000 => INGEST_MAX_BACKOFF_MS "MS";
+        /// Longest wait for PostgreSQL to finish a batch's write, in ms; then
+        /// ingest pauses and retries on new sessions. The server ends a
+        /// batch's statements and its idle transaction after the same time
+        write_timeout_ms: u64 = 30_000 => INGEST_WRITE_TIMEOUT_MS "MS" if positive;
+        /// Time allowed on SIGTERM/SIGINT to finish the batch in hand and
+        /// leave the group, in ms
+        shutdown_timeout_ms: u64 = 10_000 => SHUTDOWN_TIMEOUT_MS "MS";
+        /// First bytes of each rejected message kept in PostgreSQL with its
+        /// reasons (0: none); the whole message stays on the dead-letter topic
+        dead_letter_preview_bytes: usize = 64 * 1024 => DEAD_LETTER_PREVIEW_BYTES "BYTES";
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpSettings {
-    pub addr: SocketAddr,
-    pub request_timeout_ms: u64,
-    /// How long a client may take to send its request head (slow-client guard).
-    pub header_read_timeout_ms: u64,
-    pub max_concurrency: usize,
-    /// Serving threads; 0 means one per core.
-    pub workers: usize,
-    /// HTTP/2 (prior knowledge) beside HTTP/1.1; off, connections skip the
-    /// protocol sniffing.
-    pub allow_http2: bool,
+section! {
+    impl Limits in validation, heading "Validation" {
+        /// Messages larger than this are dead-lettered unread, in bytes
+        max_message_bytes => MAX_MESSAGE_BYTES "BYTES" if positive;
+        /// Most items in one order
+        max_items => MAX_ITEMS "N" if positive;
+        /// Longest text field, in characters
+        max_string_chars => MAX_STRING_CHARS "N" if positive;
+    }
 }
 
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            request_timeout_ms: 5000,
-            header_read_timeout_ms: 10_000,
-            max_concurrency: 4096,
-            workers: 0,
-            allow_http2: false,
-        }
+section! {
+    pub struct RedisSettings in redis, heading "Cache" {
+        /// Redis URL of the shared cache tier; unset means no Redis tier
+        url: Option<SecretString> = None => REDIS_URL "URL" if redis_url, secret = true;
+        /// How long orders stay in Redis, in seconds
+        ttl_secs: u64 = 7 * 24 * 3600 => REDIS_TTL_SECS "SECS";
+        /// Prefix of every Redis key, so deployments can share one Redis
+        key_prefix: String = "order-service:".into() => REDIS_KEY_PREFIX "PREFIX";
+    }
+}
+
+section! {
+    pub struct CacheSettings in cache, heading "Cache" {
+        /// Memory budget of the in-process cache, in bytes
+        max_bytes: u64 = 256 * 1024 * 1024 => CACHE_MAX_BYTES "BYTES";
+        /// Most recent orders loaded into the in-process cache at start
+        warmup_orders: u64 = 100_000 => CACHE_WARMUP_ORDERS "N";
+    }
+}
+
+section! {
+    pub struct HttpSettings in http, heading "HTTP" {
+        /// Address the HTTP server listens on
+        addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)) => HTTP_ADDR "HOST:PORT";
+        /// Longest wait of one request for PostgreSQL or Redis, in ms; then it
+        /// answers 408
+        request_timeout_ms: u64 = 5000 => HTTP_REQUEST_TIMEOUT_MS "MS";
+        /// Time a client may take to send its request head, in ms; slower ones
+        /// are cut off
+        header_read_timeout_ms: u64 = 10_000 => HTTP_HEADER_READ_TIMEOUT_MS "MS";
+        /// Requests handled at once; more wait
+        max_concurrency: usize = 4096 => HTTP_MAX_CONCURRENCY "N" if positive;
+        /// Threads serving HTTP, each with its own single-threaded runtime (0:
+        /// one per core)
+        workers: usize = 0 => HTTP_WORKERS "N";
+        /// Also serve HTTP/2 without TLS (prior knowledge); false serves
+        /// HTTP/1.1 only, without reading ahead to tell the two apart
+        allow_http2: bool = false => HTTP_ALLOW_HTTP2 "BOOL";
     }
 }
 
 impl HttpSettings {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheSettings {
-    /// Budget of the in-process cache, in bytes of order JSON plus key.
-    pub max_bytes: u64,
-    /// How many of the most recently ingested orders are loaded at start.
-    pub warmup_orders: u64,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            max_bytes: 256 * 1024 * 1024,
-            warmup_orders: 100_000,
-        }
     }
 }
 
@@ -174,11 +164,13 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    #[serde(deserialize_with = "case_blind")]
-    pub format: LogFormat,
+section! {
+    pub struct LogSettings in log, heading "Logging" {
+        /// Log format; the level is set with RUST_LOG (e.g. info,
+        /// order_service=debug)
+        #[serde(deserialize_with = "case_blind")]
+        format: LogFormat = LogFormat::Auto => LOG_FORMAT "FORMAT";
+    }
 }
 
 /// A value of a fixed set, read by its name in any case (`sasl_ssl`, `SASL_SSL`).
@@ -212,40 +204,10 @@ impl Settings {
 
     /// The checks serde cannot make: URLs that must parse, numbers that must be positive.
     pub fn check(&self) -> anyhow::Result<()> {
-        pg_options("DATABASE_URL", &self.database.url)?;
-        pg_options("MIGRATION_DATABASE_URL", &self.database.migration_url)?;
-        if let Some(url) = &self.redis.url {
-            redis::Client::open(url.expose_secret())
-                .map_err(|e| anyhow::anyhow!("REDIS_URL: not a Redis URL ({e})"))?;
+        for setting in Setting::all() {
+            setting.check(self)?;
         }
-        positive("INGEST_BATCH_SIZE", self.ingest.batch_size as u64)?;
-        positive("INGEST_BATCH_MAX_BYTES", self.ingest.batch_max_bytes as u64)?;
-        positive(
-            "DATABASE_MAX_CONNECTIONS",
-            u64::from(self.database.max_connections),
-        )?;
-        positive("HTTP_MAX_CONCURRENCY", self.http.max_concurrency as u64)?;
-        positive("INGEST_WRITE_TIMEOUT_MS", self.ingest.write_timeout_ms)?;
-        positive(
-            "MAX_MESSAGE_BYTES",
-            self.validation.max_message_bytes as u64,
-        )?;
-        positive("MAX_ITEMS", self.validation.max_items as u64)?;
-        positive("MAX_STRING_CHARS", self.validation.max_string_chars as u64)?;
-        // Kafka's brokers accept 6 s to 30 min by default; heartbeats go every 2 s.
-        anyhow::ensure!(
-            (6_000..=1_800_000).contains(&self.kafka.session_timeout_ms),
-            "KAFKA_SESSION_TIMEOUT_MS: must be between 6000 and 1800000"
-        );
         self.kafka.check_security()?;
-        for (name, value) in [
-            ("KAFKA_BROKERS", &self.kafka.brokers),
-            ("KAFKA_TOPIC", &self.kafka.topic),
-            ("KAFKA_DLQ_TOPIC", &self.kafka.dlq_topic),
-            ("KAFKA_GROUP_ID", &self.kafka.group_id),
-        ] {
-            anyhow::ensure!(!value.trim().is_empty(), "{name}: must not be empty");
-        }
         anyhow::ensure!(
             self.kafka.topic != self.kafka.dlq_topic,
             "KAFKA_DLQ_TOPIC: must differ from KAFKA_TOPIC ({})",
@@ -258,11 +220,12 @@ impl Settings {
     /// is left out (no column here is a float): a connection pooler such as
     /// PgBouncer refuses startup parameters it does not know.
     pub fn service_options(&self) -> anyhow::Result<PgConnectOptions> {
-        Ok(pg_options("DATABASE_URL", &self.database.url)?.extra_float_digits(None))
+        let options = pg_options(&self.database.url).map_err(|e| anyhow!("DATABASE_URL: {e}"))?;
+        Ok(options.extra_float_digits(None))
     }
 
     pub fn migration_options(&self) -> anyhow::Result<PgConnectOptions> {
-        pg_options("MIGRATION_DATABASE_URL", &self.database.migration_url)
+        pg_options(&self.database.migration_url).map_err(|e| anyhow!("MIGRATION_DATABASE_URL: {e}"))
     }
 
     /// The role `migrate` grants access to.
@@ -286,19 +249,26 @@ impl Settings {
     }
 }
 
-fn pg_options(name: &str, url: &SecretString) -> anyhow::Result<PgConnectOptions> {
+fn pg_options(url: &SecretString) -> Result<PgConnectOptions, String> {
     let url = url.expose_secret();
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        anyhow::bail!("{name}: must be a postgres:// URL");
+        return Err("must be a postgres:// URL".into());
     }
     // The parse error may quote the URL, password included, so it is not shown.
-    PgConnectOptions::from_str(url)
-        .map_err(|_| anyhow::anyhow!("{name}: not a valid PostgreSQL URL"))
+    PgConnectOptions::from_str(url).map_err(|_| "not a valid PostgreSQL URL".into())
 }
 
-fn positive(name: &str, value: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(value > 0, "{name}: must be greater than 0");
-    Ok(())
+fn postgres_url(url: &SecretString) -> Result<(), String> {
+    pg_options(url).map(drop)
+}
+
+fn redis_url(url: &Option<SecretString>) -> Result<(), String> {
+    match url {
+        Some(url) => redis::Client::open(url.expose_secret())
+            .map(drop)
+            .map_err(|e| format!("not a Redis URL ({e})")),
+        None => Ok(()),
+    }
 }
 
 /// A URL with its password replaced, for logs.
