@@ -130,14 +130,7 @@ async fn record(State(state): State<Shared>, request: Request, next: Next) -> Re
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let started = Instant::now();
     let mut response = next.run(request).await;
-    metrics
-        .http_request_seconds
-        .with_label_values(&[route])
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .http_requests
-        .with_label_values(&[route, response.status().as_str()])
-        .inc();
+    metrics.http_request(route, response.status(), started.elapsed().as_secs_f64());
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
         if !headers.contains_key(&name) {

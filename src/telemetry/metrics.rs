@@ -1,12 +1,19 @@
 //! Prometheus metrics. Each application owns its registry, so several instances
 //! in one process (as in tests) keep their counts apart.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::http::StatusCode;
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
+    /// Tells this registry's series apart from another's in a worker's handles.
+    id: u64,
     registry: Registry,
     pub messages_consumed: IntCounter,
     pub messages_expired: IntCounter,
@@ -34,8 +41,22 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub warmup_loaded: IntGauge,
     pub redis_writes_dropped: IntCounter,
-    pub http_requests: IntCounterVec,
-    pub http_request_seconds: HistogramVec,
+    http_requests: IntCounterVec,
+    http_request_seconds: HistogramVec,
+}
+
+/// One route's series, as one HTTP worker holds them.
+struct RouteSeries {
+    seconds: Histogram,
+    by_status: Vec<(StatusCode, IntCounter)>,
+}
+
+thread_local! {
+    /// Each HTTP worker's handles to the series it has written, by route
+    /// template, and the registry they belong to. `with_label_values` hashes
+    /// the labels and takes the family's lock, shared by every worker, on each
+    /// call; a handle resolved once touches only its series' own atomics.
+    static HTTP_SERIES: RefCell<(u64, HashMap<String, RouteSeries>)> = RefCell::default();
 }
 
 impl Metrics {
@@ -53,7 +74,9 @@ impl Metrics {
             &["stage"],
         )
         .unwrap();
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let m = Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             messages_consumed: IntCounter::new(
                 "orders_messages_consumed_total",
                 "Messages read from the orders topic.",
@@ -215,6 +238,27 @@ impl Metrics {
         m
     }
 
+    /// Counts an answered request of `route` (a template, never a raw path)
+    /// with its status, and its time.
+    pub fn http_request(&self, route: &str, status: StatusCode, seconds: f64) {
+        HTTP_SERIES.with_borrow_mut(|(owner, routes)| {
+            if *owner != self.id {
+                routes.clear();
+                *owner = self.id;
+            }
+            if let Some(series) = routes.get_mut(route) {
+                series.record(self, route, status, seconds);
+                return;
+            }
+            let mut series = RouteSeries {
+                seconds: self.http_request_seconds.with_label_values(&[route]),
+                by_status: Vec::new(),
+            };
+            series.record(self, route, status, seconds);
+            routes.insert(route.to_owned(), series);
+        });
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -225,8 +269,58 @@ impl Metrics {
     }
 }
 
+impl RouteSeries {
+    fn record(&mut self, metrics: &Metrics, route: &str, status: StatusCode, seconds: f64) {
+        self.seconds.observe(seconds);
+        let at = match self.by_status.iter().position(|(s, _)| *s == status) {
+            Some(at) => at,
+            None => {
+                let counter = metrics
+                    .http_requests
+                    .with_label_values(&[route, status.as_str()]);
+                self.by_status.push((status, counter));
+                self.by_status.len() - 1
+            }
+        };
+        self.by_status[at].1.inc();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(series))
+    }
+
+    /// A worker's handles follow the registry they were resolved from: two
+    /// instances served from one thread keep their counts apart.
+    #[test]
+    fn requests_are_counted_in_their_own_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.http_request("/order/{order_uid}", StatusCode::OK, 0.001);
+        b.http_request("/order/{order_uid}", StatusCode::OK, 0.001);
+        a.http_request("/order/{order_uid}", StatusCode::OK, 0.001);
+        a.http_request("/order/{order_uid}", StatusCode::NOT_FOUND, 0.001);
+        a.http_request("/healthz", StatusCode::OK, 0.001);
+        let (a, b) = (a.render(), b.render());
+        let ok = r#"http_requests_total{route="/order/{order_uid}",status="200"}"#;
+        let missing = r#"http_requests_total{route="/order/{order_uid}",status="404"}"#;
+        let timed = r#"http_request_duration_seconds_count{route="/order/{order_uid}"}"#;
+        assert_eq!(line(&a, ok), Some(&*format!("{ok} 2")));
+        assert_eq!(line(&a, missing), Some(&*format!("{missing} 1")));
+        assert_eq!(line(&a, timed), Some(&*format!("{timed} 3")));
+        assert_eq!(line(&b, ok), Some(&*format!("{ok} 1")));
+        assert_eq!(line(&b, missing), None);
+        assert_eq!(line(&b, timed), Some(&*format!("{timed} 1")));
+        let health = r#"http_requests_total{route="/healthz",status="200"}"#;
+        assert_eq!(line(&a, health), Some(&*format!("{health} 1")));
     }
 }
