@@ -7,6 +7,9 @@
 //! and of BENCH_RESTART_LETTERS (1 000 000; 0 skips it), with the positions
 //! a running service stores. 0 also skips the other parts.
 //!
+//! (e) puts both loads on one instance: the backlog of (a) again while wrk asks
+//! the instance for an order, each rate against the same instance doing one thing.
+//!
 //! BENCH_ORDERS (default 100000), BENCH_LATENCY_RATE (1000/s), BENCH_LATENCY_SECS (10).
 
 #[path = "support/process.rs"]
@@ -123,7 +126,8 @@ impl Bench {
             .unwrap()
     }
 
-    fn service(&self, topic: &str, db_url: &str) -> (Child, String) {
+    /// The service on `topic` as member of the group `{topic}-{group}`.
+    fn service(&self, topic: &str, group: &str, db_url: &str) -> (Child, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
             .arg("serve")
             .env_clear()
@@ -132,9 +136,12 @@ impl Bench {
                 ("KAFKA_BROKERS", &self.brokers),
                 ("KAFKA_TOPIC", topic),
                 ("KAFKA_DLQ_TOPIC", &format!("{topic}.dlq")),
-                ("KAFKA_GROUP_ID", &format!("{topic}-service")),
-                // One instance per topic here; restarted, it is the same member.
-                ("KAFKA_GROUP_INSTANCE_ID", &format!("{topic}-member")),
+                ("KAFKA_GROUP_ID", &format!("{topic}-{group}")),
+                // One instance per group here; restarted, it is the same member.
+                (
+                    "KAFKA_GROUP_INSTANCE_ID",
+                    &format!("{topic}-{group}-member"),
+                ),
                 ("HTTP_ADDR", "127.0.0.1:0"),
                 ("LOG_FORMAT", "json"),
                 ("RUST_LOG", "warn,order_service::app=info"),
@@ -344,6 +351,8 @@ async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
 /// which would compete with the ingest being measured).
 struct Progress {
     stored: f64,
+    /// Orders answered from `GET /order/{order_uid}` so far.
+    answered: f64,
     /// Seconds spent in batch commits so far (dead letters, transaction).
     committing: f64,
 }
@@ -364,6 +373,7 @@ async fn progress(client: &reqwest::Client, addr: &str) -> Progress {
     };
     Progress {
         stored: value("orders_stored_total"),
+        answered: value(r#"http_requests_total{route="/order/{order_uid}",status="200"}"#),
         committing: value("ingest_batch_commit_duration_seconds_sum"),
     }
 }
@@ -399,7 +409,7 @@ const POLL: Duration = Duration::from_millis(25);
 /// prints how busy the machine and the service were meanwhile.
 async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (f64, f64) {
     let (_, url) = bench.database(database).await;
-    let (mut child, addr) = bench.service(topic, &url);
+    let (mut child, addr) = bench.service(topic, "service", &url);
     let client = reqwest::Client::new();
     let mut at = progress(&client, &addr).await;
     while at.stored == 0.0 {
@@ -433,12 +443,74 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
     )
 }
 
+/// (e) Ingest and HTTP on one instance: the same backlog into a new database
+/// while wrk asks the instance for one stored order, against (a) alone; and
+/// the orders it answers per second while it ingests, against right after.
+/// Both share the machine's cores with the broker and PostgreSQL, so this
+/// shows what one costs the other on this machine, runtimes apart or not.
+async fn side_by_side(bench: &Bench, topic: &str, uid: &str, n: usize, alone: f64) {
+    if Command::new("wrk").arg("-v").output().is_err() {
+        println!("  (e) skipped: wrk is not installed (scripts/bench-http installs it)");
+        return;
+    }
+    let (_, url) = bench.database("side_by_side").await;
+    let (mut child, addr) = bench.service(topic, "side-by-side", &url);
+    let client = reqwest::Client::new();
+    let order = format!("http://{addr}/order/{uid}");
+    while !client
+        .get(&order)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut wrk = Command::new("wrk")
+        .args(["-t1", "-c16", "-d600s", &order])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (from, started) = (progress(&client, &addr).await, Instant::now());
+    let mut at = progress(&client, &addr).await;
+    while at.stored < n as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "ingest did not finish"
+        );
+        tokio::time::sleep(POLL).await;
+        at = progress(&client, &addr).await;
+    }
+    let during = started.elapsed().as_secs_f64();
+    let ingest = (at.stored - from.stored) / during;
+    let answered = (at.answered - from.answered) / during;
+    // As long again with nothing left to ingest.
+    tokio::time::sleep(Duration::from_secs_f64(during.max(2.0))).await;
+    let after = progress(&client, &addr).await;
+    let idle = (after.answered - at.answered) / during.max(2.0);
+    let _ = wrk.kill();
+    let _ = wrk.wait();
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "  (e) with wrk -t1 -c16 on GET /order/{{uid}} of the same instance: ingest {ingest:.0} orders/s = {:.2} x (a)",
+        ingest / alone
+    );
+    println!(
+        "      and its answers: {answered:.0} req/s while ingesting ({:.1} s, {:.0} orders), {idle:.0} req/s right after = {:.2}",
+        during,
+        at.stored - from.stored,
+        answered / idle
+    );
+}
+
 /// Produce-to-visible: from the send of an order to the moment the service
 /// announces it stored and cached (its Server-Sent Event).
 async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f64, f64, usize) {
     let topic = bench.topic(&format!("latency-{label}")).await;
     let (_, url) = bench.database(&format!("latency_{label}")).await;
-    let (mut child, addr) = bench.service(&topic, &url);
+    let (mut child, addr) = bench.service(&topic, "service", &url);
     let client = reqwest::Client::new();
     while client
         .get(format!("http://{addr}/readyz"))
@@ -682,13 +754,13 @@ async fn use_the_stack(bench: &Bench, seconds: u64) {
     };
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut next_bulk, mut bulks, mut kills) = (Instant::now() + Duration::from_secs(60), 0, 0);
-    let mut child = bench.service(&topic, &url).0;
+    let mut child = bench.service(&topic, "service", &url).0;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_secs(40).min(end - Instant::now())).await;
         let _ = child.kill();
         let _ = child.wait();
         kills += 1;
-        child = bench.service(&topic, &url).0;
+        child = bench.service(&topic, "service", &url).0;
         if Instant::now() >= next_bulk && Instant::now() < end {
             bulks += 1;
             bulk_load(bench, &format!("soak_bulk_{bulks}")).await;
@@ -791,7 +863,7 @@ async fn restart_once(bench: &Bench, topic: &str, database: &str, letters: usize
     .await
     .unwrap();
     let started = Instant::now();
-    let (mut service, _) = bench.service(topic, &url);
+    let (mut service, _) = bench.service(topic, "service", &url);
     loop {
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
             .fetch_one(&pool)
@@ -876,4 +948,5 @@ async fn throughput(bench: &Bench, n: usize) {
         "  (a) / min(b, c) = {:.2}   (target >= 0.90)",
         service / ceiling
     );
+    side_by_side(bench, &topic, &orders[0].0, n, service).await;
 }
