@@ -404,6 +404,22 @@ fn total_ticks(pid: u32) -> u64 {
 /// How often (a) reads the service's counters while it ingests.
 const POLL: Duration = Duration::from_millis(25);
 
+/// The service's progress once it has stored `n` orders; ten minutes at most.
+async fn until_stored(client: &reqwest::Client, addr: &str, n: usize) -> Progress {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let at = progress(client, addr).await;
+        if at.stored >= n as f64 {
+            return at;
+        }
+        assert!(Instant::now() < deadline, "ingest did not finish");
+        // Each look renders the service's whole /metrics page, on the cores
+        // being measured: often enough to time the end within 0.5 % of a
+        // 5-second run, no more.
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// (a) The service, from the first stored order to the last. Also returns the
 /// share of that time spent committing, i.e. waiting for PostgreSQL, and
 /// prints how busy the machine and the service were meanwhile.
@@ -418,15 +434,7 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
     }
     let (first, first_stored, first_committing) = (Instant::now(), at.stored, at.committing);
     let (machine_from, service_from) = (machine_cpu(), total_ticks(child.id()));
-    let deadline = first + Duration::from_secs(600);
-    while at.stored < n as f64 {
-        assert!(Instant::now() < deadline, "ingest did not finish");
-        // Each look renders the service's whole /metrics page, on the cores
-        // being measured: often enough to time the end within 0.5 % of a
-        // 5-second run, no more.
-        tokio::time::sleep(POLL).await;
-        at = progress(&client, &addr).await;
-    }
+    let at = until_stored(&client, &addr, n).await;
     let elapsed = first.elapsed().as_secs_f64();
     let (machine_to, service_to) = (machine_cpu(), total_ticks(child.id()));
     let (busy, total) = (machine_to.0 - machine_from.0, machine_to.1 - machine_from.1);
@@ -473,22 +481,15 @@ async fn side_by_side(bench: &Bench, topic: &str, uid: &str, n: usize, alone: f6
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (from, started) = (progress(&client, &addr).await, Instant::now());
-    let mut at = progress(&client, &addr).await;
-    while at.stored < n as f64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "ingest did not finish"
-        );
-        tokio::time::sleep(POLL).await;
-        at = progress(&client, &addr).await;
-    }
+    let at = until_stored(&client, &addr, n).await;
     let during = started.elapsed().as_secs_f64();
     let ingest = (at.stored - from.stored) / during;
     let answered = (at.answered - from.answered) / during;
-    // As long again with nothing left to ingest.
-    tokio::time::sleep(Duration::from_secs_f64(during.max(2.0))).await;
+    // As long again (2 s at least) with nothing left to ingest.
+    let idle_for = during.max(2.0);
+    tokio::time::sleep(Duration::from_secs_f64(idle_for)).await;
     let after = progress(&client, &addr).await;
-    let idle = (after.answered - at.answered) / during.max(2.0);
+    let idle = (after.answered - at.answered) / idle_for;
     let _ = wrk.kill();
     let _ = wrk.wait();
     let _ = child.kill();
