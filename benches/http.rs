@@ -128,15 +128,7 @@ fn parse_ms(value: &str) -> f64 {
 
 /// CPU time the processes used so far, user and system, in seconds.
 fn cpu_seconds(pids: &[u32]) -> (f64, f64) {
-    static TICKS_PER_SECOND: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    let ticks_per_second = *TICKS_PER_SECOND.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    });
+    let ticks_per_second = process::ticks_per_second();
     pids.iter().fold((0.0, 0.0), |(user, system), &pid| {
         let (u, s) = process::cpu_ticks(pid);
         (
@@ -258,18 +250,6 @@ fn stop_nginx(mut nginx: Child) {
         .arg(nginx.id().to_string())
         .status();
     let _ = nginx.wait();
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
 }
 
 /// Starts `serve`; with `cpu`, on that CPU alone with one HTTP worker.
@@ -504,7 +484,7 @@ async fn main() {
             .unwrap()
     };
     let cached_bytes = metric("cache_bytes");
-    let rss = rss_bytes(service.id()) as f64;
+    let rss = process::memory_bytes(service.id(), "VmRSS") as f64;
     println!(
         "  warm-up: {n} orders in {warm_ms} ms = {:.0} orders/s   (target >= 100000/s at 1M)",
         n as f64 / (warm_ms.max(1) as f64 / 1000.0)

@@ -438,10 +438,14 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
     let elapsed = first.elapsed().as_secs_f64();
     let (machine_to, service_to) = (machine_cpu(), total_ticks(child.id()));
     let (busy, total) = (machine_to.0 - machine_from.0, machine_to.1 - machine_from.1);
+    let service = service_to - service_from;
+    let peak = process::memory_bytes(child.id(), "VmHWM") as f64 / 1048576.0;
     println!(
-        "  while (a) ran: machine CPU {:.0} % busy; the service process used {:.0} % of it",
+        "  while (a) ran: machine CPU {:.0} % busy; the service process used {:.0} % of it, \
+         {:.0} µs of CPU per order; its peak RSS {peak:.0} MiB",
         busy as f64 * 100.0 / total.max(1) as f64,
-        (service_to - service_from) as f64 * 100.0 / busy.max(1) as f64
+        service as f64 * 100.0 / busy.max(1) as f64,
+        service as f64 * 1e6 / process::ticks_per_second() / (at.stored - first_stored).max(1.0)
     );
     let _ = child.kill();
     let _ = child.wait();

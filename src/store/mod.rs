@@ -1,5 +1,6 @@
 //! PostgreSQL: the durable record of orders and of the offsets they came from.
 
+mod copy_rows;
 mod dead_letters;
 mod migrate;
 mod read;

@@ -4,9 +4,9 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use chrono::Utc;
 use sqlx::{Postgres, Transaction};
 
+use super::copy_rows::{Table, TABLES};
 use super::{classify, ErrorClass, Store};
 use crate::domain::Order;
 
@@ -177,7 +177,10 @@ impl BatchTx {
         Ok(rows.into_iter().collect())
     }
 
-    /// `COPY` of the `rows` of `batch` into the tables named `{prefix}{table}`.
+    /// `COPY` of the `rows` of `batch` into the tables named `{prefix}{table}`,
+    /// sent in chunks from one reused buffer: a whole batch's rows in memory
+    /// would take fresh pages from the system for every batch, which cost the
+    /// service more CPU than writing the rows.
     async fn copy_rows(
         &mut self,
         topic: &str,
@@ -185,15 +188,24 @@ impl BatchTx {
         rows: &[usize],
         prefix: &str,
     ) -> Result<(), sqlx::Error> {
-        let mut tables = CopyTables::default();
-        for &i in rows {
-            tables.push(topic, &batch[i]);
-        }
-        for ((table, columns), data) in TABLES.into_iter().zip(tables.into_rows()) {
-            let statement =
-                format!("COPY {prefix}{table} ({columns}) FROM STDIN WITH (FORMAT text)");
+        let mut chunk = Vec::with_capacity(COPY_CHUNK_BYTES * 2);
+        for table in &TABLES {
+            let statement = format!(
+                "COPY {prefix}{} ({}) FROM STDIN WITH (FORMAT text)",
+                table.name, table.columns
+            );
             let mut copy = self.tx.copy_in_raw(&statement).await?;
-            copy.send(data.into_bytes()).await?;
+            for &i in rows {
+                (table.rows)(&mut chunk, topic, &batch[i]);
+                if chunk.len() >= COPY_CHUNK_BYTES {
+                    copy.send(chunk.as_slice()).await?;
+                    chunk.clear();
+                }
+            }
+            if !chunk.is_empty() {
+                copy.send(chunk.as_slice()).await?;
+                chunk.clear();
+            }
             copy.finish().await?;
         }
         Ok(())
@@ -214,25 +226,26 @@ impl BatchTx {
         }
         // Temporary tables without the real ones' constraints, emptied at each
         // commit; a row the database refuses is refused by the INSERT below.
-        for (table, columns) in TABLES {
+        for Table { name, columns, .. } in &TABLES {
             sqlx::query(&format!(
-                "CREATE TEMP TABLE IF NOT EXISTS staged_{table} ON COMMIT DELETE ROWS
-                 AS SELECT {columns} FROM {table} WITH NO DATA"
+                "CREATE TEMP TABLE IF NOT EXISTS staged_{name} ON COMMIT DELETE ROWS
+                 AS SELECT {columns} FROM {name} WITH NO DATA"
             ))
             .execute(&mut *self.tx)
             .await?;
         }
         self.copy_rows(topic, batch, rows, "staged_").await?;
-        let [(orders, order_columns), children @ ..] = TABLES;
+        let [orders, children @ ..] = &TABLES;
+        let (name, columns) = (orders.name, orders.columns);
         let inserted: Vec<String> = sqlx::query_scalar(&format!(
-            "INSERT INTO {orders} ({order_columns}) SELECT {order_columns} FROM staged_{orders}
+            "INSERT INTO {name} ({columns}) SELECT {columns} FROM staged_{name}
              ON CONFLICT (order_uid) DO NOTHING RETURNING order_uid"
         ))
         .fetch_all(&mut *self.tx)
         .await?;
-        for (table, columns) in children {
+        for Table { name, columns, .. } in children {
             sqlx::query(&format!(
-                "INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_{table}
+                "INSERT INTO {name} ({columns}) SELECT {columns} FROM staged_{name}
                  WHERE order_uid = ANY($1)"
             ))
             .bind(&inserted)
@@ -294,145 +307,5 @@ impl BatchTx {
     }
 }
 
-/// The rows of the four tables in `COPY`'s text format (an empty field is an
-/// empty string there; NULL would be `\N`, which escaping keeps out).
-#[derive(Default)]
-struct CopyTables {
-    orders: String,
-    deliveries: String,
-    payments: String,
-    items: String,
-}
-
-impl CopyTables {
-    fn push(&mut self, topic: &str, incoming: &Incoming) {
-        let o = incoming.order.document();
-        let uid = o.order_uid.as_str();
-        let created = o.date_created.at().with_timezone(&Utc).to_rfc3339();
-        // Canonical JSON is built by serde_json and is always UTF-8.
-        let document = String::from_utf8_lossy(&incoming.json);
-        let row = &mut self.orders;
-        for text in [
-            uid,
-            &o.track_number,
-            &o.entry,
-            &o.locale,
-            &o.internal_signature,
-            &o.customer_id,
-            &o.delivery_service,
-            &o.shardkey,
-        ] {
-            text_field(row, text);
-        }
-        number_field(row, o.sm_id);
-        for text in [created.as_str(), &o.oof_shard, &document, topic] {
-            text_field(row, text);
-        }
-        number_field(row, incoming.partition.into());
-        number_field(row, incoming.offset);
-        end_row(row);
-
-        let (d, row) = (&o.delivery, &mut self.deliveries);
-        for text in [
-            uid, &d.name, &d.phone, &d.zip, &d.city, &d.address, &d.region, &d.email,
-        ] {
-            text_field(row, text);
-        }
-        end_row(row);
-
-        let (p, row) = (&o.payment, &mut self.payments);
-        for text in [uid, &p.transaction, &p.request_id, &p.currency, &p.provider] {
-            text_field(row, text);
-        }
-        number_field(row, p.amount);
-        number_field(row, p.payment_dt);
-        text_field(row, &p.bank);
-        for number in [p.delivery_cost, p.goods_total, p.custom_fee] {
-            number_field(row, number);
-        }
-        end_row(row);
-
-        let row = &mut self.items;
-        for (position, item) in o.items.iter().enumerate() {
-            text_field(row, uid);
-            number_field(row, position as i64);
-            number_field(row, item.chrt_id);
-            text_field(row, &item.track_number);
-            number_field(row, item.price);
-            text_field(row, &item.rid);
-            text_field(row, &item.name);
-            number_field(row, item.sale);
-            text_field(row, &item.size);
-            number_field(row, item.total_price);
-            number_field(row, item.nm_id);
-            text_field(row, &item.brand);
-            number_field(row, item.status);
-            end_row(row);
-        }
-    }
-
-    /// The rows of each table, in the order of [`TABLES`].
-    fn into_rows(self) -> [String; 4] {
-        [self.orders, self.deliveries, self.payments, self.items]
-    }
-}
-
-/// The tables a batch writes, parents first (the children's foreign keys are
-/// checked row by row), with the columns in the order [`CopyTables`] writes them.
-const TABLES: [(&str, &str); 4] = [
-    (
-        "orders",
-        "order_uid, track_number, entry, locale, internal_signature, customer_id, \
-         delivery_service, shardkey, sm_id, date_created, oof_shard, document, \
-         source_topic, source_partition, source_offset",
-    ),
-    (
-        "deliveries",
-        "order_uid, name, phone, zip, city, address, region, email",
-    ),
-    (
-        "payments",
-        "order_uid, transaction, request_id, currency, provider, amount, payment_dt, bank, \
-         delivery_cost, goods_total, custom_fee",
-    ),
-    (
-        "items",
-        "order_uid, position, chrt_id, track_number, price, rid, name, sale, size, \
-         total_price, nm_id, brand, status",
-    ),
-];
-
-/// A field in `COPY`'s text format: only a backslash, a tab, a line feed or a
-/// carriage return needs escaping. Validation leaves no control character in
-/// an order's text, and canonical JSON escapes them, so most fields, the
-/// document included, are copied as they are after one scan.
-fn text_field(row: &mut String, text: &str) {
-    if text
-        .bytes()
-        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
-    {
-        for c in text.chars() {
-            match c {
-                '\\' => row.push_str("\\\\"),
-                '\t' => row.push_str("\\t"),
-                '\n' => row.push_str("\\n"),
-                '\r' => row.push_str("\\r"),
-                c => row.push(c),
-            }
-        }
-    } else {
-        row.push_str(text);
-    }
-    row.push('\t');
-}
-
-fn number_field(row: &mut String, number: i64) {
-    use std::fmt::Write;
-    let _ = write!(row, "{number}\t");
-}
-
-/// Each field ends with a tab; the row's last one ends with a line feed.
-fn end_row(row: &mut String) {
-    row.pop();
-    row.push('\n');
-}
+/// Bytes of rows sent to `COPY` at a time.
+const COPY_CHUNK_BYTES: usize = 256 * 1024;
