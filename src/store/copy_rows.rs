@@ -5,7 +5,7 @@ use chrono::Utc;
 
 use super::write::Incoming;
 
-/// A table a batch writes, with its columns in the order `row` writes them.
+/// A table a batch writes, with its columns in the order `rows` writes them.
 pub struct Table {
     pub name: &'static str,
     pub columns: &'static str,
