@@ -265,8 +265,8 @@ impl OrderCache {
     }
 
     /// `None` when no Redis tier is configured.
-    pub fn redis_up(&self) -> Option<bool> {
-        self.redis.as_ref().map(RedisTier::is_up)
+    pub fn redis(&self) -> Option<&RedisTier> {
+        self.redis.as_ref()
     }
 }
 

@@ -1,5 +1,8 @@
 //! The shared Redis tier. It is only ever a cache: when Redis is away, reads
 //! skip it and writes are dropped (and counted), so nothing waits on it.
+//! A Redis that answers but refuses a command (full under `noeviction`, an
+//! ACL, a read-only replica) is not away: the tier stays up for what it
+//! still does, and the refusal is told once, not once per command.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -26,6 +29,8 @@ struct Inner {
     client: redis::Client,
     connection: RwLock<Option<ConnectionManager>>,
     up: AtomicBool,
+    reads_refused: Refusal,
+    writes_refused: Refusal,
     ttl_secs: u64,
     key_prefix: String,
     metrics: Arc<Metrics>,
@@ -43,6 +48,14 @@ impl RedisTier {
             client,
             connection: RwLock::new(None),
             up: AtomicBool::new(false),
+            reads_refused: Refusal::new(
+                "reads",
+                "orders are served from memory and PostgreSQL meanwhile",
+            ),
+            writes_refused: Refusal::new(
+                "writes",
+                "orders are not shared through it until it accepts them",
+            ),
             ttl_secs,
             key_prefix: format!("{key_prefix}order:"),
             metrics,
@@ -57,6 +70,11 @@ impl RedisTier {
         self.inner.up.load(Ordering::Relaxed)
     }
 
+    /// Whether Redis answers but refuses to store orders.
+    pub fn refuses_writes(&self) -> bool {
+        self.inner.writes_refused.is_set()
+    }
+
     /// The value under the order's key; `None` on a miss and whenever Redis
     /// is away. A key that holds no string (written by something else: Redis
     /// may be shared) gives an empty value, which is no order either.
@@ -66,8 +84,15 @@ impl RedisTier {
         let mut cmd = redis::cmd("GET");
         let get = cmd.arg(&key).query_async::<Option<Vec<u8>>>(&mut conn);
         match tokio::time::timeout(READ_TIMEOUT, get).await {
-            Ok(Ok(value)) => value.map(Bytes::from),
+            Ok(Ok(value)) => {
+                self.inner.reads_refused.clear();
+                value.map(Bytes::from)
+            }
             Ok(Err(e)) if e.code() == Some("WRONGTYPE") => Some(Bytes::new()),
+            Ok(Err(e)) if answered(&e) => {
+                self.inner.reads_refused.set(&e);
+                None
+            }
             Ok(Err(e)) => {
                 self.inner.set_up(false, Some(&e.to_string()));
                 None
@@ -178,12 +203,58 @@ async fn write_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Vec<(Box<str>, 
             )
             .ignore();
         }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            inner
-                .metrics
-                .redis_writes_dropped
-                .inc_by(orders.len() as u64);
-            inner.set_up(false, Some(&e.to_string()));
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => inner.writes_refused.clear(),
+            Err(e) => {
+                inner
+                    .metrics
+                    .redis_writes_dropped
+                    .inc_by(orders.len() as u64);
+                if answered(&e) {
+                    inner.writes_refused.set(&e);
+                } else {
+                    inner.set_up(false, Some(&e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether Redis itself answered with the error, rather than the connection failing.
+fn answered(error: &redis::RedisError) -> bool {
+    error.code().is_some()
+}
+
+/// One kind of command Redis answers but refuses, told once when it starts
+/// and once when it ends.
+struct Refusal {
+    what: &'static str,
+    meanwhile: &'static str,
+    refused: AtomicBool,
+}
+
+impl Refusal {
+    fn new(what: &'static str, meanwhile: &'static str) -> Self {
+        Self {
+            what,
+            meanwhile,
+            refused: AtomicBool::new(false),
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, error: &redis::RedisError) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %error, "redis refuses {}; {}", self.what, self.meanwhile);
+        }
+    }
+
+    fn clear(&self) {
+        if self.refused.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis accepts {} again", self.what);
         }
     }
 }

@@ -114,6 +114,9 @@ enum Ingest {
 #[serde(rename_all = "snake_case")]
 enum Tier {
     Up,
+    /// Answers and serves reads, but refuses to store orders (full, an ACL,
+    /// a read-only replica): they are not shared through it meanwhile.
+    RefusesWrites,
     Down,
     Disabled,
 }
@@ -142,10 +145,11 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
     let assigned = state.ingest.assigned.load(Ordering::Acquire);
     let loading = state.ingest.loading.load(Ordering::Relaxed);
     let stalled = state.ingest.stalled();
-    let redis = match state.cache.redis_up() {
+    let redis = match state.cache.redis() {
         None => Tier::Disabled,
-        Some(true) => Tier::Up,
-        Some(false) => Tier::Down,
+        Some(redis) if !redis.is_up() => Tier::Down,
+        Some(redis) if redis.refuses_writes() => Tier::RefusesWrites,
+        Some(_) => Tier::Up,
     };
     let mut problems = Vec::new();
     if !postgres {

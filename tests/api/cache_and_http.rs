@@ -934,3 +934,160 @@ async fn wait_in_redis(prefix: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Redis of the test's own, so that what it is made to refuse touches no
+/// other test.
+struct OwnRedis {
+    server: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let port = crate::helpers::free_port();
+        let server = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/stack installs it)");
+        crate::helpers::wait_listening(port, Duration::from_secs(10), || {
+            "the test's Redis never listened".into()
+        });
+        Self {
+            server,
+            url: format!("redis://127.0.0.1:{port}/"),
+        }
+    }
+
+    async fn run(&self, command: &[&str]) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd(command[0])
+            .arg(&command[1..])
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    }
+
+    async fn holds(&self, key: &str) -> bool {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<bool>(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Redis full under `noeviction`: it answers, reads and refuses every write.
+#[tokio::test]
+async fn a_full_redis_is_used_for_reads_and_its_refusal_told_once() {
+    redis_refusing_writes(
+        &[
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+            &["CONFIG", "SET", "maxmemory", "1"],
+        ],
+        &[&["CONFIG", "SET", "maxmemory", "0"]],
+    )
+    .await;
+}
+
+/// An ACL that takes writes from the service's user.
+#[tokio::test]
+async fn a_redis_acl_without_writes_is_used_for_reads_and_told_once() {
+    redis_refusing_writes(
+        &[&["ACL", "SETUSER", "default", "-@write"]],
+        &[&["ACL", "SETUSER", "default", "+@all"]],
+    )
+    .await;
+}
+
+/// A read-only replica, as after a failover that left the URL on it.
+#[tokio::test]
+async fn a_read_only_redis_replica_is_used_for_reads_and_told_once() {
+    let nowhere = crate::helpers::free_port().to_string();
+    redis_refusing_writes(
+        &[&["REPLICAOF", "127.0.0.1", &nowhere]],
+        &[&["REPLICAOF", "NO", "ONE"]],
+    )
+    .await;
+}
+
+/// A Redis that answers but refuses writes is not away: no order fails, the
+/// tier stays in use, `/readyz` says `refuses_writes`, dropped writes are
+/// counted, the log tells it once however many writes are refused, and once
+/// more when writes are accepted again.
+async fn redis_refusing_writes(refuse: &[&[&str]], accept: &[&[&str]]) {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start();
+    let key_prefix = prefix();
+    let service = env.spawn_with(&[("REDIS_URL", &redis.url), ("REDIS_KEY_PREFIX", &key_prefix)]);
+    service.wait_ready().await;
+    wait_redis_up(&service).await;
+    for command in refuse {
+        redis.run(command).await;
+    }
+
+    let orders = generated_orders(93, 12);
+    for (round, stored) in orders[..9].chunks(3).enumerate() {
+        crate::helpers::produce_orders(&env, stored).await;
+        env.wait_for_count(
+            "SELECT count(*) FROM orders",
+            3 * (round as i64 + 1),
+            Duration::from_secs(30),
+        )
+        .await;
+        crate::helpers::eventually(
+            Duration::from_secs(10),
+            || async {
+                let dropped = service.metric("cache_redis_writes_dropped_total").await;
+                (dropped >= 3.0 * (round as f64 + 1.0)).then_some(())
+            },
+            || "the refused writes were not counted".into(),
+        )
+        .await;
+    }
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["redis"], "refuses_writes", "{ready}");
+    assert_eq!(ready["status"], "ready", "{ready}");
+    for (uid, bytes) in &orders[..9] {
+        assert_serves(&service, uid, bytes).await;
+        assert!(!redis.holds(&format!("{key_prefix}order:{uid}")).await);
+    }
+
+    for command in accept {
+        redis.run(command).await;
+    }
+    crate::helpers::produce_orders(&env, &orders[9..]).await;
+    for (uid, _) in &orders[9..] {
+        let key = format!("{key_prefix}order:{uid}");
+        crate::helpers::eventually(
+            Duration::from_secs(10),
+            || async { redis.holds(&key).await.then_some(()) },
+            || format!("{key} never written:\n{}", service.log_text()),
+        )
+        .await;
+    }
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["redis"], "up", "{ready}");
+    let logs = service.log_text();
+    assert_eq!(logs.matches("redis refuses writes").count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches("redis accepts writes again").count(),
+        1,
+        "{logs}"
+    );
+    assert!(!logs.contains("redis is unreachable"), "{logs}");
+    assert!(!logs.contains("redis refuses reads"), "{logs}");
+}
