@@ -102,6 +102,8 @@ mod tests {
             (|o| o["oof_shard"] = json!("-1"), "oof_shard: must be decimal digits, found \"-1\""),
             (|o| o["sm_id"] = json!(0), "sm_id: must be greater than 0, found 0"),
             (|o| o["sm_id"] = json!(1.5), "sm_id: must be a whole number, found 1.5"),
+            (|o| o["payment"]["amount"] = json!(1817.0), "payment.amount: must be an integer, without a fraction or exponent, found 1817.0"),
+            (|o| o["payment"]["amount"] = json!(1e19), "payment.amount: 1e+19 is outside the 64-bit integer range"),
             (|o| o["sm_id"] = json!("99"), "sm_id: must be an integer, found a string"),
             (|o| o["date_created"] = json!("26.11.2021"), "date_created: \"26.11.2021\" is not an RFC 3339 date-time from 1970 to 2999, such as 2021-11-26T06:22:19Z"),
             (|o| o["date_created"] = json!("0000-01-01T00:00:00Z"), "date_created: \"0000-01-01T00:00:00Z\" is not an RFC 3339 date-time from 1970 to 2999, such as 2021-11-26T06:22:19Z"),

@@ -425,9 +425,13 @@ impl Object {
             Value::Number(n) => match n.as_i64() {
                 Some(v) => v,
                 None => {
+                    let whole = n.as_f64().filter(|f| f.fract() == 0.0);
                     let reason = if n.is_u64() {
                         format!("{n} is larger than the largest allowed value {}", i64::MAX)
-                    } else if n.as_f64().is_some_and(|f| f.fract() == 0.0) {
+                    } else if whole.is_some_and(|f| f.abs() < i64::MAX as f64) {
+                        // 1817.0: the value fits, its spelling is a float's.
+                        format!("must be an integer, without a fraction or exponent, found {n}")
+                    } else if whole.is_some() {
                         format!("{n} is outside the 64-bit integer range")
                     } else {
                         format!("must be a whole number, found {n}")
