@@ -252,8 +252,9 @@ impl Refusal {
         }
     }
 
+    /// Reads before it writes: every Redis hit passes here.
     fn clear(&self) {
-        if self.refused.swap(false, Ordering::Relaxed) {
+        if self.is_set() && self.refused.swap(false, Ordering::Relaxed) {
             tracing::info!("redis accepts {} again", self.what);
         }
     }
