@@ -386,7 +386,11 @@ fn sum_of(metrics: &str, family: &str) -> f64 {
 }
 
 fn write_row(scenario: &str, line: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/faults");
+    // Named at run time by `scripts/stack faults`: a test binary built in
+    // another checkout of the same sources would otherwise write there.
+    let dir = std::env::var_os("FAULT_TABLE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/faults"));
     std::fs::create_dir_all(&dir).unwrap();
     let file: String = scenario
         .chars()
