@@ -940,10 +940,12 @@ async fn wait_in_redis(prefix: &str, n: usize) {
 struct OwnRedis {
     server: std::process::Child,
     url: String,
+    /// The test's own connection, opened once for every command it sends.
+    conn: redis::aio::MultiplexedConnection,
 }
 
 impl OwnRedis {
-    fn start() -> Self {
+    async fn start() -> Self {
         use std::os::unix::process::CommandExt;
         let port = crate::helpers::free_port();
         let server = std::process::Command::new("redis-server")
@@ -956,28 +958,27 @@ impl OwnRedis {
         crate::helpers::wait_listening(port, Duration::from_secs(10), || {
             "the test's Redis never listened".into()
         });
-        Self {
-            server,
-            url: format!("redis://127.0.0.1:{port}/"),
-        }
+        let url = format!("redis://127.0.0.1:{port}/");
+        let conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        Self { server, url, conn }
     }
 
     async fn run(&self, command: &[&str]) {
-        let client = redis::Client::open(self.url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd(command[0])
             .arg(&command[1..])
-            .query_async::<redis::Value>(&mut conn)
+            .query_async::<redis::Value>(&mut self.conn.clone())
             .await
             .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     }
 
     async fn holds(&self, key: &str) -> bool {
-        let client = redis::Client::open(self.url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd("EXISTS")
             .arg(key)
-            .query_async::<bool>(&mut conn)
+            .query_async::<bool>(&mut self.conn.clone())
             .await
             .unwrap()
     }
@@ -1030,7 +1031,7 @@ async fn a_read_only_redis_replica_is_used_for_reads_and_told_once() {
 /// more when writes are accepted again.
 async fn redis_refusing_writes(refuse: &[&[&str]], accept: &[&[&str]]) {
     let env = TestEnv::new().await;
-    let redis = OwnRedis::start();
+    let redis = OwnRedis::start().await;
     let key_prefix = prefix();
     let service = env.spawn_with(&[("REDIS_URL", &redis.url), ("REDIS_KEY_PREFIX", &key_prefix)]);
     service.wait_ready().await;
