@@ -123,6 +123,14 @@ impl Store {
                 let keep = keeps.keeps(meta.age);
                 Box::pin(async move { Ok(keep) })
             })
+            // A session given back in the middle of a statement (a write or a
+            // read abandoned for want of an answer) is then pinged by the pool
+            // with no bound, holding its place for as long as the server stays
+            // silent: past `write_timeout` it is dropped instead, so the pool
+            // can open a new one once the server answers again.
+            .after_release(move |conn, _| {
+                Box::pin(async move { answered(write_timeout, conn.ping()).await.map(|()| true) })
+            })
             .connect_lazy_with(options);
         Self { pool, recycled }
     }

@@ -4,7 +4,8 @@ use rand::distr::{Alphanumeric, SampleString};
 use reqwest::header;
 
 use crate::helpers::{
-    generated_orders, redis_url, sample_with_uid, store_orders, Service, TcpProxy, TestEnv,
+    eventually, generated_orders, redis_url, sample_with_uid, store_orders, Service, TcpProxy,
+    TestEnv,
 };
 
 fn prefix() -> String {
@@ -442,7 +443,7 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
         service.wait_for_order(uid, Duration::from_secs(10)).await;
     }
 
-    let lock = lock_orders(&env).await;
+    let lock = env.lock_orders().await;
     let searches = async {
         let searches = (0..3).map(|_| service.get("/api/orders?customer_id=nobody"));
         let searches = futures::future::join_all(searches).await;
@@ -582,15 +583,37 @@ async fn searches_recover_after_the_database_fell_silent() {
     }
 }
 
-/// Holds the orders table locked, so every query of it hangs, until the
-/// transaction ends.
-async fn lock_orders(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut lock = env.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    lock
+/// A search abandoned in the middle of its statement (it waited on a lock
+/// when PostgreSQL fell silent) answers 408, and its session does not keep
+/// its place in the pool for as long as the server stays silent: with a pool
+/// of one, searches answer again once the database does.
+#[tokio::test]
+async fn a_search_abandoned_mid_statement_gives_its_session_back() {
+    let env = TestEnv::new().await;
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+            ("INGEST_WRITE_TIMEOUT_MS", "2000"),
+            ("DATABASE_MAX_CONNECTIONS", "1"),
+        ])
+        .await;
+    service.wait_ready().await;
+    let search = "/api/orders?customer_id=nobody";
+    let lock = env.lock_orders().await;
+    let fall_silent = async {
+        env.wait_for_lock_waiter().await;
+        proxy.silence();
+        lock.rollback().await.unwrap();
+    };
+    let (abandoned, ()) = futures::future::join(service.get(search), fall_silent).await;
+    assert_eq!(abandoned.status(), 408);
+
+    proxy.restore();
+    let answers = || async { (service.get(search).await.status() == 200).then_some(()) };
+    eventually(Duration::from_secs(20), answers, || {
+        format!("searches never answered again:\n{}", service.log_text())
+    })
+    .await;
 }
 
 /// `HTTP_MAX_CONCURRENCY` bounds the instance, not each worker: with both
@@ -610,7 +633,7 @@ async fn the_concurrency_limit_is_one_for_all_workers() {
     let (uid, bytes) = &orders[0];
     service.wait_for_order(uid, Duration::from_secs(10)).await;
 
-    let lock = lock_orders(&env).await;
+    let lock = env.lock_orders().await;
     let search = || async {
         let response = service.get("/api/orders?customer_id=nobody").await;
         (response.status().as_u16(), std::time::Instant::now())

@@ -947,6 +947,36 @@ impl TestEnv {
         (proxy, service)
     }
 
+    /// Holds the orders table locked, so every statement on it waits, until
+    /// the transaction ends.
+    pub async fn lock_orders(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.db.begin().await.unwrap();
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    /// Waits until a session of this test's database waits on a lock: a
+    /// statement in flight.
+    pub async fn wait_for_lock_waiter(&self) {
+        let waiting = || async {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+            (waiters > 0).then_some(())
+        };
+        eventually(Duration::from_secs(30), waiting, || {
+            "no session waited on the lock".to_owned()
+        })
+        .await;
+    }
+
     pub fn postgres_addr(&self) -> String {
         format!("{}:{}", self.owner.get_host(), self.owner.get_port())
     }

@@ -436,11 +436,7 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
     let env = TestEnv::new().await;
     let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "500")]);
     service.wait_ready().await;
-    let mut lock = env.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = env.lock_orders().await;
     let orders = generated_orders(63, 100);
     produce_orders(&env, &orders).await;
     service
@@ -493,6 +489,41 @@ async fn a_database_that_stops_answering_pauses_ingest_and_loses_nothing() {
     env.wait_for_committed(200, Duration::from_secs(30)).await;
     service.wait_ready().await;
     assert!(service.log_text().contains("ingest resumed"));
+    env.assert_no_dead_letters();
+}
+
+/// A batch's write abandoned in the middle of its statement (it waited on a
+/// lock when PostgreSQL fell silent): its session does not keep its place in
+/// the pool for as long as the server stays silent, so with a pool of one
+/// ingest resumes once the database answers again, storing everything once.
+#[tokio::test]
+async fn a_write_abandoned_mid_statement_gives_its_session_back() {
+    let env = TestEnv::new().await;
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[
+            // Below the lock timeout (5 s), above the test's reaction to the wait.
+            ("INGEST_WRITE_TIMEOUT_MS", "3000"),
+            ("INGEST_MAX_BACKOFF_MS", "500"),
+            ("DATABASE_MAX_CONNECTIONS", "1"),
+        ])
+        .await;
+    service.wait_ready().await;
+    let lock = env.lock_orders().await;
+    let orders = generated_orders(67, 100);
+    produce_orders(&env, &orders).await;
+    env.wait_for_lock_waiter().await;
+    proxy.silence();
+    lock.rollback().await.unwrap();
+    service
+        .wait_for_log("no answer within 3000 ms", Duration::from_secs(30))
+        .await;
+
+    proxy.restore();
+    env.wait_for_count(COUNT_ORDERS, 100, Duration::from_secs(30))
+        .await;
+    env.wait_for_committed(100, Duration::from_secs(30)).await;
+    service.wait_ready().await;
+    assert_eq!(service.metric("orders_stored_total").await, 100.0);
     env.assert_no_dead_letters();
 }
 
