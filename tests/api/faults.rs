@@ -495,6 +495,38 @@ async fn postgres_crashed_and_restarted() {
     .await;
 }
 
+/// PostgreSQL frozen (SIGSTOP to the server and its sessions: a paused VM, a
+/// host swapping): nothing answers, nothing is closed, until it is thawed. A
+/// write in flight is abandoned at the write timeout (30 s by default), and a
+/// commit sent before the freeze may land only at the thaw, unseen: the retry
+/// must find it. A server of the test's own.
+#[tokio::test]
+async fn postgres_frozen_then_thawed() {
+    let server = PostgresServer::start().await;
+    let env = TestEnv::on_postgres(server.admin()).await;
+    let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "1000")]);
+    service.wait_ready().await;
+    let mut seed = Seed::new("(p)");
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.5)).await;
+    server.signal("STOP");
+    service
+        .wait_for_log("ingest paused", Duration::from_secs(90))
+        .await;
+    pause(env_outage()).await;
+    server.signal("CONT");
+    let delivered = stream.finish().await;
+    reconcile(
+        &env,
+        "(p) PostgreSQL frozen, thawed",
+        delivered,
+        &service,
+        Some(&service),
+    )
+    .await;
+    assert_each_pause_told_once(&service, "").await;
+}
+
 #[tokio::test]
 async fn redis_stopped_and_started() {
     let env = TestEnv::new().await;

@@ -168,6 +168,24 @@ impl PostgresServer {
         self.pg_ctl(&["start", "-w", "-l", &log, "-o", &options]);
     }
 
+    /// Sends `name` (`STOP`, `CONT`) to the server and to every process it
+    /// started, one per session: stopped, it answers nothing and closes
+    /// nothing, as on a paused VM. The server first, so that it starts no
+    /// session the signal would miss.
+    pub fn signal(&self, name: &str) {
+        let pid_file = std::fs::read_to_string(self.dir.join("postmaster.pid"))
+            .expect("the server is running");
+        let pid = pid_file.lines().next().unwrap_or_default().trim();
+        let flag = format!("-{name}");
+        let sent = Command::new("kill").args([&flag, pid]).status().unwrap();
+        assert!(sent.success(), "kill {flag} {pid}");
+        // pkill exits 1 when the server has no session to signal.
+        Command::new("pkill")
+            .args([&flag, "-P", pid])
+            .status()
+            .unwrap();
+    }
+
     fn pg_ctl(&self, args: &[&str]) {
         let data = self.dir.display().to_string();
         let mut all = vec!["-D", data.as_str()];
@@ -206,6 +224,10 @@ impl PostgresServer {
 
 impl Drop for PostgresServer {
     fn drop(&mut self) {
+        // A stopped server would not act on pg_ctl's signal.
+        if self.dir.join("postmaster.pid").exists() {
+            self.signal("CONT");
+        }
         let data = self.dir.display().to_string();
         let _ = self
             .command("pg_ctl")
