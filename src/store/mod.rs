@@ -42,6 +42,8 @@ pub async fn answered<T, E: From<sqlx::Error>>(
 pub struct Store {
     pool: PgPool,
     recycled: Arc<Recycled>,
+    /// How long a statement may go unanswered before it is abandoned.
+    write_timeout: Duration,
 }
 
 /// Bounds every statement of a session, set once when it opens (a pooler in
@@ -132,7 +134,11 @@ impl Store {
                 Box::pin(async move { answered(write_timeout, conn.ping()).await.map(|()| true) })
             })
             .connect_lazy_with(options);
-        Self { pool, recycled }
+        Self {
+            pool,
+            recycled,
+            write_timeout,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

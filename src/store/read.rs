@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder};
 
-use super::{storable, Store};
+use super::{answered, storable, Store};
 
 /// One line of the recent-orders list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -87,21 +87,23 @@ impl Store {
 
     /// Up to `limit` documents ingested before `before` (an ingest sequence
     /// number; `None`: the newest), newest first. Callers walk backwards page
-    /// by page, so each query is a short index range scan, never a sort.
+    /// by page, so each query is a short index range scan, never a sort. A
+    /// page not answered within the write timeout is given up, so that a
+    /// server gone silent cannot hold the warm-up, nor its session, for good.
     pub async fn documents_before(
         &self,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<StoredDocument>, sqlx::Error> {
-        sqlx::query_as(
+        let page = sqlx::query_as(
             "SELECT ingest_seq, order_uid, document FROM orders
              WHERE $1::bigint IS NULL OR ingest_seq < $1
              ORDER BY ingest_seq DESC LIMIT $2",
         )
         .bind(before)
         .bind(limit)
-        .fetch_all(self.pool())
-        .await
+        .fetch_all(self.pool());
+        answered(self.write_timeout, page).await
     }
 
     /// The stored next offset of each of `partitions` that has one.

@@ -867,6 +867,37 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
     assert!(logs.contains("warm-up goes on"), "{logs}");
 }
 
+/// PostgreSQL falls silent while a warm-up page is on its way (the query
+/// waited on a lock): the page is given up at INGEST_WRITE_TIMEOUT_MS and
+/// asked for again, so the warm-up finishes once the database answers.
+#[tokio::test]
+async fn warm_up_goes_on_after_the_database_fell_silent_mid_page() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(83, 30);
+    let first = env.spawn();
+    store_orders(&env, &orders).await;
+    assert!(first.terminate().success());
+
+    let lock = env.lock_orders().await;
+    let (proxy, service) = env
+        .spawn_behind_proxy(&[("INGEST_WRITE_TIMEOUT_MS", "2000")])
+        .await;
+    env.wait_for_lock_waiter().await;
+    proxy.silence();
+    lock.rollback().await.unwrap();
+    service
+        .wait_for_log("warm-up waits for PostgreSQL", Duration::from_secs(30))
+        .await;
+
+    proxy.restore();
+    let ready = service.readiness_after_warmup().await;
+    assert_eq!(
+        ready["warmup"],
+        serde_json::json!({"target": 100000, "loaded": 30, "done": true})
+    );
+    assert_eq!(service.metric("cache_entries").await, 30.0);
+}
+
 /// Redis going away fails no request; readiness shows it; it comes back by itself.
 #[tokio::test]
 async fn redis_outage_fails_no_request() {
