@@ -86,7 +86,9 @@ section! {
         max_backoff_ms: u64 = 5000 => INGEST_MAX_BACKOFF_MS "MS";
         /// Longest wait for PostgreSQL to finish a batch's write, in ms; then
         /// ingest pauses and retries on new sessions. The server ends a
-        /// batch's statements and its idle transaction after the same time
+        /// batch's statements and its idle transaction after the same time;
+        /// a warm-up page or a session back in the pool unanswered as long is
+        /// given up too
         write_timeout_ms: u64 = 30_000 => INGEST_WRITE_TIMEOUT_MS "MS" if positive;
         /// Time allowed on SIGTERM/SIGINT to finish the batch in hand and
         /// leave the group, in ms

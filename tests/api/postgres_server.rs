@@ -173,17 +173,26 @@ impl PostgresServer {
     /// nothing, as on a paused VM. The server first, so that it starts no
     /// session the signal would miss.
     pub fn signal(&self, name: &str) {
-        let pid_file = std::fs::read_to_string(self.dir.join("postmaster.pid"))
-            .expect("the server is running");
+        assert!(
+            self.try_signal(name),
+            "kill -{name}: the server is not running"
+        );
+    }
+
+    /// [`PostgresServer::signal`]; false if the server is not running.
+    fn try_signal(&self, name: &str) -> bool {
+        let Ok(pid_file) = std::fs::read_to_string(self.dir.join("postmaster.pid")) else {
+            return false;
+        };
         let pid = pid_file.lines().next().unwrap_or_default().trim();
         let flag = format!("-{name}");
-        let sent = Command::new("kill").args([&flag, pid]).status().unwrap();
-        assert!(sent.success(), "kill {flag} {pid}");
-        // pkill exits 1 when the server has no session to signal.
-        Command::new("pkill")
-            .args([&flag, "-P", pid])
+        let sent = Command::new("kill")
+            .args([&flag, pid])
             .status()
-            .unwrap();
+            .is_ok_and(|s| s.success());
+        // pkill exits 1 when the server has no session to signal.
+        let _ = Command::new("pkill").args([&flag, "-P", pid]).status();
+        sent
     }
 
     fn pg_ctl(&self, args: &[&str]) {
@@ -225,9 +234,7 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         // A stopped server would not act on pg_ctl's signal.
-        if self.dir.join("postmaster.pid").exists() {
-            self.signal("CONT");
-        }
+        self.try_signal("CONT");
         let data = self.dir.display().to_string();
         let _ = self
             .command("pg_ctl")
