@@ -13,9 +13,7 @@ use tokio::time::{timeout_at, Instant};
 use super::batch::{Batch, Refusal, UnansweredCommit};
 use super::dead_letter::{DeadLetter, DeadLetters, SendError};
 use super::PartitionState;
-use crate::store::{
-    answered, classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store,
-};
+use crate::store::{classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store};
 
 /// Why a batch cannot be committed now: the environment, never the orders.
 /// Ingest pauses, reports the cause and retries until it succeeds. The text
@@ -61,8 +59,6 @@ pub struct Committer {
     pub group_id: String,
     /// How many of a letter's first bytes its record in PostgreSQL keeps.
     pub preview_bytes: usize,
-    /// Longest wait for one write attempt (`INGEST_WRITE_TIMEOUT_MS`).
-    pub write_timeout: Duration,
 }
 
 impl Committer {
@@ -81,7 +77,7 @@ impl Committer {
         batch: &mut Batch,
         offsets: &[PartitionOffset],
     ) -> Result<Attempt, Stall> {
-        match answered(self.write_timeout, self.attempt(batch, offsets)).await? {
+        match self.store.answered(self.attempt(batch, offsets)).await? {
             Ok(attempt) => Ok(attempt),
             Err(data_error) => self.isolate(batch, &data_error).await,
         }
@@ -179,7 +175,7 @@ impl Committer {
                     .map(drop)
             };
             // No answer in time is an environment fault, like any error classified so.
-            let Err(e) = answered(self.write_timeout, alone).await else {
+            let Err(e) = self.store.answered(alone).await else {
                 continue;
             };
             match classify(&e) {

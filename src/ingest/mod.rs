@@ -41,7 +41,7 @@ use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
 use crate::kafka_errors::{LogThrottle, Refusals};
-use crate::store::{answered, InsertOutcome, PartitionOffset, Store, StoredOffset};
+use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
@@ -149,7 +149,6 @@ impl Ingest {
                 topic: settings.kafka.topic.clone(),
                 group_id: settings.kafka.group_id.clone(),
                 preview_bytes: settings.ingest.dead_letter_preview_bytes,
-                write_timeout: settings.write_timeout(),
             }),
             cache,
             metrics,
@@ -423,7 +422,7 @@ impl Ingest {
             next,
             earliest,
         );
-        match answered(self.committer.write_timeout, rewind).await {
+        match self.committer.store.answered(rewind).await {
             Ok(()) => {
                 tracing::error!(
                     partition,
@@ -669,7 +668,7 @@ impl Ingest {
             &self.settings.kafka.topic,
             partitions,
         );
-        answered(self.committer.write_timeout, load).await
+        self.committer.store.answered(load).await
     }
 
     /// Closes the batch being gathered and starts its commit.

@@ -22,7 +22,7 @@ pub use write::{BatchTx, Incoming, InsertOutcome, PartitionOffset};
 /// `work`'s result, or an error if PostgreSQL has not answered within
 /// `patience`: its server may be gone without closing the session (a host
 /// lost, a network that drops packets), which no other error would ever tell.
-pub async fn answered<T, E: From<sqlx::Error>>(
+async fn answered<T, E: From<sqlx::Error>>(
     patience: Duration,
     work: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
@@ -139,6 +139,15 @@ impl Store {
             recycled,
             write_timeout,
         }
+    }
+
+    /// `work`'s result, or an error if PostgreSQL has not answered within
+    /// the write timeout (`INGEST_WRITE_TIMEOUT_MS`).
+    pub async fn answered<T, E: From<sqlx::Error>>(
+        &self,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        answered(self.write_timeout, work).await
     }
 
     pub fn pool(&self) -> &PgPool {

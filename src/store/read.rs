@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, QueryBuilder};
 
-use super::{answered, storable, Store};
+use super::{storable, Store};
 
 /// One line of the recent-orders list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -103,7 +103,7 @@ impl Store {
         .bind(before)
         .bind(limit)
         .fetch_all(self.pool());
-        answered(self.write_timeout, page).await
+        self.answered(page).await
     }
 
     /// The stored next offset of each of `partitions` that has one.

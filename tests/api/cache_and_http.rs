@@ -572,15 +572,7 @@ async fn searches_recover_after_the_database_fell_silent() {
         assert_eq!(response.status(), 408);
     }
     proxy.restore();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while service.get(search).await.status() != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "searches never answered again:\n{}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    searches_answer_again(&service, search).await;
 }
 
 /// A search abandoned in the middle of its statement (it waited on a lock
@@ -609,6 +601,11 @@ async fn a_search_abandoned_mid_statement_gives_its_session_back() {
     assert_eq!(abandoned.status(), 408);
 
     proxy.restore();
+    searches_answer_again(&service, search).await;
+}
+
+/// Waits until `search` answers 200 again.
+async fn searches_answer_again(service: &Service, search: &str) {
     let answers = || async { (service.get(search).await.status() == 200).then_some(()) };
     eventually(Duration::from_secs(20), answers, || {
         format!("searches never answered again:\n{}", service.log_text())
