@@ -114,7 +114,7 @@ async fn list(store: &Store, args: ListArgs, settings: &Settings) -> anyhow::Res
     while left > 0 {
         let want = PAGE.min(left);
         let page = store
-            .dead_letters(&filter, Cursor::Before(before), want)
+            .answered(store.dead_letters(&filter, Cursor::Before(before), want))
             .await
             .context("DATABASE_URL: cannot read dead letters")?;
         for letter in &page {
@@ -168,7 +168,7 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
     let mut interrupted = false;
     'pages: loop {
         let page = store
-            .dead_letters(&filter, Cursor::After(after), PAGE)
+            .answered(store.dead_letters(&filter, Cursor::After(after), PAGE))
             .await
             .context("DATABASE_URL: cannot read dead letters")?;
         let Some(last) = page.last() else { break };

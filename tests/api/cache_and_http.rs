@@ -443,7 +443,7 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
         service.wait_for_order(uid, Duration::from_secs(10)).await;
     }
 
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let searches = async {
         let searches = (0..3).map(|_| service.get("/api/orders?customer_id=nobody"));
         let searches = futures::future::join_all(searches).await;
@@ -591,7 +591,7 @@ async fn a_search_abandoned_mid_statement_gives_its_session_back() {
         .await;
     service.wait_ready().await;
     let search = "/api/orders?customer_id=nobody";
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let fall_silent = async {
         env.wait_for_lock_waiter().await;
         proxy.silence();
@@ -630,7 +630,7 @@ async fn the_concurrency_limit_is_one_for_all_workers() {
     let (uid, bytes) = &orders[0];
     service.wait_for_order(uid, Duration::from_secs(10)).await;
 
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let search = || async {
         let response = service.get("/api/orders?customer_id=nobody").await;
         (response.status().as_u16(), std::time::Instant::now())
@@ -875,7 +875,7 @@ async fn warm_up_goes_on_after_the_database_fell_silent_mid_page() {
     store_orders(&env, &orders).await;
     assert!(first.terminate().success());
 
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let (proxy, service) = env
         .spawn_behind_proxy(&[("INGEST_WRITE_TIMEOUT_MS", "2000")])
         .await;

@@ -1,9 +1,9 @@
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{sample_with_uid, Service, TestEnv};
+use crate::helpers::{sample_with_uid, Service, TcpProxy, TestEnv};
 
 const COUNT_LETTERS: &str = "SELECT count(*) FROM dead_letters";
 const NOT_UTF8: &[u8] = b"\xff\xfe not utf-8";
@@ -23,16 +23,23 @@ fn uids(page: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// Runs `order-service dead-letters ARGS` against this test's database and
-/// topics; its exit status, stdout and stderr.
-fn dead_letters_command(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_order-service"))
+/// `order-service dead-letters ARGS` against this test's database and topics.
+fn dead_letters_cli(env: &TestEnv, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
+    command
         .arg("dead-letters")
         .args(args)
         .env_clear()
-        .envs(env.service_env())
-        .output()
-        .unwrap();
+        .envs(env.service_env());
+    command
+}
+
+/// Runs `dead_letters_cli`; its exit status, stdout and stderr.
+fn dead_letters_command(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    outcome(dead_letters_cli(env, args).output().unwrap())
+}
+
+fn outcome(out: Output) -> (bool, String, String) {
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -382,4 +389,41 @@ async fn replayed_letters_are_stored_once_and_rejected_ones_link_back() {
     let (ok, stdout, _) = dead_letters_command(&env, &["list", "--limit", "1"]);
     assert!(ok);
     assert_eq!(stdout.lines().count(), 1);
+}
+
+/// A database that falls silent while a page of letters is read (its host
+/// lost, a network that drops packets) ends `list` and `replay` with the
+/// reason after `INGEST_WRITE_TIMEOUT_MS`, for the script that ran them,
+/// instead of leaving them waiting for good.
+#[tokio::test]
+async fn a_database_silent_mid_read_ends_the_command_with_its_reason() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::start(env.postgres_addr()).await;
+    for command in ["list", "replay"] {
+        let lock = env.lock_table("dead_letters").await;
+        let child = dead_letters_cli(&env, &[command])
+            .env("DATABASE_URL", env.service_url_via(&proxy))
+            .env("INGEST_WRITE_TIMEOUT_MS", "2000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        env.wait_for_lock_waiter().await;
+        proxy.silence();
+        lock.rollback().await.unwrap();
+        let finished = tokio::task::spawn_blocking(move || child.wait_with_output());
+        let Ok(out) = tokio::time::timeout(Duration::from_secs(60), finished).await else {
+            Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+            panic!("dead-letters {command} still waited 60 s after the database fell silent");
+        };
+        let (ok, _, stderr) = outcome(out.unwrap().unwrap());
+        assert!(!ok, "dead-letters {command} succeeded: {stderr}");
+        assert!(
+            stderr.contains("DATABASE_URL: cannot read dead letters")
+                && stderr.contains("no answer within 2000 ms"),
+            "dead-letters {command}: {stderr}"
+        );
+        proxy.restore();
+    }
 }

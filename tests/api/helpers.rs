@@ -947,11 +947,11 @@ impl TestEnv {
         (proxy, service)
     }
 
-    /// Holds the orders table locked, so every statement on it waits, until
-    /// the transaction ends.
-    pub async fn lock_orders(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    /// Holds `table` locked, so every statement on it waits, until the
+    /// transaction ends.
+    pub async fn lock_table(&self, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut lock = self.db.begin().await.unwrap();
-        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
             .execute(&mut *lock)
             .await
             .unwrap();

@@ -436,7 +436,7 @@ async fn a_locked_table_pauses_ingest_until_the_lock_is_gone() {
     let env = TestEnv::new().await;
     let service = env.spawn_with(&[("INGEST_MAX_BACKOFF_MS", "500")]);
     service.wait_ready().await;
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let orders = generated_orders(63, 100);
     produce_orders(&env, &orders).await;
     service
@@ -508,7 +508,7 @@ async fn a_write_abandoned_mid_statement_gives_its_session_back() {
         ])
         .await;
     service.wait_ready().await;
-    let lock = env.lock_orders().await;
+    let lock = env.lock_table("orders").await;
     let orders = generated_orders(67, 100);
     produce_orders(&env, &orders).await;
     env.wait_for_lock_waiter().await;
