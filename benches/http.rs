@@ -416,7 +416,7 @@ async fn main() {
         .await
         .unwrap();
     let owner = admin.clone().database(&name);
-    order_service::store::migrate(owner.clone(), &role)
+    order_service::store::migrate(owner.clone(), &role, Duration::from_secs(30))
         .await
         .unwrap();
     let store = Store::with_options(

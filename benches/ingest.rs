@@ -66,7 +66,7 @@ impl Bench {
             .await
             .unwrap();
         let owner = self.admin.clone().database(&name);
-        order_service::store::migrate(owner.clone(), &self.role)
+        order_service::store::migrate(owner.clone(), &self.role, Duration::from_secs(30))
             .await
             .unwrap();
         let pool = PgPoolOptions::new()

@@ -21,7 +21,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let store = Store::connect_lazy(
         settings.service_options()?,
         settings.database.max_connections,
-        Duration::from_millis(settings.database.connect_timeout_ms),
+        settings.connect_timeout(),
         settings.write_timeout(),
     );
     let redis = match &settings.redis.url {

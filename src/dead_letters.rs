@@ -2,7 +2,7 @@
 //! replay once whatever rejected them is mended.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -94,7 +94,7 @@ pub async fn run(command: DeadLettersCommand, settings: &Settings) -> anyhow::Re
     let store = Store::connect_lazy(
         settings.service_options()?,
         1,
-        Duration::from_millis(settings.database.connect_timeout_ms),
+        settings.connect_timeout(),
         settings.write_timeout(),
     );
     match command {
@@ -113,10 +113,7 @@ async fn list(store: &Store, args: ListArgs, settings: &Settings) -> anyhow::Res
     let mut before = None;
     while left > 0 {
         let want = PAGE.min(left);
-        let page = store
-            .answered(store.dead_letters(&filter, Cursor::Before(before), want))
-            .await
-            .context("DATABASE_URL: cannot read dead letters")?;
+        let page = page(store, &filter, Cursor::Before(before), want).await?;
         for letter in &page {
             print(&mut out, letter)?;
         }
@@ -127,6 +124,23 @@ async fn list(store: &Store, args: ListArgs, settings: &Settings) -> anyhow::Res
         before = page.last().map(|l| l.id);
     }
     Ok(())
+}
+
+/// One page of letters, or why PostgreSQL gave none: a session refused, or
+/// no answer within the write timeout.
+async fn page(
+    store: &Store,
+    filter: &LetterFilter,
+    cursor: Cursor,
+    limit: i64,
+) -> anyhow::Result<Vec<LetterRecord>> {
+    match store
+        .answered(store.dead_letters(filter, cursor, limit))
+        .await
+    {
+        Ok(page) => Ok(page),
+        Err(e) => Err(store.explained(e).await).context("DATABASE_URL: cannot read dead letters"),
+    }
 }
 
 /// One letter as one line of JSON.
@@ -167,10 +181,7 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
     tokio::pin!(ctrl_c);
     let mut interrupted = false;
     'pages: loop {
-        let page = store
-            .answered(store.dead_letters(&filter, Cursor::After(after), PAGE))
-            .await
-            .context("DATABASE_URL: cannot read dead letters")?;
+        let page = page(store, &filter, Cursor::After(after), PAGE).await?;
         let Some(last) = page.last() else { break };
         after = last.id;
         for letter in &page {

@@ -31,7 +31,12 @@ fn main() -> ExitCode {
             Command::Serve => app::serve(settings).await.map(|()| true),
             Command::Migrate => {
                 let role = settings.service_role()?;
-                store::migrate(settings.migration_options()?, &role).await?;
+                store::migrate(
+                    settings.migration_options()?,
+                    &role,
+                    settings.connect_timeout(),
+                )
+                .await?;
                 tracing::info!(service_role = %role, "migrations applied");
                 Ok(true)
             }

@@ -238,6 +238,10 @@ impl Settings {
         }
     }
 
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.database.connect_timeout_ms)
+    }
+
     pub fn session_timeout(&self) -> Duration {
         Duration::from_millis(self.kafka.session_timeout_ms)
     }

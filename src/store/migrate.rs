@@ -1,15 +1,26 @@
+use std::time::Duration;
+
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Applies the migrations as the owner role, then grants `service_role` exactly
 /// what the service needs: read and insert orders and dead letters, read and
 /// write offsets. No DDL, no DELETE, no TRUNCATE.
-pub async fn migrate(owner: PgConnectOptions, service_role: &str) -> anyhow::Result<()> {
+/// `connect_timeout`: the longest wait for the session, after which the
+/// error says why it was refused, if it was.
+pub async fn migrate(
+    owner: PgConnectOptions,
+    service_role: &str,
+    connect_timeout: Duration,
+) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(owner)
-        .await
-        .context("MIGRATION_DATABASE_URL: cannot connect")?;
+        .acquire_timeout(connect_timeout)
+        .connect_lazy_with(owner);
+    if let Err(e) = pool.acquire().await {
+        return Err(super::explained(&pool, e).await)
+            .context("MIGRATION_DATABASE_URL: cannot connect");
+    }
     require_utf8(&pool).await?;
     sqlx::migrate!("./migrations")
         .run(&pool)

@@ -37,6 +37,25 @@ async fn answered<T, E: From<sqlx::Error>>(
         .unwrap_or_else(|_| Err(silent().into()))
 }
 
+/// `error`, or for `pool`'s bare "no connection within the timeout", why a
+/// new session is refused, if it is (see [`Store::explained`]).
+async fn explained(pool: &PgPool, error: sqlx::Error) -> sqlx::Error {
+    if !matches!(error, sqlx::Error::PoolTimedOut) {
+        return error;
+    }
+    let patience = pool.options().get_acquire_timeout();
+    let options = pool.connect_options();
+    match tokio::time::timeout(patience, PgConnection::connect_with(&options)).await {
+        Ok(Err(refused)) => refused,
+        // A session opens: the pool's own were all busy.
+        Ok(Ok(session)) => {
+            session.close().await.ok();
+            error
+        }
+        Err(_) => error,
+    }
+}
+
 /// The service's handle on PostgreSQL, connected as the service role.
 #[derive(Clone)]
 pub struct Store {
@@ -159,20 +178,7 @@ impl Store {
     /// deems passing (too many connections, the server starting up) until its
     /// timeout and then says only that, while the operator needs the reason.
     pub async fn explained(&self, error: sqlx::Error) -> sqlx::Error {
-        if !matches!(error, sqlx::Error::PoolTimedOut) {
-            return error;
-        }
-        let patience = self.pool.options().get_acquire_timeout();
-        let options = self.pool.connect_options();
-        match tokio::time::timeout(patience, PgConnection::connect_with(&options)).await {
-            Ok(Err(refused)) => refused,
-            // A session opens: the pool's own were all busy.
-            Ok(Ok(session)) => {
-                session.close().await.ok();
-                error
-            }
-            Err(_) => error,
-        }
+        explained(&self.pool, error).await
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {

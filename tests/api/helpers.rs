@@ -21,6 +21,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 pub const SAMPLE: &str = include_str!("../../src/domain/sample_order.json");
+/// How long `migrate` waits for its session when tests run it: many tests
+/// open databases at once.
+pub const MIGRATE_PATIENCE: Duration = Duration::from_secs(30);
 
 fn var(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -135,7 +138,7 @@ impl TestEnv {
     /// The service URL of this database for another role, after `migrate`
     /// granted that role the service's access.
     pub async fn service_url_as(&self, role: &str, password: &str) -> String {
-        order_service::store::migrate(self.owner.clone(), role)
+        order_service::store::migrate(self.owner.clone(), role, MIGRATE_PATIENCE)
             .await
             .expect("access granted");
         let mut url = url::Url::parse(&self.service_url).unwrap();
@@ -150,7 +153,8 @@ impl TestEnv {
     }
 
     pub async fn try_migrate(&self) -> anyhow::Result<()> {
-        order_service::store::migrate(self.owner.clone(), &self.service_role).await
+        order_service::store::migrate(self.owner.clone(), &self.service_role, MIGRATE_PATIENCE)
+            .await
     }
 
     async fn unmigrated_on(admin: PgConnectOptions, brokers: String, partitions: i32) -> Self {

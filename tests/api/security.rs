@@ -4,7 +4,9 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
-use crate::helpers::{admin, redis_url, sample_with_uid, unique_suffix, TestEnv};
+use crate::helpers::{
+    admin, free_port, redis_url, sample_with_uid, unique_suffix, TestEnv, MIGRATE_PATIENCE,
+};
 
 /// The service role reads and writes its tables and nothing else: no DDL, no
 /// DELETE or TRUNCATE, no other schema, not the migration history.
@@ -99,7 +101,9 @@ async fn migrate_refuses_a_database_that_cannot_hold_utf8() {
     .execute(&mut admin_session)
     .await
     .unwrap();
-    let result = order_service::store::migrate(admin().database(&name), "order_service").await;
+    let result =
+        order_service::store::migrate(admin().database(&name), "order_service", MIGRATE_PATIENCE)
+            .await;
     let tables: i64 = {
         let mut session = admin().database(&name).connect().await.unwrap();
         let tables =
@@ -120,6 +124,42 @@ async fn migrate_refuses_a_database_that_cannot_hold_utf8() {
         "{error}"
     );
     assert_eq!(tables, 0, "nothing is created");
+}
+
+/// The commands that open a session of their own say why PostgreSQL gave
+/// them none, a refused connection or an unknown role, not only that none
+/// came within `DATABASE_CONNECT_TIMEOUT_MS`.
+#[test]
+fn commands_say_why_postgresql_gave_them_no_session() {
+    let server = admin();
+    let unknown_role = format!(
+        "postgres://no_such_role@{}:{}/postgres",
+        server.get_host(),
+        server.get_port()
+    );
+    let closed = format!("postgres://order_owner@127.0.0.1:{}/orders", free_port());
+    for (args, variable) in [
+        (&["migrate"][..], "MIGRATION_DATABASE_URL"),
+        (&["dead-letters", "list"], "DATABASE_URL"),
+    ] {
+        for (url, cause) in [
+            (&closed, "Connection refused"),
+            (&unknown_role, "\"no_such_role\""),
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+                .args(args)
+                .env_clear()
+                .env(variable, url)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} with {url}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{variable}: cannot")) && stderr.contains(cause),
+                "{args:?} with {url}: {stderr}"
+            );
+        }
+    }
 }
 
 /// A hardened database where PUBLIC may not create temporary tables:
