@@ -6,6 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 /// Applies the migrations as the owner role, then grants `service_role` exactly
 /// what the service needs: read and insert orders and dead letters, read and
 /// write offsets. No DDL, no DELETE, no TRUNCATE.
+///
 /// `connect_timeout`: the longest wait for the session, after which the
 /// error says why it was refused, if it was.
 pub async fn migrate(
