@@ -33,6 +33,8 @@ struct Inner {
     writes_refused: Refusal,
     ttl_secs: u64,
     key_prefix: String,
+    /// The key [`Inner::probe_writes`] writes, beside the orders' keys.
+    probe_key: String,
     metrics: Arc<Metrics>,
 }
 
@@ -58,6 +60,7 @@ impl RedisTier {
             ),
             ttl_secs,
             key_prefix: format!("{key_prefix}order:"),
+            probe_key: format!("{key_prefix}write-probe"),
             metrics,
         });
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -121,6 +124,26 @@ impl Inner {
             .clone()
     }
 
+    /// While writes are refused, one small write per probe: the refusal ends
+    /// when Redis accepts writes again, not only when the next order comes.
+    /// A write that expires at once, refused like an order's (`SET` is denied
+    /// when Redis is full; a `DEL` would not be).
+    async fn probe_writes(&self) {
+        if !self.writes_refused.is_set() {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let mut set = redis::cmd("SET");
+        set.arg(&self.probe_key).arg("").arg("PX").arg(1);
+        match set.query_async::<()>(&mut conn).await {
+            Ok(()) => self.writes_refused.clear(),
+            Err(e) if answered(&e) => {}
+            Err(e) => self.set_up(false, Some(&e.to_string())),
+        }
+    }
+
     /// Logs once per change of state, never once per request.
     fn set_up(&self, up: bool, error: Option<&str>) {
         if self.up.swap(up, Ordering::Relaxed) != up {
@@ -173,7 +196,10 @@ async fn probe(inner: std::sync::Weak<Inner>) {
             },
         };
         match result {
-            Ok(()) => inner.set_up(true, None),
+            Ok(()) => {
+                inner.set_up(true, None);
+                inner.probe_writes().await;
+            }
             Err(e) if first => {
                 tracing::warn!(error = %e, "redis is unreachable; serving from memory and PostgreSQL");
             }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
@@ -110,13 +110,39 @@ const SECURITY_HEADERS: [(header::HeaderName, HeaderValue); 4] = [
     (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
 ];
 
-/// Anything not routed: a JSON 404, marked so it is told apart from "no such order".
-async fn no_route() -> impl IntoResponse {
+/// Anything not routed: a JSON 404, marked so it is told apart from "no such
+/// order". A path typed or pasted with trailing slashes is sent on to the same
+/// path without them (308, so the method is kept).
+async fn no_route(uri: Uri) -> Response {
+    if let Some(location) = without_trailing_slashes(&uri) {
+        return Redirect::permanent(&location).into_response();
+    }
     (
         StatusCode::NOT_FOUND,
         [("x-route", "none")],
         axum::Json(serde_json::json!({ "error": "no such route; see /openapi.json" })),
     )
+        .into_response()
+}
+
+/// The path and query of `uri` without the path's trailing slashes, if it has
+/// any. Only a path that then starts with a letter or digit qualifies, as
+/// every route does: `//host/` must not become `//host`, which a browser
+/// would read as another site.
+fn without_trailing_slashes(uri: &Uri) -> Option<String> {
+    let path = uri.path();
+    let trimmed = path.trim_end_matches('/');
+    let routable = trimmed
+        .as_bytes()
+        .get(1)
+        .is_some_and(u8::is_ascii_alphanumeric);
+    if trimmed.len() == path.len() || !routable {
+        return None;
+    }
+    Some(match uri.query() {
+        Some(query) => format!("{trimmed}?{query}"),
+        None => trimmed.to_owned(),
+    })
 }
 
 /// The outermost layer: counts every request by route template (never the
@@ -138,4 +164,38 @@ async fn record(State(state): State<Shared>, request: Request, next: Next) -> Re
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect(uri: &str) -> Option<String> {
+        without_trailing_slashes(&uri.parse().unwrap())
+    }
+
+    #[test]
+    fn trailing_slashes_are_dropped_and_the_query_kept() {
+        assert_eq!(redirect("/order/abc/").as_deref(), Some("/order/abc"));
+        assert_eq!(redirect("/order/abc///").as_deref(), Some("/order/abc"));
+        assert_eq!(
+            redirect("/api/orders/?limit=5&before=x").as_deref(),
+            Some("/api/orders?limit=5&before=x")
+        );
+        assert_eq!(redirect("/order/a%2Fb/").as_deref(), Some("/order/a%2Fb"));
+    }
+
+    #[test]
+    fn only_paths_that_end_in_a_slash_and_stay_on_this_site_are_redirected() {
+        for uri in [
+            "/",
+            "//",
+            "/order/abc",
+            "//evil.example/",
+            "/%2F%2Fevil/",
+            "/\u{2F}/x/",
+        ] {
+            assert_eq!(redirect(uri), None, "{uri}");
+        }
+    }
 }

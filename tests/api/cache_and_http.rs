@@ -74,6 +74,31 @@ async fn order_route_statuses_headers_and_encodings() {
     assert_eq!(not_modified.status(), 304);
     assert!(not_modified.bytes().await.unwrap().is_empty());
 
+    // A trailing slash, as pasted, leads to the order; the method is kept.
+    let not_following = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (path, location) in [
+        ("/order/http-route-1/", "/order/http-route-1"),
+        ("/orders/http-route-1//", "/orders/http-route-1"),
+        ("/api/orders/?limit=1", "/api/orders?limit=1"),
+    ] {
+        let moved = not_following.get(service.url(path)).send().await.unwrap();
+        assert_eq!(moved.status(), 308, "{path}");
+        assert_eq!(moved.headers()[header::LOCATION], location, "{path}");
+    }
+    let followed = service.get("/order/http-route-1/").await;
+    assert_eq!(followed.status(), 200);
+    assert_eq!(followed.json::<serde_json::Value>().await.unwrap(), order);
+    let elsewhere = not_following
+        .get(service.url("//elsewhere.example/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 404);
+    assert_eq!(elsewhere.headers()["x-route"], "none");
+
     let head = service
         .client
         .head(service.url("/order/http-route-1"))
@@ -1121,6 +1146,16 @@ async fn redis_refusing_writes(refuse: &[&[&str]], accept: &[&[&str]]) {
     for command in accept {
         redis.run(command).await;
     }
+    // Told without waiting for the next order to be written.
+    crate::helpers::eventually(
+        Duration::from_secs(10),
+        || async {
+            let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+            (ready["checks"]["redis"] == "up").then_some(())
+        },
+        || format!("writes accepted, but not told:\n{}", service.log_text()),
+    )
+    .await;
     crate::helpers::produce_orders(&env, &orders[9..]).await;
     for (uid, _) in &orders[9..] {
         let key = format!("{key_prefix}order:{uid}");
