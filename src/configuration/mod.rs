@@ -135,7 +135,7 @@ section! {
         /// Address the HTTP server listens on
         addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)) => HTTP_ADDR "HOST:PORT";
         /// Longest wait of one request for PostgreSQL or Redis, in ms; then it
-        /// answers 408
+        /// answers 504
         request_timeout_ms: u64 = 5000 => HTTP_REQUEST_TIMEOUT_MS "MS";
         /// Time a client may take to send its request head, in ms; slower ones
         /// are cut off

@@ -73,7 +73,7 @@ pub struct LetterDetail {
         (status = 200, description = "A page of letters", body = LetterPage),
         (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
         (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
-        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
+        (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn list(
@@ -135,7 +135,7 @@ pub(super) async fn list(
         (status = 400, description = "Partition or offset is not a whole number", body = ErrorBody),
         (status = 404, description = "No letter at this position", body = ErrorBody),
         (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
-        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
+        (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn one(

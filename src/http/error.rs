@@ -1,4 +1,4 @@
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -60,7 +60,9 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } | ApiError::NoDeadLetter => StatusCode::NOT_FOUND,
-            ApiError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
+            // Not 408, which blames the client's pace (and which clients may
+            // resend at once, to a database already behind).
+            ApiError::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) | ApiError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         };
         let error = self.to_string();
@@ -86,7 +88,14 @@ impl IntoResponse for ApiError {
                     }
                     _ => None,
                 };
-                (status, Json(ErrorBody { error, order_uid })).into_response()
+                let mut response = (status, Json(ErrorBody { error, order_uid })).into_response();
+                // The storage is what failed: a client may try again, shortly.
+                if status.is_server_error() {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                response
             }
         }
     }

@@ -134,7 +134,7 @@ enum Tier {
     responses(
         (status = 200, description = "Ready", body = Readiness),
         (status = 503, description = "Not ready", body = Readiness),
-        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
+        (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Readiness>) {

@@ -48,7 +48,7 @@ pub fn router(io: &Io) -> Router<Shared> {
         (status = 400, description = "The id breaks the order id rule; no store was consulted", body = ErrorBody),
         (status = 404, description = "No order has this id; dead_letters lists the letters of messages that claimed it, if any", body = NotFoundBody),
         (status = 503, description = "The order is not cached and PostgreSQL is unavailable", body = ErrorBody),
-        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
+        (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn order(
@@ -160,7 +160,7 @@ pub struct OrderPage {
         (status = 200, description = "A page of summaries", body = OrderPage),
         (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
         (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
-        (status = 408, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
+        (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
     )
 )]
 pub(super) async fn recent(

@@ -453,7 +453,7 @@ async fn any_number_of_workers_serves_every_route() {
     }
 }
 
-/// A request whose database work hangs (its table locked) answers 408 at
+/// A request whose database work hangs (its table locked) answers 504 at
 /// HTTP_REQUEST_TIMEOUT_MS (with the security headers, counted in the
 /// metrics), while the one worker goes on serving orders from memory; once the
 /// lock is gone the same request answers again.
@@ -482,9 +482,11 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
     };
     let ((searches, timed_out_at), served_at) = futures::future::join(searches, from_memory).await;
     for search in searches {
-        assert_eq!(search.status(), 408);
-        // Answered like any other error: the security headers and a JSON body.
+        assert_eq!(search.status(), 504);
+        // Answered like any other error: the security headers and a JSON body;
+        // the client may try again shortly.
         assert_eq!(search.headers()["x-frame-options"], "DENY");
+        assert_eq!(search.headers()["retry-after"], "1");
         let body: serde_json::Value = search.json().await.unwrap();
         assert!(
             body["error"].as_str().unwrap().contains("1000 ms"),
@@ -492,7 +494,7 @@ async fn a_hung_database_times_requests_out_while_memory_still_answers() {
         );
     }
     // and counted by route and status.
-    let timed_out = r#"http_requests_total{route="/api/orders",status="408"}"#;
+    let timed_out = r#"http_requests_total{route="/api/orders",status="504"}"#;
     assert_eq!(service.metric(timed_out).await, 3.0);
     assert!(
         served_at < timed_out_at,
@@ -575,7 +577,7 @@ async fn http2_is_served_only_when_allowed() {
 }
 
 /// PostgreSQL falls silent (connections open, nothing answers) under
-/// searches: each answers 408 at HTTP_REQUEST_TIMEOUT_MS, and the sessions they
+/// searches: each answers 504 at HTTP_REQUEST_TIMEOUT_MS, and the sessions they
 /// abandoned do not keep their places in the pool: once the database answers
 /// again, so do the searches.
 #[tokio::test]
@@ -594,14 +596,14 @@ async fn searches_recover_after_the_database_fell_silent() {
     proxy.silence();
     let searches = (0..4).map(|_| service.get(search));
     for response in futures::future::join_all(searches).await {
-        assert_eq!(response.status(), 408);
+        assert_eq!(response.status(), 504);
     }
     proxy.restore();
     searches_answer_again(&service, search).await;
 }
 
 /// A search abandoned in the middle of its statement (it waited on a lock
-/// when PostgreSQL fell silent) answers 408, and its session does not keep
+/// when PostgreSQL fell silent) answers 504, and its session does not keep
 /// its place in the pool for as long as the server stays silent: with a pool
 /// of one, searches answer again once the database does.
 #[tokio::test]
@@ -623,7 +625,7 @@ async fn a_search_abandoned_mid_statement_gives_its_session_back() {
         lock.rollback().await.unwrap();
     };
     let (abandoned, ()) = futures::future::join(service.get(search), fall_silent).await;
-    assert_eq!(abandoned.status(), 408);
+    assert_eq!(abandoned.status(), 504);
 
     proxy.restore();
     searches_answer_again(&service, search).await;
@@ -668,7 +670,7 @@ async fn the_concurrency_limit_is_one_for_all_workers() {
     };
     let ((first, second), served_at) =
         futures::future::join(futures::future::join(search(), search()), from_memory).await;
-    assert_eq!((first.0, second.0), (408, 408));
+    assert_eq!((first.0, second.0), (504, 504));
     assert!(
         served_at >= first.1.min(second.1),
         "memory answered while both permits were held"
@@ -872,6 +874,10 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
         .await;
     let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["warmup"]["done"], false, "{ready}");
+    // A read that needs PostgreSQL meanwhile says it is away, and when to ask again.
+    let search = service.get("/api/orders?customer_id=nobody").await;
+    assert_eq!(search.status(), 503);
+    assert_eq!(search.headers()["retry-after"], "1");
 
     proxy.restore();
     let ready = service.readiness_after_warmup().await;
