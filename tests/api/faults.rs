@@ -1042,6 +1042,25 @@ async fn insert_revoked_then_granted() {
     .await;
 }
 
+/// A table the service writes gone mid-stream (renamed, as by a migration
+/// that swaps tables; SQLSTATE 42P01), then back under its name. The sibling
+/// of (h), where the tables are missing from the start.
+#[tokio::test]
+async fn orders_table_renamed_then_restored() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    environment_fault(
+        &env,
+        &service,
+        "(q) orders table renamed",
+        "does not exist",
+        env.execute("ALTER TABLE orders RENAME TO orders_renamed"),
+        env.execute("ALTER TABLE orders_renamed RENAME TO orders"),
+    )
+    .await;
+}
+
 /// The dead-letter record refused (its grant revoked) after the letters are
 /// acknowledged, then a crash: the letters are on the topic and nothing is
 /// committed. The instance restarted the same way, with the grant back,
