@@ -2,10 +2,12 @@
 //! skip it and writes are dropped (and counted), so nothing waits on it.
 //! A Redis that answers but refuses a command (full under `noeviction`, an
 //! ACL, a read-only replica) is not away: the tier stays up for what it
-//! still does, and the refusal is told once, not once per command.
+//! still does, and the refusal is told once, not once per command. One that
+//! refuses even `PING` (it wants a password the URL lacks, or is still
+//! loading its data) is down until it answers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +31,9 @@ struct Inner {
     client: redis::Client,
     connection: RwLock<Option<ConnectionManager>>,
     up: AtomicBool,
+    /// While down, the kind of failure last logged (Redis's error code, or
+    /// `None` for the connection's); `None` while up.
+    told: Mutex<Option<Option<String>>>,
     reads_refused: Refusal,
     writes_refused: Refusal,
     ttl_secs: u64,
@@ -50,6 +55,7 @@ impl RedisTier {
             client,
             connection: RwLock::new(None),
             up: AtomicBool::new(false),
+            told: Mutex::new(None),
             reads_refused: Refusal::new(
                 "reads",
                 "orders are served from memory and PostgreSQL meanwhile",
@@ -97,7 +103,7 @@ impl RedisTier {
                 None
             }
             Ok(Err(e)) => {
-                self.inner.set_up(false, Some(&e.to_string()));
+                self.inner.set_down(&e);
                 None
             }
             Err(_) => None,
@@ -140,21 +146,33 @@ impl Inner {
         match set.query_async::<()>(&mut conn).await {
             Ok(()) => self.writes_refused.clear(),
             Err(e) if answered(&e) => {}
-            Err(e) => self.set_up(false, Some(&e.to_string())),
+            Err(e) => self.set_down(&e),
         }
     }
 
     /// Logs once per change of state, never once per request.
-    fn set_up(&self, up: bool, error: Option<&str>) {
-        if self.up.swap(up, Ordering::Relaxed) != up {
-            if up {
-                tracing::info!("redis is reachable; the shared cache tier is in use");
+    fn set_up(&self) {
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.up.swap(true, Ordering::Relaxed) {
+            *told = None;
+            tracing::info!("redis is reachable; the shared cache tier is in use");
+        }
+    }
+
+    /// Logs when the tier goes down, and again while down only when the
+    /// kind of failure changes (the connection, or one of Redis's answers:
+    /// NOAUTH, LOADING, ...), so the log names what keeps it down.
+    fn set_down(&self, error: &redis::RedisError) {
+        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        let kind = error.code().map(str::to_owned);
+        let was_up = self.up.swap(false, Ordering::Relaxed);
+        if was_up || told.as_ref() != Some(&kind) {
+            if kind.is_some() {
+                tracing::warn!(error = %error, "redis answers but refuses commands; serving from memory and PostgreSQL");
             } else {
-                tracing::warn!(
-                    error = error.unwrap_or("unknown"),
-                    "redis is unreachable; serving from memory and PostgreSQL"
-                );
+                tracing::warn!(error = %error, "redis is unreachable; serving from memory and PostgreSQL");
             }
+            *told = Some(kind);
         }
     }
 }
@@ -164,7 +182,6 @@ async fn probe(inner: std::sync::Weak<Inner>) {
         .set_connection_timeout(Duration::from_millis(500))
         .set_response_timeout(Duration::from_millis(500))
         .set_number_of_retries(1);
-    let mut first = true;
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let existing = inner
@@ -188,24 +205,26 @@ async fn probe(inner: std::sync::Weak<Inner>) {
                 .get_connection_manager_with_config(config.clone())
                 .await
             {
-                Ok(conn) => {
-                    *inner.connection.write().expect("lock is never poisoned") = Some(conn);
-                    Ok(())
+                // A connection is in use only once it is answered: a Redis
+                // that wants a password the URL lacks accepts the connection
+                // and refuses every command (NOAUTH).
+                Ok(mut conn) => {
+                    let ping = redis::cmd("PING").query_async::<()>(&mut conn).await;
+                    if ping.is_ok() {
+                        *inner.connection.write().expect("lock is never poisoned") = Some(conn);
+                    }
+                    ping
                 }
                 Err(e) => Err(e),
             },
         };
         match result {
             Ok(()) => {
-                inner.set_up(true, None);
+                inner.set_up();
                 inner.probe_writes().await;
             }
-            Err(e) if first => {
-                tracing::warn!(error = %e, "redis is unreachable; serving from memory and PostgreSQL");
-            }
-            Err(e) => inner.set_up(false, Some(&e.to_string())),
+            Err(e) => inner.set_down(&e),
         }
-        first = false;
         drop(inner);
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
@@ -239,7 +258,7 @@ async fn write_loop(inner: Arc<Inner>, mut queue: mpsc::Receiver<Vec<(Box<str>, 
                 if answered(&e) {
                     inner.writes_refused.set(&e);
                 } else {
-                    inner.set_up(false, Some(&e.to_string()));
+                    inner.set_down(&e);
                 }
             }
         }

@@ -1107,6 +1107,59 @@ async fn a_read_only_redis_replica_is_used_for_reads_and_told_once() {
     .await;
 }
 
+/// A Redis that comes to want a password the service does not have (set,
+/// and the service's connections ended, as when a secret is rotated): it
+/// accepts a connection and refuses every command with NOAUTH. The tier is
+/// down and told once, not once per probe; no order fails; it is in use again
+/// once the password is gone.
+#[tokio::test]
+async fn a_redis_that_wants_a_password_is_down_until_it_lets_the_service_in() {
+    let env = TestEnv::new().await;
+    let redis = OwnRedis::start().await;
+    let service = env.spawn_with(&[("REDIS_URL", &redis.url), ("REDIS_KEY_PREFIX", &prefix())]);
+    service.wait_ready().await;
+    wait_redis_up(&service).await;
+    redis
+        .run(&["ACL", "SETUSER", "default", "resetpass", ">rotated"])
+        .await;
+    redis
+        .run(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .await;
+
+    crate::helpers::eventually(
+        Duration::from_secs(10),
+        || async {
+            let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+            (ready["checks"]["redis"] == "down" && ready["status"] == "ready").then_some(())
+        },
+        || format!("NOAUTH not told:\n{}", service.log_text()),
+    )
+    .await;
+    // Several probes' worth: a tier that flaps would come up and go down again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ready: serde_json::Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["redis"], "down", "{ready}");
+    let orders = generated_orders(94, 3);
+    crate::helpers::produce_orders(&env, &orders).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 3, Duration::from_secs(30))
+        .await;
+    for (uid, bytes) in &orders {
+        assert_serves(&service, uid, bytes).await;
+    }
+    // Told once what keeps it down, however many probes meet it.
+    let logs = service.log_text();
+    let refused = "redis answers but refuses commands";
+    assert_eq!(logs.matches(refused).count(), 1, "{logs}");
+    assert_eq!(logs.matches("NOAUTH").count(), 1, "{logs}");
+    assert_eq!(logs.matches("redis is reachable").count(), 1, "{logs}");
+
+    redis.run(&["ACL", "SETUSER", "default", "nopass"]).await;
+    wait_redis_up(&service).await;
+    let logs = service.log_text();
+    assert_eq!(logs.matches(refused).count(), 1, "{logs}");
+    assert_eq!(logs.matches("redis is reachable").count(), 2, "{logs}");
+}
+
 /// A Redis that answers but refuses writes is not away: no order fails, the
 /// tier stays in use, `/readyz` says `refuses_writes`, dropped writes are
 /// counted, the log tells it once however many writes are refused, and once
