@@ -82,7 +82,16 @@ impl IntoResponse for ApiError {
                 let order_uid = match other {
                     ApiError::BadRequest { order_uid, .. } => order_uid,
                     ApiError::Unavailable(e) => {
-                        let cause = format!("{:#}", anyhow::Error::new(e));
+                        // sqlx repeats the server's message as the source of
+                        // its own error: said once, with its SQLSTATE.
+                        let cause = match &e {
+                            sqlx::Error::Database(db) => format!(
+                                "database: {} ({})",
+                                db.message(),
+                                db.code().unwrap_or_default()
+                            ),
+                            _ => format!("{:#}", anyhow::Error::new(e)),
+                        };
                         tracing::error!(error = cause, "storage error while serving a request");
                         None
                     }

@@ -123,9 +123,9 @@ enum Tier {
 
 /// Readiness: PostgreSQL reachable, the consumer holds its assignment and ingest is not paused
 ///
-/// Ready when PostgreSQL answers, the orders topic exists, the consumer
-/// holds its assignment with the stored positions read, ingest is not paused
-/// and the broker answers in time. Redis and the warm-up are reported but
+/// Ready when PostgreSQL answers and the orders table can be read, the
+/// orders topic exists, the consumer holds its assignment with the stored
+/// positions read, ingest is not paused and the broker answers in time. Redis and the warm-up are reported but
 /// never make the service unready. `problems` says in words what keeps it
 /// unready.
 #[utoipa::path(
@@ -138,10 +138,18 @@ enum Tier {
     )
 )]
 pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Readiness>) {
-    let postgres = matches!(
-        tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await,
-        Ok(Ok(()))
-    );
+    let postgres_problem =
+        match tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await {
+            Ok(Ok(())) => None,
+            // It answers, but refuses to hand over orders (a grant, a table gone).
+            Ok(Err(sqlx::Error::Database(db))) => Some(format!(
+                "postgres: cannot read the orders: {} ({})",
+                db.message(),
+                db.code().unwrap_or_default()
+            )),
+            _ => Some("postgres: does not answer".to_owned()),
+        };
+    let postgres = postgres_problem.is_none();
     let assigned = state.ingest.assigned.load(Ordering::Acquire);
     let loading = state.ingest.loading.load(Ordering::Relaxed);
     let stalled = state.ingest.stalled();
@@ -152,9 +160,7 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
         Some(_) => Tier::Up,
     };
     let mut problems = Vec::new();
-    if !postgres {
-        problems.push("postgres: does not answer".to_owned());
-    }
+    problems.extend(postgres_problem);
     if !assigned {
         problems.push("kafka: waiting for a partition assignment".to_owned());
     }

@@ -895,6 +895,44 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
     assert!(logs.contains("warm-up goes on"), "{logs}");
 }
 
+/// SELECT on the orders table revoked from the service role (a DBA's slip):
+/// PostgreSQL answers but will not hand over the orders it holds. The
+/// instance is unready and says why, a miss answers 503, and the warm-up
+/// waits; all of it ends once the grant is back, without a restart.
+#[tokio::test]
+async fn orders_the_database_will_not_hand_over_make_the_instance_unready() {
+    let env = TestEnv::new().await;
+    let orders = generated_orders(83, 5);
+    let first = env.spawn();
+    store_orders(&env, &orders).await;
+    assert!(first.terminate().success());
+    let role = &env.service_role;
+    env.execute(&format!("REVOKE SELECT ON orders FROM {role}"))
+        .await;
+
+    let service = env.spawn();
+    service
+        .wait_unready("permission denied for table orders", ("postgres", "down"))
+        .await;
+    let miss = service.get(&format!("/order/{}", orders[0].0)).await;
+    assert_eq!(miss.status(), 503);
+    assert_eq!(miss.headers()["retry-after"], "1");
+    // The log says why, once per line, with the SQLSTATE.
+    let logs = service.log_text();
+    let cause = "database: permission denied for table orders (42501)";
+    assert!(logs.contains(cause), "{logs}");
+    assert!(!logs.contains("orders: permission denied"), "{logs}");
+
+    env.execute(&format!("GRANT SELECT ON orders TO {role}"))
+        .await;
+    service.wait_ready().await;
+    let ready = service.readiness_after_warmup().await;
+    assert_eq!(ready["warmup"]["loaded"], 5, "{ready}");
+    for (uid, bytes) in &orders {
+        assert_serves(&service, uid, bytes).await;
+    }
+}
+
 /// PostgreSQL falls silent while a warm-up page is on its way (the query
 /// waited on a lock): the page is given up at INGEST_WRITE_TIMEOUT_MS and
 /// asked for again, so the warm-up finishes once the database answers.
