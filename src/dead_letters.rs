@@ -15,7 +15,7 @@ use rdkafka::producer::FutureRecord;
 use crate::configuration::Settings;
 use crate::domain::LETTER_STAGES;
 use crate::ingest::dead_letter::header;
-use crate::publish::{drain, order_producer, OrderProducer};
+use crate::publish::{drain, order_producer, stop_requested, OrderProducer};
 use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 
 /// Letters read from PostgreSQL per query.
@@ -177,8 +177,8 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
     let mut in_flight = FuturesUnordered::new();
     let mut out = std::io::stdout().lock();
     let mut after = 0;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let mut interrupted = false;
     'pages: loop {
         let page = page(store, &filter, Cursor::After(after), PAGE).await?;
@@ -198,13 +198,15 @@ async fn replay(store: &Store, args: ReplayArgs, settings: &Settings) -> anyhow:
             in_flight.push(delivery);
             while in_flight.len() >= MAX_IN_FLIGHT {
                 tokio::select! {
-                    _ = &mut ctrl_c => { interrupted = true; break 'pages; }
+                    _ = &mut stop => { interrupted = true; break 'pages; }
                     Some(result) = in_flight.next() => settle(&mut tally, result),
                 }
             }
         }
     }
-    let unconfirmed = drain(&mut in_flight, &mut ctrl_c, |result| {
+    // A fresh listener: the first may have fired already (a second stop
+    // then ends the wait).
+    let unconfirmed = drain(&mut in_flight, stop_requested(), |result| {
         settle(&mut tally, result)
     })
     .await;

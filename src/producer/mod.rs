@@ -19,14 +19,14 @@ use tokio::time::Instant;
 pub use self::generator::{Generator, InvalidKind};
 use crate::configuration::KafkaSettings;
 use crate::documents::{for_each_document, Document, Format};
-use crate::publish::{drain, order_producer, MAX_MESSAGE_BYTES};
+use crate::publish::{drain, order_producer, stop_requested, MAX_MESSAGE_BYTES};
 
 #[derive(Debug, clap::Args)]
 pub struct ProduceArgs {
     /// Orders per second; 0 sends as fast as the broker takes them
     #[arg(long, default_value_t = 100.0, value_name = "N", value_parser = parse_rate)]
     pub rate: f64,
-    /// Stop after this many messages [default: run until Ctrl-C]
+    /// Stop after this many messages [default: run until Ctrl-C or SIGTERM]
     #[arg(long, value_name = "N", conflicts_with = "duration")]
     pub count: Option<u64>,
     /// Stop after this long, e.g. 30s, 5m, 1h
@@ -325,8 +325,8 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     // A duration past what the clock can hold means no deadline.
     let deadline = args.duration.and_then(|d| started.checked_add(d));
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let mut n: u32 = 0;
 
     'send: loop {
@@ -334,7 +334,7 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
             let due = started + interval * n;
             if due > Instant::now() {
                 tokio::select! {
-                    _ = &mut ctrl_c => break 'send,
+                    _ = &mut stop => break 'send,
                     () = tokio::time::sleep_until(due) => {}
                     Some(result) = in_flight.next(), if !in_flight.is_empty() => { settle(&mut tally, result); continue 'send; }
                 }
@@ -344,7 +344,7 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
             break;
         }
         let message = tokio::select! {
-            _ = &mut ctrl_c => break 'send,
+            _ = &mut stop => break 'send,
             message = source.recv() => match message {
                 Some(message) => message?,
                 None => break 'send,
@@ -396,8 +396,8 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
     }
 
     // Whatever is in flight is delivered (or fails) before the summary; a
-    // Ctrl-C (a second one, if the first ended the run) stops the wait.
-    let unconfirmed = drain(&mut in_flight, tokio::signal::ctrl_c(), |result| {
+    // stop (a second one, if the first ended the run) ends the wait.
+    let unconfirmed = drain(&mut in_flight, stop_requested(), |result| {
         settle(&mut tally, result)
     })
     .await;

@@ -215,3 +215,56 @@ async fn output_writes_what_would_be_sent() {
     dry_run(&again);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
 }
+
+/// A run stopped by SIGTERM (a `kill`, `timeout`, a service manager) ends as
+/// one stopped by Ctrl-C does: what was queued is delivered, the summary is
+/// printed, and what it counts as delivered is what the topic holds.
+#[tokio::test]
+async fn sigterm_ends_a_run_with_its_summary() {
+    let env = TestEnv::new().await;
+    let child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .arg("produce")
+        .args(["--rate", "200"])
+        .env_clear()
+        .env("KAFKA_BROKERS", brokers())
+        .env("KAFKA_TOPIC", &env.topic)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let topic = env.topic.clone();
+    crate::helpers::eventually(
+        Duration::from_secs(30),
+        || {
+            let topic = topic.clone();
+            async move {
+                let n = tokio::task::spawn_blocking(move || messages_in(&topic))
+                    .await
+                    .unwrap();
+                (n >= 100).then_some(())
+            }
+        },
+        || "the run never reached 100 messages".into(),
+    )
+    .await;
+    crate::helpers::signal(&child, "TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{summary}");
+    let delivered: i64 = summary
+        .lines()
+        .find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                ["sent", _, "delivered", n, "failed", "0", ..] => {
+                    n.trim_end_matches(',').parse().ok()
+                }
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{summary}"));
+    assert!(delivered >= 100, "{summary}");
+    assert_eq!(messages_in(&env.topic), delivered, "{summary}");
+}
