@@ -4,7 +4,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::LetterSummary;
+use crate::store::{self, LetterSummary};
 
 /// Errors a handler returns. The log gets the cause; the client gets a clean
 /// status and message, never SQL or internal detail.
@@ -82,14 +82,10 @@ impl IntoResponse for ApiError {
                 let order_uid = match other {
                     ApiError::BadRequest { order_uid, .. } => order_uid,
                     ApiError::Unavailable(e) => {
-                        // sqlx repeats the server's message as the source of
-                        // its own error: said once, with its SQLSTATE.
                         let cause = match &e {
-                            sqlx::Error::Database(db) => format!(
-                                "database: {} ({})",
-                                db.message(),
-                                db.code().unwrap_or_default()
-                            ),
+                            sqlx::Error::Database(db) => {
+                                format!("database: {}", store::described(db.as_ref()))
+                            }
                             _ => format!("{:#}", anyhow::Error::new(e)),
                         };
                         tracing::error!(error = cause, "storage error while serving a request");

@@ -14,6 +14,7 @@ use super::error::ErrorBody;
 use super::io::{on_io, Io};
 use super::Shared;
 use crate::cache::WarmupState;
+use crate::store;
 
 pub fn router(io: &Io) -> Router<Shared> {
     Router::new()
@@ -143,9 +144,8 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
             Ok(Ok(())) => None,
             // It answers, but refuses to hand over orders (a grant, a table gone).
             Ok(Err(sqlx::Error::Database(db))) => Some(format!(
-                "postgres: cannot read the orders: {} ({})",
-                db.message(),
-                db.code().unwrap_or_default()
+                "postgres: cannot read the orders: {}",
+                store::described(db.as_ref())
             )),
             _ => Some("postgres: does not answer".to_owned()),
         };

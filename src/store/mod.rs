@@ -222,6 +222,12 @@ pub enum ErrorClass {
     Environment { cause: String },
 }
 
+/// The server's message with its SQLSTATE, said once (sqlx's own `Display`
+/// of the error repeats the message as its source).
+pub fn described(db: &dyn sqlx::error::DatabaseError) -> String {
+    format!("{} ({})", db.message(), db.code().unwrap_or_default())
+}
+
 /// One classification for every PostgreSQL error ingest meets. Only errors
 /// that belong to one order's data may refuse it; everything else pauses.
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
@@ -236,7 +242,7 @@ pub fn classify(error: &sqlx::Error) -> ErrorClass {
             };
         }
         return ErrorClass::Environment {
-            cause: format!("database: {} ({code})", db.message()),
+            cause: format!("database: {}", described(db.as_ref())),
         };
     }
     let cause = match error {
