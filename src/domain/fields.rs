@@ -81,8 +81,8 @@ pub(super) const ORDER: [Field<OrderDocument>; 14] = [
 
 pub(super) const DELIVERY: [Field<Delivery>; 7] = [
     text("name", |d| &d.name, rules::non_empty),
-    text("phone", |d| &d.phone, rules::e164),
-    text("zip", |d| &d.zip, rules::digits),
+    text("phone", |d| &d.phone, rules::phone),
+    text("zip", |d| &d.zip, rules::postal_code),
     text("city", |d| &d.city, rules::non_empty),
     text("address", |d| &d.address, rules::non_empty),
     plain("region", |d| &d.region),

@@ -62,19 +62,49 @@ pub fn digits(value: &str) -> RuleResult {
     }
 }
 
-/// E.164: a `+`, then 8 to 15 digits, the first not 0. The syntax is what a
-/// carrier needs; whether a number is assigned is not knowable offline.
-pub fn e164(value: &str) -> RuleResult {
-    let ok = value.strip_prefix('+').is_some_and(|digits| {
-        (8..=15).contains(&digits.len())
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && !digits.starts_with('0')
-    });
+/// A phone number as people and shops write it: 7 to 15 digits (E.164's
+/// most), after an optional `+`, which spaces, hyphens, dots and parentheses
+/// may separate (`+9720000000`, `8 (900) 123-45-67`, `+1 415.555.2671`). The
+/// syntax is what can be checked: whether a number is assigned is not
+/// knowable offline, and libphonenumber's per-country tables would reject test
+/// numbers such as the sample's.
+pub fn phone(value: &str) -> RuleResult {
+    let digits = value.bytes().filter(u8::is_ascii_digit).count();
+    let body = value.strip_prefix('+').unwrap_or(value);
+    let ok = (7..=15).contains(&digits)
+        && body.starts_with(|c: char| c.is_ascii_digit() || c == '(')
+        && body.ends_with(|c: char| c.is_ascii_digit())
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b" -.()".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "{} is not an E.164 phone number (+ and 8 to 15 digits)",
+            "{} is not a phone number (7 to 15 digits after an optional +, separated by \
+             spaces, hyphens, dots or parentheses only)",
+            shown(value)
+        ))
+    }
+}
+
+/// A postal code of any country: 2 to 10 letters, digits, spaces or hyphens,
+/// with a digit, starting and ending with a letter or digit (`2639809`,
+/// `SW1A 1AA`, `94107-1234`, `1011 AB`).
+pub fn postal_code(value: &str) -> RuleResult {
+    let bytes = value.as_bytes();
+    let ok = (2..=10).contains(&bytes.len())
+        && bytes.iter().any(u8::is_ascii_digit)
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b' ' || *b == b'-')
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a postal code (2 to 10 letters, digits, spaces or hyphens, with a digit)",
             shown(value)
         ))
     }
@@ -197,17 +227,59 @@ mod tests {
 
     #[test]
     fn phone_numbers() {
-        assert!(e164("+9720000000").is_ok());
-        assert!(e164("+14155552671").is_ok());
+        for good in [
+            "+9720000000",
+            "+14155552671",
+            "89001234567",
+            "8 (900) 123-45-67",
+            "+7 (900) 123-45-67",
+            "+1 415.555.2671",
+            "(415) 555-2671",
+            "1234567",
+            "+123456789012345",
+        ] {
+            assert!(phone(good).is_ok(), "{good}");
+        }
         for bad in [
-            "9720000000",
-            "+0720000000",
-            "+972-000-000",
-            "+1234567",
-            "+1234567890123456",
+            "123456",
+            "1234567890123456",
+            "+1 415 CALL NOW",
+            "ext. 1234567",
+            "++79001234567",
+            "-79001234567",
+            "79001234567 ",
+            "7900\t1234567",
             "",
         ] {
-            assert!(e164(bad).is_err(), "{bad}");
+            assert!(phone(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn postal_codes() {
+        for good in [
+            "2639809",
+            "SW1A 1AA",
+            "94107-1234",
+            "1011 AB",
+            "K1A 0B1",
+            "D02 X285",
+            "101",
+        ] {
+            assert!(postal_code(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1",
+            "n/a",
+            "none",
+            " 12345",
+            "12345-",
+            "12345678901",
+            "123_45",
+            "12 345é",
+        ] {
+            assert!(postal_code(bad).is_err(), "{bad}");
         }
     }
 

@@ -34,6 +34,8 @@ const PRODUCTS: &[&str] = &[
     "Board game",
     "Coffee beans",
 ];
+/// Postal codes with letters, spaces and hyphens (UK, US ZIP+4, Canada, the Netherlands).
+const POSTCODES: &[&str] = &["SW1A 1AA", "EC1A 1BB", "94107-1234", "K1A 0B1", "1011 AB"];
 const SIZES: &[&str] = &["0", "XS", "S", "M", "L", "XL", "42", "44", "one size"];
 const EMAIL_DOMAINS: &[&str] = &[
     "gmail.com",
@@ -116,7 +118,7 @@ impl InvalidKind {
                 o["payment"]["amount"] = json!(amount);
             }
             InvalidKind::Email => o["delivery"]["email"] = json!("not-an-email"),
-            InvalidKind::Phone => o["delivery"]["phone"] = json!("8 (900) 123-45-67"),
+            InvalidKind::Phone => o["delivery"]["phone"] = json!("call 900-1234"),
             InvalidKind::Currency => o["payment"]["currency"] = json!("XYZ"),
             InvalidKind::NegativePrice => o["items"][0]["price"] = json!(-100),
             InvalidKind::Sale => o["items"][0]["sale"] = json!(150),
@@ -134,7 +136,7 @@ impl InvalidKind {
                 }
             }
             InvalidKind::SmId => o["sm_id"] = json!(0),
-            InvalidKind::Zip => o["delivery"]["zip"] = json!("SW1A 1AA"),
+            InvalidKind::Zip => o["delivery"]["zip"] = json!("n/a"),
         }
     }
 }
@@ -213,14 +215,34 @@ impl Generator {
         let date_created = chrono::DateTime::from_timestamp(created, 0)
             .expect("a time within range")
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        // Mostly international numbers and plain digits, as in the sample; some
+        // written as shops receive them.
+        let phone = match rng.random_range(0..5) {
+            0 => format!(
+                "8 ({}) {:03}-{:02}-{:02}",
+                rng.random_range(900..1000),
+                rng.random_range(0..1000),
+                rng.random_range(0..100),
+                rng.random_range(0..100)
+            ),
+            _ => format!(
+                "+{}{:09}",
+                rng.random_range(1..=99),
+                rng.random_range(0..1_000_000_000u64)
+            ),
+        };
+        let zip = match rng.random_range(0..5) {
+            0 => POSTCODES[rng.random_range(0..POSTCODES.len())].to_owned(),
+            _ => format!("{:06}", rng.random_range(100_000..999_999)),
+        };
         json!({
             "order_uid": uid,
             "track_number": track,
             "entry": "WBIL",
             "delivery": {
                 "name": format!("{first} {last}"),
-                "phone": format!("+{}{:09}", rng.random_range(1..=99), rng.random_range(0..1_000_000_000u64)),
-                "zip": format!("{:06}", rng.random_range(100_000..999_999)),
+                "phone": phone,
+                "zip": zip,
                 "city": city,
                 "address": format!("{street} {building}"),
                 "region": region,
