@@ -97,7 +97,7 @@ mod tests {
             (|o| o["payment"]["provider"] = json!(""), "payment.provider: must not be empty"),
             (|o| o["payment"]["payment_dt"] = json!(0), "payment.payment_dt: must be a positive Unix time in seconds, found 0"),
             (|o| o["payment"]["payment_dt"] = json!(1_637_907_727_000i64), "payment.payment_dt: 1637907727000 is after the year 3000; Unix time is in seconds, not milliseconds"),
-            (|o| o["locale"] = json!("en_US"), "locale: \"en_US\" is not a BCP 47 language tag"),
+            (|o| o["locale"] = json!("en US"), "locale: \"en US\" is not a BCP 47 language tag"),
             (|o| o["shardkey"] = json!("nine"), "shardkey: must be decimal digits, found \"nine\""),
             (|o| o["oof_shard"] = json!("-1"), "oof_shard: must be decimal digits, found \"-1\""),
             (|o| o["sm_id"] = json!(0), "sm_id: must be greater than 0, found 0"),

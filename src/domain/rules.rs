@@ -124,14 +124,20 @@ pub fn email(value: &str) -> RuleResult {
     }
 }
 
+/// An ISO 4217 code in either case: payment providers such as Stripe write
+/// them in lower case (`usd`).
 pub fn currency(value: &str) -> RuleResult {
-    if iso_currency::Currency::from_code(value).is_some() {
+    let known = value.len() == 3
+        && iso_currency::Currency::from_code(&value.to_ascii_uppercase()).is_some();
+    if known {
         Ok(())
     } else {
         Err(format!("{} is not an ISO 4217 code", shown(value)))
     }
 }
 
+/// A BCP 47 language tag, also written with underscores as POSIX and Java
+/// locales are (`en_US`, read as `en-US`).
 pub fn locale(value: &str) -> RuleResult {
     // Orders use a handful of locales; remembering the valid ones saves a full
     // BCP 47 parse per message. Bounded, so hostile input cannot grow it.
@@ -142,7 +148,7 @@ pub fn locale(value: &str) -> RuleResult {
     if VALID.with_borrow(|valid| valid.contains(value)) {
         return Ok(());
     }
-    match language_tags::LanguageTag::parse(value) {
+    match language_tags::LanguageTag::parse(&value.replace('_', "-")) {
         Ok(tag) if tag.validate().is_ok() => {
             VALID.with_borrow_mut(|valid| {
                 if valid.len() < REMEMBERED {
@@ -307,11 +313,14 @@ mod tests {
             currency("XYZ").unwrap_err(),
             r#""XYZ" is not an ISO 4217 code"#
         );
-        assert!(currency("usd").is_err());
+        assert!(currency("usd").is_ok() && currency("Eur").is_ok());
+        assert!(currency("usdd").is_err() && currency("").is_err());
         assert!(locale("en").is_ok());
         assert!(locale("pt-BR").is_ok());
         assert!(locale("zh-Hant-TW").is_ok());
-        assert!(locale("en_US").is_err());
+        assert!(locale("en_US").is_ok() && locale("zh_Hant_TW").is_ok());
+        assert!(locale("en US").is_err() && locale("en_US.UTF-8").is_err());
+        assert!(locale("english").is_err() && locale("en-").is_err());
         assert!(locale("").is_err());
     }
 

@@ -125,7 +125,7 @@ impl InvalidKind {
             InvalidKind::ItemTrackNumber => o["items"][0]["track_number"] = json!("WBOTHERTRACK"),
             InvalidKind::DateCreated => o["date_created"] = json!("26.11.2021 06:22"),
             InvalidKind::UnknownField => o["coupon"] = json!("SALE2021"),
-            InvalidKind::Locale => o["locale"] = json!("en_US"),
+            InvalidKind::Locale => o["locale"] = json!("en US"),
             InvalidKind::Amount => {
                 let amount = o["payment"]["amount"].as_i64().unwrap_or(0);
                 o["payment"]["amount"] = json!(amount + 1);
