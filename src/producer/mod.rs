@@ -52,8 +52,9 @@ pub struct ProduceArgs {
     /// its first document spans lines, otherwise ndjson]
     #[arg(long, value_enum, value_name = "FORMAT", requires = "file")]
     pub format: Option<Format>,
-    /// Also write every message to this NDJSON file
-    #[arg(long, value_name = "PATH")]
+    /// Also write every message to this NDJSON file; `-` writes them to
+    /// standard output (the summary goes to standard error)
+    #[arg(long, value_name = "PATH|-")]
     pub output: Option<PathBuf>,
     /// Only write --output; send nothing
     #[arg(long, requires = "output")]
@@ -311,11 +312,18 @@ pub async fn run(args: ProduceArgs, kafka: &KafkaSettings) -> anyhow::Result<boo
         Some(order_producer(kafka).await?)
     };
     let mut output = match &args.output {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("--output: cannot create {}", path.display()))?,
-        )),
         None => None,
+        Some(path) => {
+            let sink: Box<dyn std::io::Write + Send> = if path.as_os_str() == "-" {
+                Box::new(std::io::stdout())
+            } else {
+                Box::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--output: cannot create {}", path.display()))?,
+                )
+            };
+            Some(std::io::BufWriter::new(sink))
+        }
     };
     let progress = Progress::new(args.count);
     let mut source = spawn_source(&args);

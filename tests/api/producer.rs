@@ -214,6 +214,17 @@ async fn output_writes_what_would_be_sent() {
     let again = dir.path().join("again.ndjson");
     dry_run(&again);
     assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
+    // `-` is standard output, with the summary apart on standard error.
+    let piped = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["produce", "--count", "25", "--rate", "0", "--seed", "5"])
+        .args(["--output", "-", "--dry-run"])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert_eq!(String::from_utf8(piped.stdout).unwrap(), text);
+    assert!(!dir.path().join("-").exists());
 }
 
 /// A run stopped by SIGTERM (a `kill`, `timeout`, a service manager) ends as

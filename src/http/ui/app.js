@@ -27,7 +27,7 @@ function list(pairs) {
   return dl;
 }
 
-const money = (n, cur) => `${num.format(n)} ${cur}`;
+const money = (n, cur) => `${num.format(n)} ${cur.toUpperCase()}`;
 const when = (unix) => new Date(unix * 1000).toLocaleString();
 
 function render(o) {
