@@ -251,6 +251,11 @@ mod tests {
             ),
             (b"\xfe\xff\x00{\x00}", "not valid UTF-8: the message starts with a UTF-16 byte order mark; orders are UTF-8 JSON"),
             (b"\xc3\x28{}", "not valid UTF-8 (first bad byte at 0)"),
+            (
+                b"\x00\x00\x00\x01\x2a{\"order_uid\": \"a\"}",
+                "the message starts with a schema registry header (magic byte 0, schema id 298); orders are plain JSON, without it",
+            ),
+            (b"\x00{}", "not JSON: expected value at line 1 column 1"),
             (b"hello", "not JSON: expected value at line 1 column 1"),
             (
                 b"{\"order_uid\": \"a\"",

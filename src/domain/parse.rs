@@ -48,6 +48,18 @@ pub fn parse_order(bytes: &[u8], limits: &Limits) -> Result<Order, Rejection> {
             "not valid UTF-8: the message starts with a UTF-16 byte order mark; orders are UTF-8 JSON",
         ));
     }
+    // Schema-registry serializers (Confluent's JSON Schema one) put a magic
+    // byte 0 and a 4-byte schema id before the document.
+    if let [0, a, b, c, d, b'{', ..] = bytes {
+        let id = u32::from_be_bytes([*a, *b, *c, *d]);
+        return Err(Rejection::single(
+            Stage::Parse,
+            format!(
+                "the message starts with a schema registry header (magic byte 0, schema id {id}); \
+                 orders are plain JSON, without it"
+            ),
+        ));
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Rejection::single(
             Stage::Parse,
