@@ -13,6 +13,7 @@ use crate::configuration::{redacted, Settings};
 use crate::events::{Feed, IngestHealth};
 use crate::http::{self, AppState, Io, Server};
 use crate::ingest::Ingest;
+use crate::signals;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -108,16 +109,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
-    }
+    let signal = signals::stop_requested().await;
+    tracing::info!("{signal} received; stopping");
     shutdown.cancel();
 }

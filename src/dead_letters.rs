@@ -15,7 +15,8 @@ use rdkafka::producer::FutureRecord;
 use crate::configuration::Settings;
 use crate::domain::LETTER_STAGES;
 use crate::ingest::dead_letter::header;
-use crate::publish::{drain, order_producer, stop_requested, OrderProducer};
+use crate::publish::{drain, order_producer, OrderProducer};
+use crate::signals::stop_requested;
 use crate::store::{Cursor, LetterFilter, LetterRecord, Store};
 
 /// Letters read from PostgreSQL per query.

@@ -15,6 +15,7 @@ pub mod kafka_errors;
 #[cfg(feature = "producer")]
 pub mod producer;
 pub mod publish;
+pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

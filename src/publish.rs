@@ -59,24 +59,6 @@ pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProduc
     Ok(producer)
 }
 
-/// Resolves on Ctrl-C or SIGTERM (a `kill`, `timeout`, a service manager):
-/// either ends a run the same way, with what was queued delivered and the
-/// summary printed.
-pub async fn stop_requested() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 /// Waits for every delivery in flight, handing each answer to `settle`,
 /// until `interrupt` (a Ctrl-C or SIGTERM) ends the wait; returns how many were left.
 pub async fn drain<F: Future>(

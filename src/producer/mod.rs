@@ -19,7 +19,8 @@ use tokio::time::Instant;
 pub use self::generator::{Generator, InvalidKind};
 use crate::configuration::KafkaSettings;
 use crate::documents::{for_each_document, Document, Format};
-use crate::publish::{drain, order_producer, stop_requested, MAX_MESSAGE_BYTES};
+use crate::publish::{drain, order_producer, MAX_MESSAGE_BYTES};
+use crate::signals::stop_requested;
 
 #[derive(Debug, clap::Args)]
 pub struct ProduceArgs {

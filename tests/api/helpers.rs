@@ -526,7 +526,18 @@ pub struct Service {
 
 impl Service {
     pub fn spawn(env: Vec<(String, String)>) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        Self::spawn_command(Command::new(env!("CARGO_BIN_EXE_order-service")), env)
+    }
+
+    /// Started as `nohup order-service serve` starts it: hang-ups ignored.
+    pub fn spawn_under_nohup(env: Vec<(String, String)>) -> Self {
+        let mut nohup = Command::new("nohup");
+        nohup.arg(env!("CARGO_BIN_EXE_order-service"));
+        Self::spawn_command(nohup, env)
+    }
+
+    fn spawn_command(mut command: Command, env: Vec<(String, String)>) -> Self {
+        let mut child = command
             .arg("serve")
             .env_clear()
             .envs(env)
@@ -689,9 +700,14 @@ impl Service {
     }
 
     /// SIGTERM, and the exit status once it stops.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `name` (`TERM`, `HUP`), and the exit status once it stops.
+    pub fn stop_with(mut self, name: &str) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status();
         self.child.wait().unwrap()

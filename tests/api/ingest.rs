@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use order_service::producer::{Generator, InvalidKind};
 
 use crate::helpers::{
-    generated_orders, produce_orders, sample_with_uid, store_orders, TcpProxy, TestEnv,
+    generated_orders, produce_orders, sample_with_uid, store_orders, Service, TcpProxy, TestEnv,
 };
 
 const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
@@ -608,25 +608,30 @@ async fn a_commit_lost_on_its_way_does_not_hold_ingest_behind_its_locks() {
     env.assert_no_dead_letters();
 }
 
-/// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
-#[tokio::test]
-async fn sigterm_commits_and_exits_cleanly() {
-    let env = TestEnv::new().await;
+/// A service that has consumed one order and holds it in a batch that only a
+/// stop writes (its linger is a minute).
+async fn holding_one_unwritten_order(env: &TestEnv, uid: &str) -> Service {
     let service = env.spawn_with(&[
         ("INGEST_BATCH_LINGER_MS", "60000"),
         ("INGEST_BATCH_SIZE", "100000"),
     ]);
     service.wait_ready().await;
-    let uid = "graceful-1";
     let order = sample_with_uid(uid).to_string();
     env.produce(&[(Some(uid), order.as_bytes())]).await;
-    // The batch waits for its linger; only shutdown writes it.
     let deadline = Instant::now() + Duration::from_secs(20);
     while service.metric("orders_messages_consumed_total").await < 1.0 {
         assert!(Instant::now() < deadline, "message never consumed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(env.count(COUNT_ORDERS).await, 0);
+    service
+}
+
+/// SIGTERM: the batch in hand is committed, the group is left, exit 0 promptly.
+#[tokio::test]
+async fn sigterm_commits_and_exits_cleanly() {
+    let env = TestEnv::new().await;
+    let service = holding_one_unwritten_order(&env, "graceful-1").await;
     let started = Instant::now();
     let status = service.terminate();
     assert!(status.success(), "{status:?}");
@@ -636,6 +641,32 @@ async fn sigterm_commits_and_exits_cleanly() {
         started.elapsed()
     );
     assert_eq!(env.count(COUNT_ORDERS).await, 1);
+}
+
+/// A hang-up (the terminal `serve` runs in closed) stops it as SIGTERM does,
+/// the batch in hand committed; started under `nohup`, it keeps running.
+#[tokio::test]
+async fn a_hang_up_stops_gracefully_unless_started_under_nohup() {
+    let env = TestEnv::new().await;
+    let service = holding_one_unwritten_order(&env, "hang-up-1").await;
+    let logs = service.logs.clone();
+    let status = service.stop_with("HUP");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(env.count(COUNT_ORDERS).await, 1);
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(logs.contains("SIGHUP received; stopping"), "{logs}");
+
+    let kept = Service::spawn_under_nohup(env.service_env());
+    kept.wait_ready().await;
+    kept.signal("HUP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(kept.get("/healthz").await.status(), 200);
+    assert!(
+        !kept.log_text().contains("received; stopping"),
+        "{}",
+        kept.log_text()
+    );
+    assert!(kept.terminate().success());
 }
 
 /// A batch is written once its messages reach INGEST_BATCH_MAX_BYTES, however
