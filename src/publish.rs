@@ -60,7 +60,7 @@ pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProduc
 }
 
 /// Waits for every delivery in flight, handing each answer to `settle`,
-/// until `interrupt` (a Ctrl-C or SIGTERM) ends the wait; returns how many were left.
+/// until `interrupt` (a stop signal) ends the wait; returns how many were left.
 pub async fn drain<F: Future>(
     in_flight: &mut FuturesUnordered<F>,
     interrupt: impl Future,

@@ -127,8 +127,10 @@ pub fn email(value: &str) -> RuleResult {
 /// An ISO 4217 code in either case: payment providers such as Stripe write
 /// them in lower case (`usd`).
 pub fn currency(value: &str) -> RuleResult {
-    let known = value.len() == 3
-        && iso_currency::Currency::from_code(&value.to_ascii_uppercase()).is_some();
+    // Upper case, the common case, is looked up without a copy.
+    let known = iso_currency::Currency::from_code(value).is_some()
+        || (value.len() == 3
+            && iso_currency::Currency::from_code(&value.to_ascii_uppercase()).is_some());
     if known {
         Ok(())
     } else {
