@@ -51,6 +51,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let member = settings.kafka.member_name(addr);
+    if settings.kafka.group_instance_id.is_none() && settings.http.addr.port() == 0 {
+        // The default name takes the port, and port 0 is another one each start.
+        tracing::warn!(
+            member = member.as_deref().unwrap_or_default(),
+            "HTTP_ADDR asks for any free port, so this instance's member name changes \
+             with every start and a restart cannot take its partitions straight back; \
+             set KAFKA_GROUP_INSTANCE_ID to keep one"
+        );
+    }
     let ingest = Ingest::new(
         &settings,
         member.as_deref(),
