@@ -451,6 +451,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let (owner, name) = (self.owner.clone(), self.name.clone());
+        let service_url = self.service_url.clone();
         // Drop runs outside any runtime, so cleanup gets a small one of its own.
         // Topics stay: the suite's broker and its storage are removed after the
         // run (see scripts/stack test).
@@ -459,15 +460,39 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = owner.database("postgres").connect().await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
+            rt.block_on(drop_database(owner, &name, &service_url));
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Drops a test's database. `WITH (FORCE)` ends its sessions, but the owner
+/// may end only its own: a session of the service role still open (a killed
+/// instance's that its backend has not noticed yet, or one a proxy of the
+/// test still relays) makes the drop fail, so the service role ends its own
+/// sessions and the drop is tried again.
+async fn drop_database(owner: PgConnectOptions, name: &str, service_url: &str) {
+    let Ok(mut conn) = owner.database("postgres").connect().await else {
+        return;
+    };
+    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let service = PgConnectOptions::from_str(service_url).map(|o| o.database("postgres"));
+    for _ in 0..5 {
+        if sqlx::query(&drop).execute(&mut conn).await.is_ok() {
+            return;
+        }
+        if let Ok(options) = &service {
+            if let Ok(mut session) = options.connect().await {
+                let _ = sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND usename = current_user",
+                )
+                .bind(name)
+                .execute(&mut session)
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
