@@ -764,6 +764,11 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what its instances said, whatever it asserted.
+        if std::thread::panicking() {
+            let logs = self.logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+            eprintln!("--- log of the instance ---\n{logs}");
+        }
     }
 }
 
