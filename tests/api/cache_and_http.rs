@@ -917,10 +917,11 @@ async fn orders_the_database_will_not_hand_over_make_the_instance_unready() {
     let miss = service.get(&format!("/order/{}", orders[0].0)).await;
     assert_eq!(miss.status(), 503);
     assert_eq!(miss.headers()["retry-after"], "1");
-    // The log says why, once per line, with the SQLSTATE.
-    let logs = service.log_text();
+    // The log says why, once per line, with the SQLSTATE (the line may
+    // follow the readiness that already tells it).
     let cause = "database: permission denied for table orders (42501)";
-    assert!(logs.contains(cause), "{logs}");
+    service.wait_for_log(cause, Duration::from_secs(10)).await;
+    let logs = service.log_text();
     assert!(!logs.contains("orders: permission denied"), "{logs}");
 
     env.execute(&format!("GRANT SELECT ON orders TO {role}"))
