@@ -228,8 +228,10 @@ impl TestEnv {
             ("HTTP_ADDR", "127.0.0.1:0".to_owned()),
             ("LOG_FORMAT", "json".to_owned()),
             ("RUST_LOG", "info".to_owned()),
-            // Keys a test writes to the shared Redis expire soon after it.
+            // Keys a test writes to the shared Redis expire soon after it,
+            // under a prefix of its own, apart from the demo's.
             ("REDIS_TTL_SECS", "300".to_owned()),
+            ("REDIS_KEY_PREFIX", format!("{}:", self.name)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
