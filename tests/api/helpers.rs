@@ -688,18 +688,19 @@ impl Service {
         .await
     }
 
-    /// The value of one series; fails if the service does not expose it, so
-    /// a renamed metric cannot pass a check for zero.
     /// Waits until no PostgreSQL session is checked out of the pool (ten
     /// seconds at most).
     pub async fn wait_pool_idle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.metric("db_pool_connections_in_use").await > 0.0 {
-            assert!(Instant::now() < deadline, "the pool never went idle");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(10),
+            || async { (self.metric("db_pool_connections_in_use").await == 0.0).then_some(()) },
+            || "the pool never went idle".to_owned(),
+        )
+        .await;
     }
 
+    /// The value of one series; fails if the service does not expose it, so
+    /// a renamed metric cannot pass a check for zero.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
