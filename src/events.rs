@@ -51,6 +51,23 @@ impl Feed {
     }
 }
 
+/// How the broker fails to answer a request in time, with the problem told.
+#[derive(Debug, Clone)]
+pub enum BrokerTrouble {
+    /// It answers late, or not at all over the connections it takes.
+    Slow(String),
+    /// No connection to it can be made.
+    Unreachable(String),
+}
+
+impl BrokerTrouble {
+    pub fn problem(&self) -> &str {
+        match self {
+            Self::Slow(problem) | Self::Unreachable(problem) => problem,
+        }
+    }
+}
+
 /// What readiness needs to know about ingest.
 #[derive(Debug, Default)]
 pub struct IngestHealth {
@@ -65,7 +82,7 @@ pub struct IngestHealth {
     /// that holds none.
     orphaned: Mutex<Vec<i32>>,
     /// How the broker fails to answer in time, while it does.
-    broker_slow: Mutex<Option<String>>,
+    broker_trouble: Mutex<Option<BrokerTrouble>>,
     /// Why the broker turns this client away (sign-in, TLS), while it does.
     broker_refused: Mutex<Option<String>>,
     /// The orders topic, while the broker says it does not exist.
@@ -89,13 +106,17 @@ impl IngestHealth {
     }
 
     /// How the broker fails to answer in time, if it does.
-    pub fn broker_slow(&self) -> Option<String> {
-        lock(&self.broker_slow).clone()
+    pub fn broker_trouble(&self) -> Option<BrokerTrouble> {
+        lock(&self.broker_trouble).clone()
     }
 
-    /// Stores the broker's verdict; true when it changed.
-    pub(crate) fn set_broker_slow(&self, problem: Option<String>) -> bool {
-        replace(&self.broker_slow, problem)
+    /// Stores the broker's verdict; true when it started, ended or changed kind.
+    pub(crate) fn set_broker_trouble(&self, trouble: Option<BrokerTrouble>) -> bool {
+        let mut held = lock(&self.broker_trouble);
+        let kind = |t: &Option<BrokerTrouble>| t.as_ref().map(std::mem::discriminant);
+        let changed = kind(&held) != kind(&trouble);
+        *held = trouble;
+        changed
     }
 
     /// Why the broker turns this client away, if it does.

@@ -9,10 +9,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::configuration::KafkaSettings;
-use crate::kafka_errors::Refusals;
+use crate::kafka_errors::BrokerReports;
 
 /// A producer whose context hears why the brokers turn it away, if they do.
-pub type OrderProducer = FutureProducer<Refusals>;
+pub type OrderProducer = FutureProducer<BrokerReports>;
 
 /// How long a new producer waits for a first answer before it starts
 /// sending anyway (to brokers that are away, whom it then waits for).
@@ -27,7 +27,7 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// turn it away (a failed sign-in, an untrusted certificate) fail it at once,
 /// with their reason, rather than leave it waiting for good.
 pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProducer> {
-    let refusals = Refusals::default();
+    let broker_reports = BrokerReports::default();
     let producer: OrderProducer = kafka
         .client_config()
         .set("enable.idempotence", "true")
@@ -40,7 +40,7 @@ pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProduc
         .set("message.timeout.ms", "0")
         .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
         .set("queue.buffering.max.messages", "100000")
-        .create_with_context(refusals.clone())
+        .create_with_context(broker_reports.clone())
         .context("cannot create the Kafka producer")?;
     let started = Instant::now();
     while started.elapsed() < FIRST_ANSWER_WAIT {
@@ -52,7 +52,7 @@ pub async fn order_producer(kafka: &KafkaSettings) -> anyhow::Result<OrderProduc
         if matches!(asked.await, Ok(Ok(_))) {
             break;
         }
-        if let Some(reason) = refusals.last() {
+        if let Some(reason) = broker_reports.refusal() {
             anyhow::bail!("the broker refuses this client: {reason}");
         }
     }

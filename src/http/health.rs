@@ -14,6 +14,7 @@ use super::error::ErrorBody;
 use super::io::{on_io, Io};
 use super::Shared;
 use crate::cache::WarmupState;
+use crate::events::BrokerTrouble;
 use crate::store;
 
 pub fn router(io: &Io) -> Router<Shared> {
@@ -102,6 +103,9 @@ enum Broker {
     Slow,
     /// The broker turns this client away: its credentials, or TLS.
     Refused,
+    /// No connection to the broker can be made (refused, timed out, a name
+    /// that does not resolve).
+    Unreachable,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -176,9 +180,9 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
             "kafka: topic {topic} does not exist; ingest starts once it is created"
         ));
     }
-    let broker_slow = state.ingest.broker_slow();
-    if let Some(problem) = &broker_slow {
-        problems.push(format!("kafka: {problem}"));
+    let broker_trouble = state.ingest.broker_trouble();
+    if let Some(trouble) = &broker_trouble {
+        problems.push(format!("kafka: {}", trouble.problem()));
     }
     let broker_refused = state.ingest.broker_refused();
     if let Some(reason) = &broker_refused {
@@ -210,9 +214,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
             } else {
                 Topic::Present
             },
-            kafka_broker: match (&broker_refused, &broker_slow) {
+            kafka_broker: match (&broker_refused, &broker_trouble) {
                 (Some(_), _) => Broker::Refused,
-                (None, Some(_)) => Broker::Slow,
+                (None, Some(BrokerTrouble::Slow(_))) => Broker::Slow,
+                (None, Some(BrokerTrouble::Unreachable(_))) => Broker::Unreachable,
                 (None, None) => Broker::Answering,
             },
             ingest: if stalled.is_some() {

@@ -6,7 +6,8 @@
 //! The same answer tells whether the orders topic exists: a missing one is
 //! named too, rather than left to look like a group that never assigns. And
 //! a broker that turns the service away (failed sign-in, untrusted
-//! certificate) is named with its reason, rather than as one that is slow.
+//! certificate), or that no connection can be made to, is named with its
+//! reason, rather than as one that is slow.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +16,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode::{UnknownPartition, UnknownTopic, UnknownTopicOrPartition};
 use tokio_util::sync::CancellationToken;
 
-use crate::events::IngestHealth;
-use crate::kafka_errors::Refusals;
+use crate::events::{BrokerTrouble, IngestHealth};
+use crate::kafka_errors::BrokerReports;
 use crate::telemetry::Metrics;
 
 const EVERY: Duration = Duration::from_secs(2);
@@ -27,8 +28,8 @@ const SLOW: Duration = Duration::from_secs(2);
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn watch(
-    consumer: Arc<BaseConsumer>,
-    refusals: Refusals,
+    consumer: Arc<BaseConsumer<BrokerReports>>,
+    broker_reports: BrokerReports,
     topic: String,
     health: Arc<IngestHealth>,
     metrics: Arc<Metrics>,
@@ -44,8 +45,8 @@ pub async fn watch(
         let answer = tokio::task::spawn_blocking(move || {
             let answer = client.fetch_watermarks(&asked, 0, TIMEOUT);
             // Nothing else polls this client: its error events (one per failed
-            // connection while the brokers are away) are let go here, or they
-            // would pile up for as long as an outage lasts.
+            // connection while the brokers are away) are told to its context
+            // here, or they would pile up for as long as an outage lasts.
             for _ in 0..10_000 {
                 if client.poll(Duration::ZERO).is_none() {
                     break;
@@ -62,32 +63,42 @@ pub async fn watch(
         ));
         if matches!(answer, Ok(Ok(_))) || missing {
             report_missing(&health, &topic, missing);
-            refusals.clear();
+            broker_reports.clear();
         }
-        let refusal = refusals.last();
+        let refusal = broker_reports.refusal();
         metrics.broker_refused.set(i64::from(refusal.is_some()));
         report_refusal(&health, refusal.clone());
+        let waited = took.as_secs_f64();
         let verdict = match answer {
             // Turned away: not slow, and told above.
             _ if refusal.is_some() => None,
             Ok(Ok(_)) if took < SLOW => None,
-            Ok(Ok(_)) => Some(format!(
-                "the broker took {:.1} s to answer a request for a partition's end",
-                took.as_secs_f64()
-            )),
+            Ok(Ok(_)) => Some(BrokerTrouble::Slow(format!(
+                "the broker took {waited:.1} s to answer a request for a partition's end"
+            ))),
             // The topic is not there (yet): an answer, told above.
             Ok(Err(_)) if missing => None,
-            Ok(Err(e)) => Some(format!(
-                "the broker did not answer a request for a partition's end ({e}, after {:.1} s)",
-                took.as_secs_f64()
-            )),
+            Ok(Err(e)) => Some(match broker_reports.unreachable() {
+                Some(reason) => BrokerTrouble::Unreachable(format!(
+                    "the broker cannot be reached ({reason}); a request for a partition's end \
+                     failed after {waited:.1} s ({e})"
+                )),
+                None => BrokerTrouble::Slow(format!(
+                    "the broker did not answer a request for a partition's end ({e}, after \
+                     {waited:.1} s)"
+                )),
+            }),
             Err(_) => continue,
         };
-        if health.set_broker_slow(verdict.clone()) {
+        if health.set_broker_trouble(verdict.clone()) {
             match verdict {
-                Some(problem) => tracing::warn!(
+                Some(BrokerTrouble::Slow(problem)) => tracing::warn!(
                     problem,
                     "the broker is slow: ingest lags until it answers in time again"
+                ),
+                Some(BrokerTrouble::Unreachable(problem)) => tracing::warn!(
+                    problem,
+                    "the broker cannot be reached: ingest waits until it can"
                 ),
                 None => tracing::info!("the broker answers in time again"),
             }

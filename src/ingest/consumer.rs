@@ -10,6 +10,7 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::configuration::KafkaSettings;
+use crate::kafka_errors::BrokerReports;
 use crate::telemetry::Metrics;
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
@@ -80,12 +81,17 @@ impl SignalingContext {
 /// connection carries the group session, so a short question timing out on a
 /// slow broker would cost the instance its partitions, and on the local broker
 /// the group may never hand them back.
-pub fn side_client(kafka: &KafkaSettings) -> anyhow::Result<BaseConsumer> {
+///
+/// Its failed connections are told to `reports`.
+pub fn side_client(
+    kafka: &KafkaSettings,
+    reports: BrokerReports,
+) -> anyhow::Result<BaseConsumer<BrokerReports>> {
     kafka
         .client_config()
         // Its view of a topic created after the start follows within seconds.
         .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
-        .create()
+        .create_with_context(reports)
         .context("cannot create the Kafka client that reads partition ends")
 }
 

@@ -17,7 +17,7 @@ use sync_wrapper::SyncWrapper;
 use tokio::sync::OnceCell;
 
 use crate::configuration::KafkaSettings;
-use crate::kafka_errors::Refusals;
+use crate::kafka_errors::BrokerReports;
 
 /// Most `dlq-reason` headers on one dead letter; an order with a thousand bad
 /// items gets the first ones and a count of the rest.
@@ -88,7 +88,7 @@ pub const SLIM_KEY_BYTES: usize = 4096;
 /// its batch, [`DeadLetters::already_sent`] reads them back, so replaying the
 /// batch sends none twice.
 pub struct DeadLetters {
-    producer: FutureProducer<Refusals>,
+    producer: FutureProducer<BrokerReports>,
     /// The brokers and how to reach them, for the reader of letters sent.
     client: ClientConfig,
     topic: String,
@@ -97,11 +97,12 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// The producer tells `refusals` why the brokers turn it away, if they do.
+    /// The producer tells `broker_reports` why the brokers turn it away or
+    /// cannot be reached, if they do.
     pub fn new(
         kafka: &KafkaSettings,
         max_message_bytes: usize,
-        refusals: Refusals,
+        broker_reports: BrokerReports,
     ) -> anyhow::Result<Self> {
         let client = kafka.client_config();
         let producer = client
@@ -120,7 +121,7 @@ impl DeadLetters {
             // the timed-out copy may still land, so a resend could double it.
             // The commit waits on the same delivery instead, however long.
             .set("message.timeout.ms", "0")
-            .create_with_context(refusals)
+            .create_with_context(broker_reports)
             .context("cannot create the dead-letter producer")?;
         Ok(Self {
             producer,

@@ -40,7 +40,7 @@ use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
-use crate::kafka_errors::{LogThrottle, Refusals};
+use crate::kafka_errors::{BrokerReports, LogThrottle};
 use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
 use crate::telemetry::Metrics;
 
@@ -76,9 +76,9 @@ impl PartitionState {
 pub struct Ingest {
     consumer: Arc<OrderConsumer>,
     /// Partition ends and metadata; never the group's connection (see `side_client`).
-    side: Arc<BaseConsumer>,
-    /// Why the brokers turn the service away, if they do.
-    refusals: Refusals,
+    side: Arc<BaseConsumer<BrokerReports>>,
+    /// Why the brokers turn the service away or cannot be reached, if they do.
+    broker_reports: BrokerReports,
     events: mpsc::UnboundedReceiver<Rebalance>,
     committer: Arc<Committer>,
     cache: Arc<OrderCache>,
@@ -132,16 +132,19 @@ impl Ingest {
             settings.validation.max_message_bytes,
             metrics.clone(),
         )?;
-        let refusals = Refusals::default();
+        let broker_reports = BrokerReports::default();
         let dead_letters = DeadLetters::new(
             &settings.kafka,
             settings.validation.max_message_bytes,
-            refusals.clone(),
+            broker_reports.clone(),
         )?;
         Ok(Self {
-            refusals,
+            side: Arc::new(consumer::side_client(
+                &settings.kafka,
+                broker_reports.clone(),
+            )?),
+            broker_reports,
             consumer: Arc::new(consumer),
-            side: Arc::new(consumer::side_client(&settings.kafka)?),
             events,
             committer: Arc::new(Committer {
                 store,
@@ -186,7 +189,7 @@ impl Ingest {
         let _probe_guard = probe.clone().drop_guard();
         tokio::spawn(broker_probe::watch(
             self.side.clone(),
-            self.refusals.clone(),
+            self.broker_reports.clone(),
             self.settings.kafka.topic.clone(),
             self.health.clone(),
             self.metrics.clone(),

@@ -585,7 +585,8 @@ async fn broker_restarted_mid_stream() {
 
 /// Started while its broker is down (a host booting, the broker slower to
 /// come up): the service serves what PostgreSQL holds, `/readyz` names the
-/// broker, and once the broker is up it consumes without a restart.
+/// broker as one it cannot reach (not as a slow one, which a frozen broker
+/// is), and once the broker is up it consumes without a restart.
 #[tokio::test]
 async fn started_while_the_broker_is_down() {
     let storage = tempfile::tempdir().unwrap();
@@ -600,7 +601,10 @@ async fn started_while_the_broker_is_down() {
 
     let service = env.spawn();
     service
-        .wait_unready("the broker did not answer", ("kafka_broker", "slow"))
+        .wait_unready("Connection refused", ("kafka_broker", "unreachable"))
+        .await;
+    service
+        .wait_for_log("the broker cannot be reached", Duration::from_secs(10))
         .await;
     let served = service
         .wait_for_order(&orders[0].0, Duration::from_secs(30))
