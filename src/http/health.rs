@@ -94,6 +94,8 @@ enum Assignment {
 enum Topic {
     Present,
     Missing,
+    /// No broker can be reached to tell.
+    Unknown,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -209,10 +211,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> (StatusCode, Json<Rea
                 (true, true) => Assignment::Loading,
                 (true, false) => Assignment::Assigned,
             },
-            kafka_topic: if missing_topic.is_some() {
-                Topic::Missing
-            } else {
-                Topic::Present
+            kafka_topic: match (&missing_topic, &broker_trouble) {
+                (Some(_), _) => Topic::Missing,
+                (None, Some(BrokerTrouble::Unreachable(_))) => Topic::Unknown,
+                (None, _) => Topic::Present,
             },
             kafka_broker: match (&broker_refused, &broker_trouble) {
                 (Some(_), _) => Broker::Refused,

@@ -603,6 +603,9 @@ async fn started_while_the_broker_is_down() {
     service
         .wait_unready("Connection refused", ("kafka_broker", "unreachable"))
         .await;
+    // Whether the topic exists cannot be known meanwhile.
+    let readiness: Value = service.get("/readyz").await.json().await.unwrap();
+    assert_eq!(readiness["checks"]["kafka_topic"], "unknown", "{readiness}");
     service
         .wait_for_log("the broker cannot be reached", Duration::from_secs(10))
         .await;
