@@ -9,6 +9,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use crate::domain::Order;
+use crate::lock;
 
 /// Summaries held for slow listeners; one that falls further behind skips ahead.
 const BACKLOG: usize = 1024;
@@ -146,12 +147,6 @@ impl IngestHealth {
         *orphaned = partitions;
         changed
     }
-}
-
-/// The value behind `mutex`; a writer that panicked left a whole value (each
-/// write is one assignment), so a poisoned lock is still read.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Stores `value`; true when it went from none to some or back (the changes

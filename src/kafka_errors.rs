@@ -11,6 +11,8 @@ use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
 
+use crate::lock;
+
 /// What the brokers' refusals and failed connections told a client, beside
 /// its answers. librdkafka tells them only to the client's error callback
 /// (requests then just time out), so the clients whose callbacks are served
@@ -52,10 +54,6 @@ impl BrokerReports {
         *lock(&self.refusal) = None;
         *lock(&self.unreachable) = None;
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ClientContext for BrokerReports {
@@ -110,7 +108,7 @@ pub struct LogThrottle {
 impl LogThrottle {
     /// Whether `error` is worth a log line: not logged in the last minute.
     pub fn worth_logging(&self, error: &str) -> bool {
-        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logged = lock(&self.logged);
         match logged.get(error) {
             Some(at) if at.elapsed() < RELOG_AFTER => false,
             _ => {

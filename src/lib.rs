@@ -19,3 +19,10 @@ pub mod signals;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
+
+/// The value behind `mutex`. Every writer of the service's mutexes leaves a
+/// whole value (each write is one assignment), so a lock poisoned by a writer
+/// that panicked is still read.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -152,7 +152,7 @@ impl Inner {
 
     /// Logs once per change of state, never once per request.
     fn set_up(&self) {
-        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        let mut told = crate::lock(&self.told);
         if !self.up.swap(true, Ordering::Relaxed) {
             *told = None;
             tracing::info!("redis is reachable; the shared cache tier is in use");
@@ -163,7 +163,7 @@ impl Inner {
     /// kind of failure changes (the connection, or one of Redis's answers:
     /// NOAUTH, LOADING, ...), so the log names what keeps it down.
     fn set_down(&self, error: &redis::RedisError) {
-        let mut told = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        let mut told = crate::lock(&self.told);
         let kind = error.code().map(str::to_owned);
         let was_up = self.up.swap(false, Ordering::Relaxed);
         if was_up || told.as_ref() != Some(&kind) {

@@ -95,7 +95,7 @@ struct Recycled {
 
 impl Recycled {
     fn keeps(&self, age: Duration) -> bool {
-        let at = *self.at.lock().unwrap_or_else(|e| e.into_inner());
+        let at = *crate::lock(&self.at);
         at.is_none_or(|at| {
             Instant::now()
                 .checked_sub(age)
@@ -192,7 +192,7 @@ impl Store {
 
     /// Every session open now is closed when next taken from the pool.
     pub fn recycle_sessions(&self) {
-        *self.recycled.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *crate::lock(&self.recycled.at) = Some(Instant::now());
     }
 }
 
