@@ -1,7 +1,10 @@
 //! Ingest benchmark, run by `scripts/stack bench ingest`. In one run, on the same
 //! orders: (a) the service's ingest rate, first to last stored order; (b) a
 //! consumer that only reads the topic; (c) raw PostgreSQL COPY of the same rows
-//! into the same schema. Then produce-to-visible latency at a steady rate.
+//! into the same schema; (d) the service's own transactions without the
+//! broker. Each part's CPU per order (broker, PostgreSQL, client) gives the
+//! machine's ceiling for a read and a copy sharing its cores. Then
+//! produce-to-visible latency at a steady rate.
 //!
 //! Last, restart-to-consuming time with a dead-letter topic of 1 000 letters
 //! and of BENCH_RESTART_LETTERS (1 000 000; 0 skips it), with the positions
@@ -187,7 +190,7 @@ async fn produce_all(producer: &FutureProducer, topic: &str, orders: &[(String, 
 }
 
 /// (b) A consumer that only reads: the broker's delivery ceiling.
-async fn consume_only(brokers: &str, topic: &str, group: &str, n: usize) -> f64 {
+async fn consume_only(brokers: &str, topic: &str, group: &str, n: usize) -> Phase {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-{group}"))
@@ -200,11 +203,12 @@ async fn consume_only(brokers: &str, topic: &str, group: &str, n: usize) -> f64 
     let mut bytes = 0usize;
     for _ in 0..n {
         let m = consumer.recv().await.unwrap();
-        first.get_or_insert_with(Instant::now);
+        first.get_or_insert_with(|| (Instant::now(), CpuUse::now(std::process::id())));
         bytes += rdkafka::Message::payload(&m).map_or(0, <[u8]>::len);
     }
     std::hint::black_box(bytes);
-    n as f64 / first.unwrap().elapsed().as_secs_f64()
+    let (started, cpu) = first.unwrap();
+    Phase::measured(n, started, cpu, std::process::id())
 }
 
 /// One row in `COPY`'s text format (PostgreSQL's cheapest to read), each
@@ -223,7 +227,7 @@ fn row(fields: &[&str]) -> String {
 }
 
 /// (c) Raw COPY of the same rows into the same schema: PostgreSQL's ceiling.
-async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 {
+async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> Phase {
     let (mut orders, mut deliveries, mut payments, mut items) =
         (String::new(), String::new(), String::new(), String::new());
     for (i, (o, json)) in documents.iter().enumerate() {
@@ -286,7 +290,7 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
             ]);
         }
     }
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuUse::now(std::process::id()));
     let mut tx = pool.begin().await.unwrap();
     for (table, columns, data) in [
         ("orders", "order_uid, track_number, entry, locale, internal_signature, customer_id, delivery_service, shardkey, sm_id, date_created, oof_shard, document, source_topic, source_partition, source_offset", &orders),
@@ -302,12 +306,12 @@ async fn copy_rows(pool: &PgPool, documents: &[(OrderDocument, String)]) -> f64 
         copy.finish().await.unwrap();
     }
     tx.commit().await.unwrap();
-    documents.len() as f64 / started.elapsed().as_secs_f64()
+    Phase::measured(documents.len(), started, cpu, std::process::id())
 }
 
 /// (d) The service's own write path on the same rows, in batches of the
 /// default size, without the broker: what PostgreSQL costs the service.
-async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
+async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> Phase {
     let defaults = Settings::default();
     let batch_size = defaults.ingest.batch_size;
     let incoming: Vec<Incoming> = orders
@@ -328,7 +332,7 @@ async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
         PgConnectOptions::from_str(url).unwrap(),
         defaults.write_timeout(),
     );
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuUse::now(std::process::id()));
     for chunk in incoming.chunks(batch_size) {
         let mut tx = store.begin().await.unwrap();
         let outcome = tx.insert_orders("bench", chunk).await.unwrap();
@@ -344,7 +348,7 @@ async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> f64 {
         tx.save_offsets("bench", "bench", &offsets).await.unwrap();
         tx.commit().await.unwrap();
     }
-    incoming.len() as f64 / started.elapsed().as_secs_f64()
+    Phase::measured(incoming.len(), started, cpu, std::process::id())
 }
 
 /// A sample of the service's own metrics (cheap to read: no database query,
@@ -401,6 +405,82 @@ fn total_ticks(pid: u32) -> u64 {
     user + system
 }
 
+/// CPU time used so far by every process named `command` (e.g. `postgres`:
+/// the server and each of its backends), in clock ticks. A backend that ends
+/// takes its time with it, so a measured window must keep its sessions open.
+fn command_ticks(command: &str) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == command)
+        })
+        .map(total_ticks)
+        .sum()
+}
+
+/// The broker's process, which `scripts/stack` names in BENCH_BROKER_PID;
+/// without it the broker's CPU is not measured (shown as 0).
+fn broker_pid() -> Option<u32> {
+    std::env::var("BENCH_BROKER_PID").ok()?.parse().ok()
+}
+
+/// CPU time used so far, in clock ticks: the machine's (busy, total), and
+/// that of the broker, of PostgreSQL and of the client (the service in (a),
+/// this benchmark in (b) to (d)).
+#[derive(Clone, Copy)]
+struct CpuUse {
+    busy: u64,
+    total: u64,
+    broker: u64,
+    postgres: u64,
+    client: u64,
+}
+
+impl CpuUse {
+    fn now(client: u32) -> Self {
+        let (busy, total) = machine_cpu();
+        Self {
+            busy,
+            total,
+            broker: broker_pid().map_or(0, total_ticks),
+            postgres: command_ticks("postgres"),
+            client: total_ticks(client),
+        }
+    }
+}
+
+/// One measured part of a round: its rate, how busy the machine was, and the
+/// CPU each process spent per order, in µs.
+#[derive(Clone, Copy)]
+struct Phase {
+    rate: f64,
+    busy: f64,
+    broker: f64,
+    postgres: f64,
+    client: f64,
+}
+
+impl Phase {
+    /// `n` orders handled since `started`, when the CPU used was `from`.
+    fn measured(n: usize, started: Instant, from: CpuUse, client: u32) -> Self {
+        let elapsed = started.elapsed().as_secs_f64();
+        let to = CpuUse::now(client);
+        let per_order =
+            |ticks: u64| ticks as f64 * 1e6 / process::ticks_per_second() / n.max(1) as f64;
+        Self {
+            rate: n as f64 / elapsed,
+            busy: (to.busy - from.busy) as f64 / (to.total - from.total).max(1) as f64,
+            broker: per_order(to.broker.saturating_sub(from.broker)),
+            postgres: per_order(to.postgres.saturating_sub(from.postgres)),
+            client: per_order(to.client.saturating_sub(from.client)),
+        }
+    }
+}
+
 /// How often (a) reads the service's counters while it ingests.
 const POLL: Duration = Duration::from_millis(25);
 
@@ -422,8 +502,8 @@ async fn until_stored(client: &reqwest::Client, addr: &str, n: usize) -> Progres
 
 /// (a) The service, from the first stored order to the last. Also returns the
 /// share of that time spent committing, i.e. waiting for PostgreSQL, and
-/// prints how busy the machine and the service were meanwhile.
-async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (f64, f64) {
+/// prints the service's peak memory.
+async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (Phase, f64) {
     let (_, url) = bench.database(database).await;
     // A group of its own too: each round starts from the topic's beginning.
     let (mut child, addr) = bench.service(topic, database, &url);
@@ -434,25 +514,22 @@ async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (
         at = progress(&client, &addr).await;
     }
     let (first, first_stored, first_committing) = (Instant::now(), at.stored, at.committing);
-    let (machine_from, service_from) = (machine_cpu(), total_ticks(child.id()));
+    let cpu = CpuUse::now(child.id());
     let at = until_stored(&client, &addr, n).await;
-    let elapsed = first.elapsed().as_secs_f64();
-    let (machine_to, service_to) = (machine_cpu(), total_ticks(child.id()));
-    let (busy, total) = (machine_to.0 - machine_from.0, machine_to.1 - machine_from.1);
-    let service = service_to - service_from;
+    let stored = (at.stored - first_stored) as usize;
+    let phase = Phase::measured(stored, first, cpu, child.id());
     let peak = process::memory_bytes(child.id(), "VmHWM") as f64 / 1048576.0;
     println!(
-        "  while (a) ran: machine CPU {:.0} % busy; the service process used {:.0} % of it, \
-         {:.0} µs of CPU per order; its peak RSS {peak:.0} MiB",
-        busy as f64 * 100.0 / total.max(1) as f64,
-        service as f64 * 100.0 / busy.max(1) as f64,
-        service as f64 * 1e6 / process::ticks_per_second() / (at.stored - first_stored).max(1.0)
+        "  while (a) ran: machine CPU {:.0} % busy; the service used {:.0} µs of CPU per order; \
+         its peak RSS {peak:.0} MiB",
+        phase.busy * 100.0,
+        phase.client
     );
     let _ = child.kill();
     let _ = child.wait();
     (
-        (at.stored - first_stored) / elapsed,
-        (at.committing - first_committing) / elapsed,
+        phase,
+        (at.committing - first_committing) / first.elapsed().as_secs_f64(),
     )
 }
 
@@ -718,11 +795,12 @@ async fn bulk_load(bench: &Bench, label: &str) {
     let topic = bench.topic(label).await;
     let started = Instant::now();
     produce_all(&bench.producer(), &topic, &orders).await;
-    let (rate, _) = service_rate(bench, &topic, label, orders.len()).await;
+    let (ingest, _) = service_rate(bench, &topic, label, orders.len()).await;
     println!(
-        "  bulk load of {} orders: produced and ingested in {:.1} s (ingest {rate:.0} orders/s)",
+        "  bulk load of {} orders: produced and ingested in {:.1} s (ingest {:.0} orders/s)",
         orders.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        ingest.rate
     );
 }
 
@@ -900,6 +978,55 @@ fn header<'a>(key: &'a str, value: &'a str) -> rdkafka::message::Header<'a, &'a 
     }
 }
 
+/// One round of the ingest benchmark: (a) to (d) on the same orders.
+struct Round {
+    service: Phase,
+    consume: Phase,
+    copy: Phase,
+    write: Phase,
+    /// The share of (a)'s time spent committing.
+    committing: f64,
+}
+
+impl Round {
+    const LABELS: [&str; 4] = [
+        "(a) service ingest",
+        "(b) consumer, read only",
+        "(c) PostgreSQL COPY",
+        "(d) write path alone",
+    ];
+
+    fn phases(&self) -> [Phase; 4] {
+        [self.service, self.consume, self.copy, self.write]
+    }
+
+    /// The issue's measure: (a) against the slower of reading and copying.
+    fn ratio(&self) -> f64 {
+        self.service.rate / self.consume.rate.min(self.copy.rate)
+    }
+
+    /// What the machine's cores can give a plain read of the orders and a
+    /// `COPY` of their rows running together: the CPU both spend per order,
+    /// spread over every core; never more than (b) or (c) alone.
+    fn cpu_ceiling(&self) -> f64 {
+        let (read, copy) = (&self.consume, &self.copy);
+        (cores() as f64 * 1e6 / (read.broker + read.client + copy.postgres))
+            .min(read.rate)
+            .min(copy.rate)
+    }
+
+    /// The most (a) could reach with the CPU it spent per order (broker,
+    /// PostgreSQL, service) if it kept every core busy.
+    fn service_cpu_bound(&self) -> f64 {
+        let a = &self.service;
+        cores() as f64 * 1e6 / (a.broker + a.postgres + a.client)
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 async fn throughput(bench: &Bench, n: usize) {
     let mut generator = Generator::new(2024, 5);
     let orders: Vec<(String, Vec<u8>)> = (0..n)
@@ -947,15 +1074,25 @@ async fn throughput(bench: &Bench, n: usize) {
         let (service, committing) =
             service_rate(bench, &topic, &format!("service{round}"), n).await;
         bench.drop_databases().await;
-        let ratio = service / consume.min(copy);
+        let round = Round {
+            service,
+            consume,
+            copy,
+            write,
+            committing,
+        };
         println!(
-            "    (a) {service:.0}  (b) {consume:.0}  (c) {copy:.0}  (d) {write:.0} orders/s;  \
-             (a) / min(b, c) = {ratio:.2}"
+            "    (a) {:.0}  (b) {:.0}  (c) {:.0}  (d) {:.0} orders/s;  (a) / min(b, c) = {:.2}",
+            service.rate,
+            consume.rate,
+            copy.rate,
+            write.rate,
+            round.ratio()
         );
-        runs.push([service, consume, copy, write, committing, ratio]);
+        runs.push(round);
     }
-    let median = |i: usize| {
-        let mut values: Vec<f64> = runs.iter().map(|run| run[i]).collect();
+    let median = |figure: &dyn Fn(&Round) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(figure).collect();
         values.sort_by(f64::total_cmp);
         let mid = values.len() / 2;
         if values.len() % 2 == 0 {
@@ -964,24 +1101,58 @@ async fn throughput(bench: &Bench, n: usize) {
             values[mid]
         }
     };
-    let [service, consume, copy, write, committing, ratio] = [0, 1, 2, 3, 4, 5].map(median);
-    let (low, high) = runs
-        .iter()
-        .map(|run| run[5])
-        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let range = |figure: &dyn Fn(&Round) -> f64| {
+        runs.iter()
+            .map(figure)
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)))
+    };
+    let service = median(&|r| r.service.rate);
+    let copy = median(&|r| r.copy.rate);
+    let write = median(&|r| r.write.rate);
     println!("  medians of {rounds} rounds:");
     println!(
         "  (a) service ingest         {service:>10.0} orders/s   ({:.0} % of the time in commits)",
-        committing * 100.0
+        median(&|r| r.committing) * 100.0
     );
-    println!("  (b) consumer, read only    {consume:>10.0} orders/s");
+    println!(
+        "  (b) consumer, read only    {:>10.0} orders/s",
+        median(&|r| r.consume.rate)
+    );
     println!("  (c) PostgreSQL COPY        {copy:>10.0} orders/s");
     println!(
         "  (d) write path alone       {write:>10.0} orders/s   (the service's transactions, no broker; (d) / (c) = {:.2})",
         write / copy
     );
+    let (low, high) = range(&|r| r.ratio());
     println!(
-        "  (a) / min(b, c) = {ratio:.2}, median of the rounds' ratios ({low:.2} to {high:.2})   (target >= 0.90)"
+        "  (a) / min(b, c) = {:.2}, median of the rounds' ratios ({low:.2} to {high:.2})   (target >= 0.90)",
+        median(&|r| r.ratio())
+    );
+    println!("  CPU per order in µs, medians   broker  PostgreSQL  client  machine busy");
+    for (i, label) in Round::LABELS.iter().enumerate() {
+        println!(
+            "  {label:<29} {:>7.0} {:>11.0} {:>7.0} {:>12.0} %",
+            median(&|r| r.phases()[i].broker),
+            median(&|r| r.phases()[i].postgres),
+            median(&|r| r.phases()[i].client),
+            median(&|r| r.phases()[i].busy * 100.0)
+        );
+    }
+    let (low, high) = range(&|r| r.service.rate / r.cpu_ceiling());
+    println!(
+        "  the CPU ceiling, {} cores shared by a plain read of the orders (b: broker and client) \
+         and a COPY of their rows (c: PostgreSQL), at most (b) and (c): {:.0} orders/s; \
+         (a) / that = {:.2} ({low:.2} to {high:.2})",
+        cores(),
+        median(&|r| r.cpu_ceiling()),
+        median(&|r| r.service.rate / r.cpu_ceiling())
+    );
+    println!(
+        "  (a) with every core busy at the CPU it spent per order: {:.0} orders/s = {:.2} x min(b, c); \
+         (a) reached {:.2} of it",
+        median(&|r| r.service_cpu_bound()),
+        median(&|r| r.service_cpu_bound() / r.consume.rate.min(r.copy.rate)),
+        median(&|r| r.service.rate / r.service_cpu_bound())
     );
     side_by_side(bench, &topic, &orders[0].0, n, service).await;
 }
