@@ -501,7 +501,8 @@ async fn until_stored(client: &reqwest::Client, addr: &str, n: usize) -> Progres
 }
 
 /// (a) The service, from the first stored order to the last. Also returns the
-/// share of that time spent committing, i.e. waiting for PostgreSQL, and
+/// batch writes in progress on average (the sum of their durations over that
+/// time: up to 2 with two in flight), i.e. waiting for PostgreSQL, and
 /// prints the service's peak memory.
 async fn service_rate(bench: &Bench, topic: &str, database: &str, n: usize) -> (Phase, f64) {
     let (_, url) = bench.database(database).await;
@@ -984,7 +985,7 @@ struct Round {
     consume: Phase,
     copy: Phase,
     write: Phase,
-    /// The share of (a)'s time spent committing.
+    /// Batch writes in progress during (a), on average.
     committing: f64,
 }
 
@@ -1111,8 +1112,8 @@ async fn throughput(bench: &Bench, n: usize) {
     let write = median(&|r| r.write.rate);
     println!("  medians of {rounds} rounds:");
     println!(
-        "  (a) service ingest         {service:>10.0} orders/s   ({:.0} % of the time in commits)",
-        median(&|r| r.committing) * 100.0
+        "  (a) service ingest         {service:>10.0} orders/s   ({:.2} batch writes in progress on average)",
+        median(&|r| r.committing)
     );
     println!(
         "  (b) consumer, read only    {:>10.0} orders/s",

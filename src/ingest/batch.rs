@@ -2,6 +2,7 @@
 //! orders to store, and rejected messages to dead-letter.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -149,6 +150,19 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.messages == 0
+    }
+
+    /// Its orders' ids, hashed: enough to tell that two batches hold no
+    /// order in common (a rare collision only makes them look as if they did).
+    pub fn order_hashes(&self) -> HashSet<u64> {
+        self.valid
+            .iter()
+            .map(|m| {
+                let mut hasher = DefaultHasher::new();
+                m.order.uid().as_str().hash(&mut hasher);
+                hasher.finish()
+            })
+            .collect()
     }
 
     /// Per partition, the next offset to read once this batch is committed.

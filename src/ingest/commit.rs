@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::{timeout_at, Instant};
 
 use super::batch::{Batch, Refusal, UnansweredCommit};
@@ -50,7 +51,13 @@ pub enum Attempt {
     /// These orders are refused (their data, or a conflict): they are
     /// dead-lettered first, then the rest is written again.
     Refused(Vec<Refusal>),
+    /// The batch written before it was not committed, so it was rolled back
+    /// before its offsets: it is written again after that one.
+    Behind,
 }
+
+/// Whether the batch before this one committed; its write sends it at its end.
+pub type Predecessor = oneshot::Receiver<bool>;
 
 pub struct Committer {
     pub store: Store,
@@ -72,12 +79,21 @@ impl Committer {
     /// count as stored, once. The bound is per transaction, so a refused
     /// batch's search for the orders at fault (one transaction each) is not
     /// cut short by it.
+    ///
+    /// Written while the batch before it is (`after`), it stores its orders
+    /// beside that one's and waits for its commit before storing its own
+    /// offsets: positions never pass a batch that is not stored.
     pub async fn write(
         &self,
         batch: &mut Batch,
         offsets: &[PartitionOffset],
+        after: Option<Predecessor>,
     ) -> Result<Attempt, Stall> {
-        match self.store.answered(self.attempt(batch, offsets)).await? {
+        match self
+            .store
+            .answered(self.attempt(batch, offsets, after))
+            .await?
+        {
             Ok(attempt) => Ok(attempt),
             Err(data_error) => self.isolate(batch, &data_error).await,
         }
@@ -89,6 +105,7 @@ impl Committer {
         &self,
         batch: &mut Batch,
         offsets: &[PartitionOffset],
+        after: Option<Predecessor>,
     ) -> Result<Result<Attempt, sqlx::Error>, Stall> {
         let mut tx = self.store.begin().await?;
         let mut outcome = match tx.insert_orders(&self.topic, &batch.valid).await {
@@ -146,6 +163,12 @@ impl Committer {
             })
             .collect();
         tx.record_dead_letters(&self.topic, &letters).await?;
+        // Not before: the batch before it holds the offsets' rows until it ends.
+        if let Some(after) = after {
+            if !after.await.unwrap_or(false) {
+                return Ok(Ok(Attempt::Behind));
+            }
+        }
         let id = tx
             .save_offsets(&self.group_id, &self.topic, offsets)
             .await?;

@@ -6,10 +6,16 @@
 //! for it.
 //!
 //! A batch's transaction runs in a task of its own while the next batch is
-//! gathered; batches commit one at a time, in order. Its letters are sent
-//! and acknowledged before it is handed over, so a partition revoked while
-//! it is written finds them when its new owner reads the dead-letter topic
-//! back, and its orders, if consumed again, are absorbed as duplicates.
+//! gathered. A full batch may start its transaction while the one before it
+//! is still written (two on two sessions, so PostgreSQL writes on two cores),
+//! but it stores its offsets and commits only after that one has committed:
+//! batches commit in order, and when one is not committed, the one behind it
+//! is rolled back and written again after it. Two batches that hold the same
+//! order never overlap (one would wait for the other's row). A batch's
+//! letters are sent and acknowledged before it is handed over, so a
+//! partition revoked while it is written finds them when its new owner reads
+//! the dead-letter topic back, and its orders, if consumed again, are
+//! absorbed as duplicates.
 
 mod batch;
 mod broker_probe;
@@ -18,7 +24,7 @@ mod consumer;
 pub mod dead_letter;
 mod orphans;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,13 +33,13 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::batch::{Batch, Received};
-use self::commit::{Attempt, Committer, Stall};
+use self::commit::{Attempt, Committer, Predecessor, Stall};
 use self::consumer::{OrderConsumer, Rebalance};
 use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
@@ -94,11 +100,15 @@ pub struct Ingest {
     unloaded: Vec<i32>,
     /// The batch being gathered.
     batch: Batch,
-    /// A closed batch not committed yet: its letters being sent, or waiting
-    /// for the environment. The batch being gathered is committed only after it.
-    closed: Option<Batch>,
-    /// The closed batch whose transaction runs while the next one is gathered.
-    writing: Option<Writing>,
+    /// Closed batches not committed yet, oldest first: letters being sent,
+    /// or waiting for the environment, or for the write ahead of them. They
+    /// come after those in `writing`, and before the batch being gathered.
+    closed: VecDeque<Batch>,
+    /// The closed batches whose transactions run while the next one is
+    /// gathered, oldest first; at most `writes_in_flight`.
+    writing: VecDeque<Writing>,
+    /// See [`writes_in_flight`].
+    writes_in_flight: usize,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Since when ingest is paused, and when the paused time was last counted.
@@ -162,8 +172,9 @@ impl Ingest {
             dlq_ends: HashMap::new(),
             unloaded: Vec::new(),
             batch: Batch::default(),
-            closed: None,
-            writing: None,
+            closed: VecDeque::new(),
+            writing: VecDeque::new(),
+            writes_in_flight: writes_in_flight(settings.database.max_connections),
             backoff: Duration::ZERO,
             retry_at: None,
             stalled_since: None,
@@ -198,13 +209,14 @@ impl Ingest {
         let consumer_errors = LogThrottle::default();
         loop {
             let ingest = &self.settings.ingest;
-            // At most one batch is written while the next is gathered; a full
-            // one is closed as soon as nothing is ahead of it.
-            let idle = self.closed.is_none() && self.writing.is_none();
+            // A partial batch is closed when nothing is ahead of it; a full
+            // one, when fewer than writes_in_flight are written.
+            let idle = self.closed.is_empty() && self.writing.is_empty();
+            let room = self.closed.is_empty() && self.writing.len() < self.writes_in_flight;
             let full = self
                 .batch
                 .is_full(ingest.batch_size, ingest.batch_max_bytes);
-            if full && idle {
+            if full && room {
                 if !until(stop, self.flush()).await {
                     break;
                 }
@@ -226,14 +238,14 @@ impl Ingest {
                 }
                 () = sleep_until(self.orphans_at) => until(stop, self.look_for_orphans()).await,
                 // Taken in hand at once: shutdown must not drop the batch it returns.
-                joined = writing_ends(&mut self.writing), if self.writing.is_some() => match self.written(joined) {
+                joined = writing_ends(&mut self.writing), if !self.writing.is_empty() => match self.written(joined).await {
                     Ok(started) => until(stop, self.start_commit(started)).await,
                     Err(stall) => {
                         self.stall(stall);
                         true
                     }
                 },
-                message = consumer.recv(), if !(full && self.writing.is_some()) => match message {
+                message = consumer.recv(), if !full || room => match message {
                     Ok(message) => {
                         // Rebalance signals raised while polling come first, so a
                         // message is never judged against a stale assignment.
@@ -276,22 +288,19 @@ impl Ingest {
     async fn shut_down(mut self) -> anyhow::Result<()> {
         let bound = Duration::from_millis(self.settings.ingest.shutdown_timeout_ms);
         let finish = async {
-            if self.writing.is_some() {
-                let joined = writing_ends(&mut self.writing).await;
-                if let Err(stall) = self.written(joined) {
-                    tracing::warn!(cause = %stall, "the batch being written was not committed; trying once more");
-                }
+            if let Err(stall) = self.settle().await {
+                tracing::warn!(cause = %stall, "a batch being written was not committed; trying once more");
             }
-            // The batch in hand comes after the closed one; committing it alone
+            // The batch in hand comes after the closed ones; committing it alone
             // would move the offsets past messages never stored.
-            if self.closed.is_some() {
+            if !self.closed.is_empty() {
                 if let Err(stall) = self.commit_closed().await {
                     tracing::warn!(cause = %stall, "the closed batch could not be committed; it will be consumed again");
                     return;
                 }
             }
             if !self.batch.is_empty() {
-                self.closed = Some(std::mem::take(&mut self.batch));
+                self.closed.push_back(std::mem::take(&mut self.batch));
                 if let Err(stall) = self.commit_closed().await {
                     tracing::warn!(cause = %stall, "the batch in hand could not be committed; it will be consumed again");
                 }
@@ -462,7 +471,7 @@ impl Ingest {
                 self.unloaded.retain(|p| !revoked.contains(p));
                 self.publish_loading();
                 self.batch.drop_partitions(&revoked);
-                if let Some(closed) = &mut self.closed {
+                for closed in &mut self.closed {
                     closed.drop_partitions(&revoked);
                 }
             }
@@ -676,54 +685,67 @@ impl Ingest {
 
     /// Closes the batch being gathered and starts its commit.
     async fn flush(&mut self) {
-        self.closed = Some(std::mem::take(&mut self.batch));
+        self.closed.push_back(std::mem::take(&mut self.batch));
         self.start_commit(std::time::Instant::now()).await;
     }
 
-    /// Sends the closed batch's letters, then hands it to a task that writes
-    /// it while the next batch is gathered. The batch stays in `closed` until
-    /// the task holds it, so a step cut short by shutdown leaves it in place.
+    /// Sends the oldest closed batch's letters, then hands it to a task that
+    /// writes it while the next batch is gathered, behind the write in
+    /// flight if there is one. The batch stays in `closed` until the task
+    /// holds it, so a step cut short by shutdown leaves it in place. It waits
+    /// there while a write holds one of its orders.
     async fn start_commit(&mut self, started: std::time::Instant) {
-        let Some(batch) = self.closed.as_mut() else {
+        if self.writing.len() >= self.writes_in_flight {
+            return;
+        }
+        let Some(batch) = self.closed.front_mut() else {
             return;
         };
         if batch.is_empty() {
-            self.closed = None;
+            self.closed.pop_front();
+            return;
+        }
+        let orders = batch.order_hashes();
+        if self.writing.iter().any(|w| !w.orders.is_disjoint(&orders)) {
             return;
         }
         if let Err(stall) = self.committer.send_letters(batch, &self.partitions).await {
             return self.stall(stall);
         }
-        let Some(mut batch) = self.closed.take() else {
+        let Some(mut batch) = self.closed.pop_front() else {
             return;
         };
         let offsets = self.positions(&batch);
+        let after = self.writing.back_mut().and_then(|w| w.committed.take());
+        let (committed, successor) = oneshot::channel();
         let committer = self.committer.clone();
         let task = tokio::spawn(async move {
-            let attempt = committer.write(&mut batch, &offsets).await;
+            let attempt = committer.write(&mut batch, &offsets, after).await;
+            let _ = committed.send(matches!(attempt, Ok(Attempt::Committed(_))));
             (batch, attempt)
         });
-        self.writing = Some(Writing { task, started });
+        self.writing.push_back(Writing {
+            task,
+            started,
+            orders,
+            committed: Some(successor),
+        });
     }
 
-    /// The written batch is committed, or back in `closed`: with its refused
-    /// orders, to be dead-lettered first (then committed again from the
-    /// instant returned), or stalled.
-    fn written(&mut self, joined: Result<Written, JoinError>) -> Result<std::time::Instant, Stall> {
+    /// The oldest write has ended: its batch is committed, or back in
+    /// `closed`, with its refused orders to be dead-lettered first (then
+    /// committed again from the instant returned), or stalled. A batch not
+    /// committed takes the writes behind it back to `closed` too, after it
+    /// (they roll back without it).
+    async fn written(
+        &mut self,
+        joined: Result<Written, JoinError>,
+    ) -> Result<std::time::Instant, Stall> {
         let started = self
             .writing
-            .take()
+            .pop_front()
             .map_or_else(std::time::Instant::now, |w| w.started);
-        // A panic in the write is a defect: it ends ingest as it would have here.
-        let (mut batch, attempt) =
-            joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        // Partitions revoked while it was written are no longer this
-        // instance's: their new owner resumes from PostgreSQL's positions.
-        let revoked: Vec<i32> = batch
-            .next_offsets()
-            .map(|(p, _)| p)
-            .filter(|p| !self.partitions.contains_key(p))
-            .collect();
+        let (mut batch, attempt) = joined_or_panic(joined);
         let result = match attempt {
             Ok(Attempt::Committed(outcome)) => {
                 self.finish(batch, &outcome, started);
@@ -733,11 +755,44 @@ impl Ingest {
                 batch.refuse(refused);
                 Ok(started)
             }
+            Ok(Attempt::Behind) => Ok(started),
             Err(stall) => Err(stall),
         };
-        batch.drop_partitions(&revoked);
-        self.closed = Some(batch);
+        let mut back = vec![batch];
+        while let Some(behind) = self.writing.pop_front() {
+            let (mut later, attempt) = joined_or_panic(behind.task.await);
+            match attempt {
+                Ok(Attempt::Committed(outcome)) => {
+                    // Not reached: a write behind commits only after this one did.
+                    self.finish(later, &outcome, behind.started);
+                    continue;
+                }
+                Ok(Attempt::Refused(refused)) => later.refuse(refused),
+                Ok(Attempt::Behind) | Err(_) => {}
+            }
+            back.push(later);
+        }
+        for mut batch in back.into_iter().rev() {
+            // Partitions revoked while it was written are no longer this
+            // instance's: their new owner resumes from PostgreSQL's positions.
+            let revoked: Vec<i32> = batch
+                .next_offsets()
+                .map(|(p, _)| p)
+                .filter(|p| !self.partitions.contains_key(p))
+                .collect();
+            batch.drop_partitions(&revoked);
+            self.closed.push_front(batch);
+        }
         result
+    }
+
+    /// Waits for every write in flight, in order, and takes what each came to.
+    async fn settle(&mut self) -> Result<(), Stall> {
+        while !self.writing.is_empty() {
+            let joined = writing_ends(&mut self.writing).await;
+            self.written(joined).await?;
+        }
+        Ok(())
     }
 
     /// Pauses fetching and schedules a retry with capped exponential backoff.
@@ -789,7 +844,11 @@ impl Ingest {
         if let Err(stall) = self.load_offsets().await {
             return self.stall(stall);
         }
-        if self.closed.is_some() {
+        // The closed batches come after those being written.
+        if let Err(stall) = self.settle().await {
+            return self.stall(stall);
+        }
+        if !self.closed.is_empty() {
             if let Err(stall) = self.commit_closed().await {
                 return self.stall(stall);
             }
@@ -809,41 +868,38 @@ impl Ingest {
         }
     }
 
-    /// Commits the closed batch and waits for it; on success it is gone and
-    /// its orders are counted, cached and announced. On failure it stays, with
-    /// what was learnt.
+    /// Commits the closed batches in order, one at a time, and waits for
+    /// each; on success they are gone and their orders are counted, cached
+    /// and announced. On failure the batch stays, with what was learnt.
+    /// Nothing is being written meanwhile ([`Ingest::settle`] comes first).
     async fn commit_closed(&mut self) -> Result<(), Stall> {
-        let started = std::time::Instant::now();
-        loop {
-            let Some(batch) = self.closed.as_mut() else {
-                return Ok(());
-            };
+        let mut started = std::time::Instant::now();
+        while let Some(batch) = self.closed.front_mut() {
             if batch.is_empty() {
-                self.closed = None;
-                return Ok(());
+                self.closed.pop_front();
+                continue;
             }
             self.committer.send_letters(batch, &self.partitions).await?;
             let offsets = self
                 .closed
-                .as_ref()
+                .front()
                 .map(|batch| self.positions(batch))
                 .unwrap_or_default();
-            let Some(batch) = self.closed.as_mut() else {
+            let Some(batch) = self.closed.front_mut() else {
                 return Ok(());
             };
-            match self.committer.write(batch, &offsets).await? {
+            match self.committer.write(batch, &offsets, None).await? {
                 Attempt::Committed(outcome) => {
-                    let batch = self.closed.take().unwrap_or_default();
+                    let batch = self.closed.pop_front().unwrap_or_default();
                     self.finish(batch, &outcome, started);
-                    return Ok(());
+                    started = std::time::Instant::now();
                 }
-                Attempt::Refused(refused) => {
-                    if let Some(batch) = self.closed.as_mut() {
-                        batch.refuse(refused);
-                    }
-                }
+                Attempt::Refused(refused) => batch.refuse(refused),
+                // Only a write behind another one is told that.
+                Attempt::Behind => {}
             }
         }
+        Ok(())
     }
 
     /// The positions `closing` stores with its orders: its partitions', and
@@ -1013,18 +1069,40 @@ fn raise_end(ends: &mut HashMap<i32, i64>, d: i32, end: i64) {
 /// A batch back from its write, with what the write came to.
 type Written = (Batch, Result<Attempt, Stall>);
 
+/// How many batches may be written at once: with a pool of 4 sessions or
+/// more, the next full batch starts its transaction while the one before it
+/// ends its own. A smaller pool keeps its sessions for one write and the
+/// HTTP reads, rather than have a second write wait for a session.
+fn writes_in_flight(max_connections: u32) -> usize {
+    if max_connections >= 4 {
+        2
+    } else {
+        1
+    }
+}
+
 /// The task writing a closed batch, and when its commit started.
 struct Writing {
     task: JoinHandle<Written>,
     started: std::time::Instant,
+    /// Its orders, by [`Batch::order_hashes`]: a batch holding one of them
+    /// is not written beside it.
+    orders: HashSet<u64>,
+    /// Whether it committed, for the write started behind it.
+    committed: Option<Predecessor>,
 }
 
-/// The end of the write in `writing`; never, if there is none.
-async fn writing_ends(writing: &mut Option<Writing>) -> Result<Written, JoinError> {
-    match writing {
+/// The end of the oldest write in `writing`; never, if there is none.
+async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinError> {
+    match writing.front_mut() {
         Some(writing) => (&mut writing.task).await,
         None => std::future::pending().await,
     }
+}
+
+/// A panic in a write is a defect: it ends ingest as it would have there.
+fn joined_or_panic(joined: Result<Written, JoinError>) -> Written {
+    joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Runs `step` unless `shutdown` comes first; false when it did. A step cut

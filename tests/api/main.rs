@@ -21,3 +21,4 @@ mod skeleton;
 mod store;
 mod transport_security;
 mod validate;
+mod writes_in_flight;
