@@ -422,6 +422,39 @@ async fn kill_9_at_random_points() {
     reconcile(&env, &scenario, delivered, &service, None).await;
 }
 
+/// A backlog written two batches at a time (batches of 100, so that nearly
+/// every batch starts its transaction behind another), the service killed
+/// each time it has stored another share of it, then restarted with the same
+/// command: a batch killed behind one not yet committed must not have moved
+/// the offsets past it.
+#[tokio::test]
+async fn kill_9_while_a_backlog_is_written_two_batches_at_a_time() {
+    let env = TestEnv::new().await;
+    let seed = Seed::new("(r)");
+    let delivered = Stream::start(&env, seed.value).finish().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let settings = [("HTTP_ADDR", addr.as_str()), ("INGEST_BATCH_SIZE", "100")];
+    let mut service = env.spawn_with(&settings);
+    let kills = setting("FAULT_KILLS", 3);
+    // Shares of the valid orders, which are about nine in ten messages.
+    let valid = delivered.total as i64 * 8 / 10;
+    for kill in 1..=kills as i64 {
+        let share = valid * kill / (kills as i64 + 1);
+        helpers::eventually(
+            Duration::from_secs(120),
+            || async { (env.count("SELECT count(*) FROM orders").await >= share).then_some(()) },
+            || format!("never stored {share} orders before kill {kill}"),
+        )
+        .await;
+        service.kill();
+        service = env.spawn_with(&settings);
+    }
+    service.wait_ready().await;
+    let scenario =
+        format!("(r) kill -9 {kills} times while a backlog is written two batches at a time");
+    reconcile(&env, &scenario, delivered, &service, None).await;
+}
+
 /// Stopped (SIGTERM) at several points of its start, while its group may
 /// still be forming, then started again the same way: it gets its partitions
 /// and consumes. (A leader that left a forming group would leave it without
