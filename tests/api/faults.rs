@@ -422,6 +422,24 @@ async fn kill_9_at_random_points() {
     reconcile(&env, &scenario, delivered, &service, None).await;
 }
 
+/// Waits until `share` orders are stored.
+async fn stored_at_least(env: &TestEnv, share: i64) {
+    helpers::eventually(
+        Duration::from_secs(120),
+        || async { (env.count("SELECT count(*) FROM orders").await >= share).then_some(()) },
+        || format!("never stored {share} orders"),
+    )
+    .await;
+}
+
+/// Shares of the valid orders of `delivered` (about nine in ten messages),
+/// the first `of` of `of + 1` equal steps, at which to strike.
+fn shares(delivered: &Delivered, of: u64) -> impl Iterator<Item = i64> {
+    let valid = delivered.total as i64 * 8 / 10;
+    let of = of as i64;
+    (1..=of).map(move |k| valid * k / (of + 1))
+}
+
 /// A backlog written two batches at a time (batches of 100, so that nearly
 /// every batch starts its transaction behind another), the service killed
 /// each time it has stored another share of it, then restarted with the same
@@ -436,22 +454,48 @@ async fn kill_9_while_a_backlog_is_written_two_batches_at_a_time() {
     let settings = [("HTTP_ADDR", addr.as_str()), ("INGEST_BATCH_SIZE", "100")];
     let mut service = env.spawn_with(&settings);
     let kills = setting("FAULT_KILLS", 3);
-    // Shares of the valid orders, which are about nine in ten messages.
-    let valid = delivered.total as i64 * 8 / 10;
-    for kill in 1..=kills as i64 {
-        let share = valid * kill / (kills as i64 + 1);
-        helpers::eventually(
-            Duration::from_secs(120),
-            || async { (env.count("SELECT count(*) FROM orders").await >= share).then_some(()) },
-            || format!("never stored {share} orders before kill {kill}"),
-        )
-        .await;
+    for share in shares(&delivered, kills) {
+        stored_at_least(&env, share).await;
         service.kill();
         service = env.spawn_with(&settings);
     }
     service.wait_ready().await;
     let scenario =
         format!("(r) kill -9 {kills} times while a backlog is written two batches at a time");
+    reconcile(&env, &scenario, delivered, &service, None).await;
+}
+
+/// The sibling of (r) with a graceful stop: SIGTERM each time another share
+/// of the backlog is stored, while two batches are being written. Both finish
+/// (or are given up) in order within the shutdown bound, the process exits 0,
+/// and the same command started again goes on from the stored offsets.
+#[tokio::test]
+async fn sigterm_while_a_backlog_is_written_two_batches_at_a_time() {
+    let env = TestEnv::new().await;
+    let seed = Seed::new("(t)");
+    let delivered = Stream::start(&env, seed.value).finish().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let settings = [("HTTP_ADDR", addr.as_str()), ("INGEST_BATCH_SIZE", "100")];
+    let mut service = env.spawn_with(&settings);
+    let stops = setting("FAULT_KILLS", 3);
+    for share in shares(&delivered, stops) {
+        stored_at_least(&env, share).await;
+        let started = Instant::now();
+        let status = tokio::task::spawn_blocking(move || service.terminate())
+            .await
+            .unwrap();
+        assert!(status.success(), "stopped at {share} stored: {status:?}");
+        // SHUTDOWN_TIMEOUT_MS (10 s by default), then leaving the group.
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "took {:?}",
+            started.elapsed()
+        );
+        service = env.spawn_with(&settings);
+    }
+    service.wait_ready().await;
+    let scenario =
+        format!("(t) SIGTERM {stops} times while a backlog is written two batches at a time");
     reconcile(&env, &scenario, delivered, &service, None).await;
 }
 
@@ -526,6 +570,46 @@ async fn postgres_crashed_and_restarted() {
         Some(&service),
     )
     .await;
+}
+
+/// PostgreSQL crashed, then frozen, while a backlog is written two batches at
+/// a time (of 100), each when another share of it is stored. The crash cuts
+/// both transactions in flight, and the commit ahead may have landed
+/// unanswered; the freeze holds both until the write timeout gives them up.
+/// Either way the batch behind must neither be lost nor have moved the
+/// offsets past the one ahead. A server of the test's own.
+#[tokio::test]
+async fn postgres_crashed_then_frozen_while_a_backlog_is_written_two_batches_at_a_time() {
+    let server = PostgresServer::start().await;
+    let env = TestEnv::on_postgres(server.admin()).await;
+    let seed = Seed::new("(s)");
+    let delivered = Stream::start(&env, seed.value).finish().await;
+    let service = env.spawn_with(&[
+        ("INGEST_BATCH_SIZE", "100"),
+        ("INGEST_MAX_BACKOFF_MS", "1000"),
+    ]);
+    let mut at = shares(&delivered, 2);
+    stored_at_least(&env, at.next().unwrap()).await;
+    server.crash();
+    wait_paused_by(&service, "database").await;
+    pause(env_outage()).await;
+    server.start_again();
+    stored_at_least(&env, at.next().unwrap()).await;
+    // Paused again, by the freeze this time (the crash's pause is logged too).
+    let pauses = || service.log_text().matches("ingest paused").count();
+    let before = pauses();
+    server.signal("STOP");
+    helpers::eventually(
+        Duration::from_secs(90),
+        || async { (pauses() > before).then_some(()) },
+        || format!("ingest never paused on the freeze:\n{}", service.log_text()),
+    )
+    .await;
+    pause(env_outage()).await;
+    server.signal("CONT");
+    let scenario =
+        "(s) PostgreSQL crashed, then frozen, while a backlog is written two batches at a time";
+    reconcile(&env, scenario, delivered, &service, Some(&service)).await;
 }
 
 /// PostgreSQL frozen (SIGSTOP to the server and its sessions: a paused VM, a
