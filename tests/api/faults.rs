@@ -573,11 +573,11 @@ async fn postgres_crashed_and_restarted() {
 }
 
 /// PostgreSQL crashed, then frozen, while a backlog is written two batches at
-/// a time (of 100), each when another share of it is stored. The crash cuts
-/// both transactions in flight, and the commit ahead may have landed
-/// unanswered; the freeze holds both until the write timeout gives them up.
-/// Either way the batch behind must neither be lost nor have moved the
-/// offsets past the one ahead. A server of the test's own.
+/// a time (of 100): crashed once a quarter of it is stored, frozen at half.
+/// The crash cuts both transactions in flight, and the commit ahead may have
+/// landed unanswered; the freeze holds both until the write timeout gives
+/// them up. Either way the batch behind must neither be lost nor have moved
+/// the offsets past the one ahead. A server of the test's own.
 #[tokio::test]
 async fn postgres_crashed_then_frozen_while_a_backlog_is_written_two_batches_at_a_time() {
     let server = PostgresServer::start().await;
@@ -588,7 +588,8 @@ async fn postgres_crashed_then_frozen_while_a_backlog_is_written_two_batches_at_
         ("INGEST_BATCH_SIZE", "100"),
         ("INGEST_MAX_BACKOFF_MS", "1000"),
     ]);
-    let mut at = shares(&delivered, 2);
+    // A quarter, then half: the other half is left to be written when frozen.
+    let mut at = shares(&delivered, 3);
     stored_at_least(&env, at.next().unwrap()).await;
     server.crash();
     wait_paused_by(&service, "database").await;
