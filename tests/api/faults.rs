@@ -440,39 +440,18 @@ fn shares(delivered: &Delivered, of: u64) -> impl Iterator<Item = i64> {
     (1..=of).map(move |k| valid * k / (of + 1))
 }
 
-/// A backlog written two batches at a time (batches of 100, so that nearly
-/// every batch starts its transaction behind another), the service killed
-/// each time it has stored another share of it, then restarted with the same
-/// command: a batch killed behind one not yet committed must not have moved
-/// the offsets past it.
-#[tokio::test]
-async fn kill_9_while_a_backlog_is_written_two_batches_at_a_time() {
+/// The whole stream first, then the service started on that backlog with
+/// batches of 100, so that nearly every batch starts its transaction behind
+/// another, two at a time; stopped by `stop` each time it has stored another
+/// share of it, and started again with the same command. A batch stopped
+/// behind one not yet committed must not have moved the offsets past it.
+async fn stopped_while_a_backlog_is_written_two_batches_at_a_time(
+    label: &str,
+    how: &str,
+    stop: fn(Service),
+) {
     let env = TestEnv::new().await;
-    let seed = Seed::new("(r)");
-    let delivered = Stream::start(&env, seed.value).finish().await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let settings = [("HTTP_ADDR", addr.as_str()), ("INGEST_BATCH_SIZE", "100")];
-    let mut service = env.spawn_with(&settings);
-    let kills = setting("FAULT_KILLS", 3);
-    for share in shares(&delivered, kills) {
-        stored_at_least(&env, share).await;
-        service.kill();
-        service = env.spawn_with(&settings);
-    }
-    service.wait_ready().await;
-    let scenario =
-        format!("(r) kill -9 {kills} times while a backlog is written two batches at a time");
-    reconcile(&env, &scenario, delivered, &service, None).await;
-}
-
-/// The sibling of (r) with a graceful stop: SIGTERM each time another share
-/// of the backlog is stored, while two batches are being written. Both finish
-/// (or are given up) in order within the shutdown bound, the process exits 0,
-/// and the same command started again goes on from the stored offsets.
-#[tokio::test]
-async fn sigterm_while_a_backlog_is_written_two_batches_at_a_time() {
-    let env = TestEnv::new().await;
-    let seed = Seed::new("(t)");
+    let seed = Seed::new(label);
     let delivered = Stream::start(&env, seed.value).finish().await;
     let addr = format!("127.0.0.1:{}", free_port());
     let settings = [("HTTP_ADDR", addr.as_str()), ("INGEST_BATCH_SIZE", "100")];
@@ -480,23 +459,38 @@ async fn sigterm_while_a_backlog_is_written_two_batches_at_a_time() {
     let stops = setting("FAULT_KILLS", 3);
     for share in shares(&delivered, stops) {
         stored_at_least(&env, share).await;
-        let started = Instant::now();
-        let status = tokio::task::spawn_blocking(move || service.terminate())
+        tokio::task::spawn_blocking(move || stop(service))
             .await
             .unwrap();
-        assert!(status.success(), "stopped at {share} stored: {status:?}");
+        service = env.spawn_with(&settings);
+    }
+    service.wait_ready().await;
+    let scenario =
+        format!("{label} {how} {stops} times while a backlog is written two batches at a time");
+    reconcile(&env, &scenario, delivered, &service, None).await;
+}
+
+#[tokio::test]
+async fn kill_9_while_a_backlog_is_written_two_batches_at_a_time() {
+    stopped_while_a_backlog_is_written_two_batches_at_a_time("(r)", "kill -9", Service::kill).await;
+}
+
+/// The graceful stop: both writes in flight finish (or are given up) in
+/// order within the shutdown bound, and the process exits 0.
+#[tokio::test]
+async fn sigterm_while_a_backlog_is_written_two_batches_at_a_time() {
+    stopped_while_a_backlog_is_written_two_batches_at_a_time("(t)", "SIGTERM", |service| {
+        let started = Instant::now();
+        let status = service.terminate();
+        assert!(status.success(), "{status:?}");
         // SHUTDOWN_TIMEOUT_MS (10 s by default), then leaving the group.
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "took {:?}",
             started.elapsed()
         );
-        service = env.spawn_with(&settings);
-    }
-    service.wait_ready().await;
-    let scenario =
-        format!("(t) SIGTERM {stops} times while a backlog is written two batches at a time");
-    reconcile(&env, &scenario, delivered, &service, None).await;
+    })
+    .await;
 }
 
 /// Stopped (SIGTERM) at several points of its start, while its group may
@@ -572,14 +566,16 @@ async fn postgres_crashed_and_restarted() {
     .await;
 }
 
-/// PostgreSQL crashed, then frozen, while a backlog is written two batches at
-/// a time (of 100): crashed once a quarter of it is stored, frozen at half.
-/// The crash cuts both transactions in flight, and the commit ahead may have
-/// landed unanswered; the freeze holds both until the write timeout gives
-/// them up. Either way the batch behind must neither be lost nor have moved
-/// the offsets past the one ahead. A server of the test's own.
+/// PostgreSQL frozen, then crashed, while a backlog is written two batches at
+/// a time (of 100). Frozen once the first batch is stored, with nearly all of
+/// the backlog still to write: both writes in flight are held until the
+/// write timeout gives them up. Crashed as soon as ingest resumes, while it
+/// writes the rest: both transactions in flight are cut, and the commit
+/// ahead may have landed unanswered. Either way the batch behind must neither
+/// be lost nor have moved the offsets past the one ahead. A server of the
+/// test's own.
 #[tokio::test]
-async fn postgres_crashed_then_frozen_while_a_backlog_is_written_two_batches_at_a_time() {
+async fn postgres_frozen_then_crashed_while_a_backlog_is_written_two_batches_at_a_time() {
     let server = PostgresServer::start().await;
     let env = TestEnv::on_postgres(server.admin()).await;
     let seed = Seed::new("(s)");
@@ -588,28 +584,21 @@ async fn postgres_crashed_then_frozen_while_a_backlog_is_written_two_batches_at_
         ("INGEST_BATCH_SIZE", "100"),
         ("INGEST_MAX_BACKOFF_MS", "1000"),
     ]);
-    // A quarter, then half: the other half is left to be written when frozen.
-    let mut at = shares(&delivered, 3);
-    stored_at_least(&env, at.next().unwrap()).await;
-    server.crash();
-    wait_paused_by(&service, "database").await;
-    pause(env_outage()).await;
-    server.start_again();
-    stored_at_least(&env, at.next().unwrap()).await;
-    // Paused again, by the freeze this time (the crash's pause is logged too).
-    let pauses = || service.log_text().matches("ingest paused").count();
-    let before = pauses();
+    stored_at_least(&env, 1).await;
     server.signal("STOP");
-    helpers::eventually(
-        Duration::from_secs(90),
-        || async { (pauses() > before).then_some(()) },
-        || format!("ingest never paused on the freeze:\n{}", service.log_text()),
-    )
-    .await;
+    service
+        .wait_for_log("ingest paused", Duration::from_secs(90))
+        .await;
     pause(env_outage()).await;
     server.signal("CONT");
+    service
+        .wait_for_log("ingest resumed", Duration::from_secs(90))
+        .await;
+    server.crash();
+    pause(env_outage()).await;
+    server.start_again();
     let scenario =
-        "(s) PostgreSQL crashed, then frozen, while a backlog is written two batches at a time";
+        "(s) PostgreSQL frozen, then crashed, while a backlog is written two batches at a time";
     reconcile(&env, scenario, delivered, &service, Some(&service)).await;
 }
 

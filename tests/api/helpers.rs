@@ -462,7 +462,11 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(drop_database(owner, &name, &service_url));
+            // Bounded: a server a failed test left frozen must not hold up
+            // the suite (a server of the test's own is removed after this).
+            let drop = drop_database(owner, &name, &service_url);
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), drop).await });
         });
         let _ = cleanup.join();
     }
