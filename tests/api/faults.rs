@@ -566,6 +566,17 @@ async fn postgres_crashed_and_restarted() {
     .await;
 }
 
+/// Freezes the server (SIGSTOP) until ingest pauses on it, then for the
+/// outage, then thaws it.
+async fn frozen_until_ingest_pauses(server: &PostgresServer, service: &Service) {
+    server.signal("STOP");
+    service
+        .wait_for_log("ingest paused", Duration::from_secs(90))
+        .await;
+    pause(env_outage()).await;
+    server.signal("CONT");
+}
+
 /// PostgreSQL frozen, then crashed, while a backlog is written two batches at
 /// a time (of 100). Frozen once the first batch is stored, with nearly all of
 /// the backlog still to write: both writes in flight are held until the
@@ -585,12 +596,7 @@ async fn postgres_frozen_then_crashed_while_a_backlog_is_written_two_batches_at_
         ("INGEST_MAX_BACKOFF_MS", "1000"),
     ]);
     stored_at_least(&env, 1).await;
-    server.signal("STOP");
-    service
-        .wait_for_log("ingest paused", Duration::from_secs(90))
-        .await;
-    pause(env_outage()).await;
-    server.signal("CONT");
+    frozen_until_ingest_pauses(&server, &service).await;
     service
         .wait_for_log("ingest resumed", Duration::from_secs(90))
         .await;
@@ -616,12 +622,7 @@ async fn postgres_frozen_then_thawed() {
     let mut seed = Seed::new("(p)");
     let stream = Stream::start(&env, seed.value);
     pause(seed.random_point(0.5)).await;
-    server.signal("STOP");
-    service
-        .wait_for_log("ingest paused", Duration::from_secs(90))
-        .await;
-    pause(env_outage()).await;
-    server.signal("CONT");
+    frozen_until_ingest_pauses(&server, &service).await;
     let delivered = stream.finish().await;
     reconcile(
         &env,
