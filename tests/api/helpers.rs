@@ -746,6 +746,15 @@ impl Service {
         self.stop_with("TERM")
     }
 
+    /// SIGTERM, asserting that it exits 0 within `bound`.
+    pub fn terminate_within(self, bound: Duration) {
+        let started = Instant::now();
+        let status = self.terminate();
+        let took = started.elapsed();
+        assert!(status.success(), "{status:?}");
+        assert!(took < bound, "took {took:?}, bound {bound:?}");
+    }
+
     /// Sends `name` (`TERM`, `HUP`), and the exit status once it stops.
     pub fn stop_with(mut self, name: &str) -> std::process::ExitStatus {
         let _ = Command::new("kill")

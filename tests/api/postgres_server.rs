@@ -22,8 +22,7 @@ impl PostgresServer {
     /// port, starts it, and creates the roles the suite's server has: the
     /// owner role and the service role, both named as there.
     pub async fn start() -> Self {
-        let suffix = crate::helpers::unique_suffix();
-        let dir = std::env::temp_dir().join(format!("order-service-pg-{suffix}"));
+        let dir = owned_temp_dir("pg");
         std::fs::create_dir_all(&dir).unwrap();
         let run_as = is_root().then_some("postgres");
         if let Some(user) = run_as {
@@ -98,10 +97,7 @@ impl PostgresServer {
     /// the server's user, so that a test can fill the disk under the tables
     /// it moves there and free space again.
     pub async fn tablespace_on_small_disk(&self, name: &str, bytes: u64) -> SmallDisk {
-        let path = std::env::temp_dir().join(format!(
-            "order-service-disk-{}",
-            crate::helpers::unique_suffix()
-        ));
+        let path = owned_temp_dir("disk");
         std::fs::create_dir_all(&path).unwrap();
         let (uid, gid) = match self.run_as {
             Some(user) => (id(&["-u", user]), id(&["-g", user])),
@@ -292,6 +288,17 @@ impl Drop for SmallDisk {
         let _ = as_root("umount").arg("-l").arg(&self.path).output();
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+/// A new path for a `kind` of thing the test makes, named after the test's
+/// process: `scripts/stack` removes those whose process is gone (a run
+/// killed mid-test cannot drop them).
+fn owned_temp_dir(kind: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "order-service-{kind}-{}-{}",
+        std::process::id(),
+        crate::helpers::unique_suffix()
+    ))
 }
 
 /// `program` run as root: directly when the tests run as root, else through
