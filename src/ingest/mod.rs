@@ -282,6 +282,8 @@ impl Ingest {
                 break;
             }
         }
+        // Ingest must hold the consumer's last handle: see `close_within`.
+        drop(consumer);
         self.shut_down().await
     }
 
@@ -313,6 +315,7 @@ impl Ingest {
             );
         }
         self.leave_group().await;
+        close_within(self, CLOSE_TIMEOUT).await;
         tracing::info!("ingest stopped");
         Ok(())
     }
@@ -1105,6 +1108,20 @@ async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinEr
     }
 }
 
+/// Drops `ingest`, and with it the Kafka clients, off the async threads and
+/// for at most `bound`: the consumer's close waits for the group's
+/// coordinator with no bound of its own, so a broker that drops every
+/// connection (one whose storage has failed) would hold the exit for good.
+async fn close_within(ingest: Ingest, bound: Duration) {
+    let closed = tokio::task::spawn_blocking(move || drop(ingest));
+    if tokio::time::timeout(bound, closed).await.is_err() {
+        tracing::warn!(
+            ?bound,
+            "the Kafka consumer did not close in time; exiting without it"
+        );
+    }
+}
+
 /// A panic in a write is a defect: it ends ingest as it would have there.
 fn joined_or_panic(joined: Result<Written, JoinError>) -> Written {
     joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -1124,6 +1141,9 @@ const REPOSITION_RETRY: Duration = Duration::from_millis(50);
 
 /// Longest wait for the group to take back this member's partitions on shutdown.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest wait for the Kafka clients to close on shutdown, after leaving.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an instance that holds no partition looks for orphaned ones.
 const ORPHAN_CHECK: Duration = Duration::from_secs(5);

@@ -979,6 +979,49 @@ async fn sigterm_with_the_broker_frozen_exits_within_the_bound() {
     assert!(took < Duration::from_secs(8), "took {took:?}");
 }
 
+/// SIGTERM with a batch in hand while the broker drops every connection at
+/// once, as tansu does once its storage has failed: the consumer's close,
+/// which has no bound of its own, never hears from the group's coordinator
+/// (it held the exit for 45 s here, and once for good), and the service still
+/// exits, cleanly, within the bound.
+#[tokio::test]
+async fn sigterm_with_every_broker_connection_dropped_exits_within_the_bound() {
+    let storage = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Broker::start(storage.path().to_owned(), port);
+    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let proxy = TcpProxy::start(format!("127.0.0.1:{port}")).await;
+    let advertised = proxy.port;
+    let _broker = tokio::task::spawn_blocking(move || broker.restart_advertising(advertised))
+        .await
+        .unwrap();
+    let brokers = format!("127.0.0.1:{advertised}");
+    let service = env.spawn_with(&[
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("SHUTDOWN_TIMEOUT_MS", "3000"),
+        ("INGEST_BATCH_LINGER_MS", "60000"),
+        ("INGEST_BATCH_SIZE", "100000"),
+    ]);
+    service.wait_ready().await;
+    helpers::produce_orders(&env, &helpers::generated_orders(31, 5)).await;
+    helpers::eventually(
+        Duration::from_secs(60),
+        || async { (service.metric("orders_messages_consumed_total").await >= 5.0).then_some(()) },
+        || "never consumed".into(),
+    )
+    .await;
+    proxy.cut();
+    service
+        .wait_for_log("Disconnected", Duration::from_secs(30))
+        .await;
+    // SHUTDOWN_TIMEOUT_MS, at most 3 s to leave the group and 2 s to close.
+    tokio::task::spawn_blocking(move || service.terminate_within(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    // The batch in hand was committed: PostgreSQL was there.
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 5);
+}
+
 /// A laptop asleep, a VM paused, a process stopped in a debugger: the
 /// service freezes for longer than the group's session timeout, with its
 /// default settings, and then goes on. The group took its partitions away
