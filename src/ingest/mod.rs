@@ -1113,12 +1113,15 @@ async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinEr
 /// coordinator with no bound of its own, so a broker that drops every
 /// connection (one whose storage has failed) would hold the exit for good.
 async fn close_within(ingest: Ingest, bound: Duration) {
+    let started = Instant::now();
     let closed = tokio::task::spawn_blocking(move || drop(ingest));
     if tokio::time::timeout(bound, closed).await.is_err() {
         tracing::warn!(
             ?bound,
             "the Kafka consumer did not close in time; exiting without it"
         );
+    } else {
+        tracing::debug!(elapsed = ?started.elapsed(), "the Kafka consumer closed");
     }
 }
 
@@ -1143,7 +1146,10 @@ const REPOSITION_RETRY: Duration = Duration::from_millis(50);
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Longest wait for the Kafka clients to close on shutdown, after leaving.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The close waits for the group to answer this member's leave, which a
+/// busy broker may take seconds to do; cut short, the member would keep its
+/// partitions from the others until the session timeout.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often an instance that holds no partition looks for orphaned ones.
 const ORPHAN_CHECK: Duration = Duration::from_secs(5);

@@ -1014,8 +1014,8 @@ async fn sigterm_with_every_broker_connection_dropped_exits_within_the_bound() {
     service
         .wait_for_log("Disconnected", Duration::from_secs(30))
         .await;
-    // SHUTDOWN_TIMEOUT_MS, at most 3 s to leave the group and 2 s to close.
-    tokio::task::spawn_blocking(move || service.terminate_within(Duration::from_secs(10)))
+    // SHUTDOWN_TIMEOUT_MS, at most 3 s to leave the group and 10 s to close.
+    tokio::task::spawn_blocking(move || service.terminate_within(Duration::from_secs(20)))
         .await
         .unwrap();
     // The batch in hand was committed: PostgreSQL was there.
