@@ -315,8 +315,12 @@ impl Ingest {
             );
         }
         self.leave_group().await;
+        let closing = Instant::now();
         close_within(self, CLOSE_TIMEOUT).await;
-        tracing::info!("ingest stopped");
+        tracing::info!(
+            close_ms = closing.elapsed().as_millis() as u64,
+            "ingest stopped"
+        );
         Ok(())
     }
 
@@ -1113,15 +1117,12 @@ async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinEr
 /// coordinator with no bound of its own, so a broker that drops every
 /// connection (one whose storage has failed) would hold the exit for good.
 async fn close_within(ingest: Ingest, bound: Duration) {
-    let started = Instant::now();
     let closed = tokio::task::spawn_blocking(move || drop(ingest));
     if tokio::time::timeout(bound, closed).await.is_err() {
         tracing::warn!(
             ?bound,
             "the Kafka consumer did not close in time; exiting without it"
         );
-    } else {
-        tracing::debug!(elapsed = ?started.elapsed(), "the Kafka consumer closed");
     }
 }
 
