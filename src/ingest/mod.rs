@@ -1116,8 +1116,15 @@ async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinEr
 /// for at most `bound`: the consumer's close waits for the group's
 /// coordinator with no bound of its own, so a broker that drops every
 /// connection (one whose storage has failed) would hold the exit for good.
+/// The consumer goes last: a member with a stable name sends its leave only
+/// after its revocation is done, never once its close has begun, and the
+/// rest (the dead-letter producer's flush) gives that leave time to go out.
 async fn close_within(ingest: Ingest, bound: Duration) {
-    let closed = tokio::task::spawn_blocking(move || drop(ingest));
+    let consumer = Arc::clone(&ingest.consumer);
+    let closed = tokio::task::spawn_blocking(move || {
+        drop(ingest);
+        drop(consumer);
+    });
     if tokio::time::timeout(bound, closed).await.is_err() {
         tracing::warn!(
             ?bound,
