@@ -660,12 +660,17 @@ async fn redis_stopped_and_started() {
 }
 
 /// A broker of the scenario's own (its storage lives as long as the first
-/// value), a test environment on it and a ready service.
-async fn on_own_broker(settings: &[(&str, &str)]) -> (tempfile::TempDir, Broker, TestEnv, Service) {
+/// value) and a test environment on it.
+async fn own_broker() -> (tempfile::TempDir, Broker, TestEnv) {
     let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let broker = Broker::start(storage.path().to_owned(), free_port());
+    let env = TestEnv::on_broker(format!("127.0.0.1:{}", broker.port), PARTITIONS).await;
+    (storage, broker, env)
+}
+
+/// [`own_broker`], and a ready service on it.
+async fn on_own_broker(settings: &[(&str, &str)]) -> (tempfile::TempDir, Broker, TestEnv, Service) {
+    let (storage, broker, env) = own_broker().await;
     let service = env.spawn_with(settings);
     service.wait_ready().await;
     (storage, broker, env, service)
@@ -698,10 +703,8 @@ async fn broker_restarted_mid_stream() {
 /// is), and once the broker is up it consumes without a restart.
 #[tokio::test]
 async fn started_while_the_broker_is_down() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
+    let (storage, broker, env) = own_broker().await;
+    let port = broker.port;
     let orders = helpers::generated_orders(73, 20);
     let first = env.spawn();
     helpers::store_orders(&env, &orders[..10]).await;
@@ -986,11 +989,8 @@ async fn sigterm_with_the_broker_frozen_exits_within_the_bound() {
 /// exits, cleanly, within the bound.
 #[tokio::test]
 async fn sigterm_with_every_broker_connection_dropped_exits_within_the_bound() {
-    let storage = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let broker = Broker::start(storage.path().to_owned(), port);
-    let env = TestEnv::on_broker(format!("127.0.0.1:{port}"), PARTITIONS).await;
-    let proxy = TcpProxy::start(format!("127.0.0.1:{port}")).await;
+    let (_storage, broker, env) = own_broker().await;
+    let proxy = TcpProxy::start(format!("127.0.0.1:{}", broker.port)).await;
     let advertised = proxy.port;
     let _broker = tokio::task::spawn_blocking(move || broker.restart_advertising(advertised))
         .await
