@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -63,6 +63,27 @@ impl ConsumerContext for SignalingContext {
         };
         // The receiver lives as long as the loop; after it, nothing listens.
         let _ = self.events.send(event);
+    }
+}
+
+/// Whether this member is out of the group: librdkafka clears the member id
+/// as it sends the leave (`rd_kafka_cgrp_leave`), and has none before it
+/// joins. A member with a stable name sends no leave once its close has
+/// begun (KIP-345), so the close must wait for this. The rdkafka crate does
+/// not expose the id.
+pub fn has_left_group(consumer: &OrderConsumer) -> bool {
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the consumer's handle, alive while `consumer` is
+    // borrowed; the id returned is a copy owned here, freed by librdkafka's
+    // allocator as its documentation asks.
+    unsafe {
+        let id = rdkafka::bindings::rd_kafka_memberid(client);
+        if id.is_null() {
+            return true;
+        }
+        let empty = *id == 0;
+        rdkafka::bindings::rd_kafka_mem_free(client, id.cast());
+        empty
     }
 }
 
@@ -135,7 +156,8 @@ pub fn subscribe(
         )
         .create_with_context(context)
         .context("cannot create the Kafka consumer")?;
-    rdkafka::consumer::Consumer::subscribe(&consumer, &[&kafka.topic])
+    consumer
+        .subscribe(&[&kafka.topic])
         .with_context(|| format!("KAFKA_TOPIC: cannot subscribe to {}", kafka.topic))?;
     Ok((consumer, receiver))
 }

@@ -325,24 +325,34 @@ impl Ingest {
     }
 
     /// Leaves the group, so the partitions move to the other members at once.
-    /// A member with a stable name leaves only when it unsubscribes and its
-    /// revocation is served by polling; closing alone keeps its place for its
-    /// return (so a crash-restart resumes at once).
+    /// A member with a stable name leaves only when it unsubscribes, its
+    /// revocation is served by polling, and the leave is sent before its
+    /// close begins; closing alone keeps its place for its return (so a
+    /// crash-restart resumes at once).
     async fn leave_group(&mut self) {
         self.consumer.unsubscribe();
         let consumer = self.consumer.clone();
-        let revoked = async {
+        let left = async {
             loop {
                 tokio::select! {
                     event = self.events.recv() => match event {
-                        Some(Rebalance::Revoked(_)) | None => return,
+                        Some(Rebalance::Revoked(_)) | None => break,
                         Some(Rebalance::Assigned(_)) => {}
                     },
                     _ = consumer.recv() => {}
                 }
             }
+            // The leave goes out once the revoked partitions have stopped.
+            loop {
+                let member = Arc::clone(&consumer);
+                let left = tokio::task::spawn_blocking(move || consumer::has_left_group(&member));
+                if left.await.unwrap_or(true) {
+                    return;
+                }
+                tokio::time::sleep(LEAVE_CHECK).await;
+            }
         };
-        if tokio::time::timeout(LEAVE_TIMEOUT, revoked).await.is_err() {
+        if tokio::time::timeout(LEAVE_TIMEOUT, left).await.is_err() {
             tracing::warn!("the group did not confirm the leave in time");
         }
     }
@@ -1116,15 +1126,8 @@ async fn writing_ends(writing: &mut VecDeque<Writing>) -> Result<Written, JoinEr
 /// for at most `bound`: the consumer's close waits for the group's
 /// coordinator with no bound of its own, so a broker that drops every
 /// connection (one whose storage has failed) would hold the exit for good.
-/// The consumer goes last: a member with a stable name sends its leave only
-/// after its revocation is done, never once its close has begun, and the
-/// rest (the dead-letter producer's flush) gives that leave time to go out.
 async fn close_within(ingest: Ingest, bound: Duration) {
-    let consumer = Arc::clone(&ingest.consumer);
-    let closed = tokio::task::spawn_blocking(move || {
-        drop(ingest);
-        drop(consumer);
-    });
+    let closed = tokio::task::spawn_blocking(move || drop(ingest));
     if tokio::time::timeout(bound, closed).await.is_err() {
         tracing::warn!(
             ?bound,
@@ -1152,6 +1155,9 @@ const REPOSITION_RETRY: Duration = Duration::from_millis(50);
 
 /// Longest wait for the group to take back this member's partitions on shutdown.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often shutdown looks whether the leave has been sent.
+const LEAVE_CHECK: Duration = Duration::from_millis(10);
 
 /// Longest wait for the Kafka clients to close on shutdown, after leaving.
 /// The close waits for the group to answer this member's leave, which a
