@@ -690,6 +690,9 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
             }
         }
     }
+    if let Ok(metrics) = client.get(format!("http://{addr}/metrics")).send().await {
+        print_stages(&metrics.text().await.unwrap_or_default());
+    }
     let _ = child.kill();
     let _ = child.wait();
     latencies.sort_by(f64::total_cmp);
@@ -700,6 +703,33 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
         *latencies.last().unwrap(),
         latencies.len(),
     )
+}
+
+/// The service's own split of the latency: the bucket bounds its stage
+/// histograms put p50 and p99 under.
+fn print_stages(metrics: &str) {
+    for stage in ["broker_to_commit", "commit_to_visible"] {
+        let prefix = format!("ingest_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"");
+        let buckets: Vec<(f64, f64)> = metrics
+            .lines()
+            .filter_map(|line| {
+                let (le, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                Some((le.parse().ok()?, count.parse().ok()?))
+            })
+            .collect();
+        let Some(&(_, total)) = buckets.last() else {
+            continue;
+        };
+        let under = |q: f64| {
+            let (le, _) = buckets.iter().find(|(_, n)| *n >= q * total).unwrap();
+            le * 1000.0
+        };
+        println!(
+            "  the service's {stage}: p50 <= {} ms   p99 <= {} ms   ({total} orders)",
+            under(0.5),
+            under(0.99)
+        );
+    }
 }
 
 impl Bench {
