@@ -361,15 +361,18 @@ struct Progress {
     committing: f64,
 }
 
-async fn progress(client: &reqwest::Client, addr: &str) -> Progress {
-    let text = client
+/// The service's `/metrics` page.
+async fn metrics_text(client: &reqwest::Client, addr: &str) -> reqwest::Result<String> {
+    client
         .get(format!("http://{addr}/metrics"))
         .send()
-        .await
-        .unwrap()
+        .await?
         .text()
         .await
-        .unwrap();
+}
+
+async fn progress(client: &reqwest::Client, addr: &str) -> Progress {
+    let text = metrics_text(client, addr).await.unwrap();
     let value = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
@@ -690,8 +693,8 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
             }
         }
     }
-    if let Ok(metrics) = client.get(format!("http://{addr}/metrics")).send().await {
-        print_stages(&metrics.text().await.unwrap_or_default());
+    if let Ok(metrics) = metrics_text(&client, &addr).await {
+        print_stages(&metrics);
     }
     let _ = child.kill();
     let _ = child.wait();
