@@ -709,7 +709,8 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
 }
 
 /// The service's own split of the latency: the bucket bounds its stage
-/// histograms put p50 and p99 under.
+/// histograms put p50 and p99 under. broker_to_commit is observed per order,
+/// commit_to_visible per batch.
 fn print_stages(metrics: &str) {
     for stage in ["broker_to_commit", "commit_to_visible"] {
         let prefix = format!("ingest_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"");
@@ -728,7 +729,7 @@ fn print_stages(metrics: &str) {
             le * 1000.0
         };
         println!(
-            "  the service's {stage}: p50 <= {} ms   p99 <= {} ms   ({total} orders)",
+            "  the service's {stage}: p50 <= {} ms   p99 <= {} ms   ({total} observations)",
             under(0.5),
             under(0.99)
         );
