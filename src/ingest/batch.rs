@@ -7,7 +7,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::dead_letter::{DeadLetter, InFlight};
+use super::dead_letter::{digest, DeadLetter, InFlight};
 use crate::domain::{claimed_uid, parse_order, Limits, OrderUid, Stage};
 use crate::store::Incoming;
 
@@ -115,6 +115,7 @@ impl Batch {
                         payload.to_vec()
                     },
                     omitted_bytes: too_large.then_some(payload.len()),
+                    digest: digest(payload),
                     partition,
                     offset,
                     stage: rejection.stage().as_str(),
@@ -201,6 +202,7 @@ impl Batch {
             let source = self.valid_sources.remove(index);
             self.rejected.push(DeadLetter {
                 key: source.key,
+                digest: digest(&source.payload),
                 payload: source.payload,
                 omitted_bytes: None,
                 partition: incoming.partition,

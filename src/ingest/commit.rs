@@ -159,6 +159,7 @@ impl Committer {
                 reasons: &l.reasons,
                 payload_bytes: l.omitted_bytes.unwrap_or(l.payload.len()),
                 preview: &l.payload[..l.payload.len().min(self.preview_bytes)],
+                digest: &l.digest,
                 replay_of: l.replay_of.as_deref(),
             })
             .collect();

@@ -25,6 +25,9 @@ pub struct NewLetter<'a> {
     pub payload_bytes: usize,
     /// Its first bytes, as many as the record keeps.
     pub preview: &'a [u8],
+    /// A digest of the whole original, which tells it from another message
+    /// at the same position of a topic created again.
+    pub digest: &'a [u8],
     pub replay_of: Option<&'a str>,
 }
 
@@ -149,7 +152,8 @@ pub enum Cursor {
 
 impl BatchTx {
     /// Records the batch's letters. A letter another consumer group already
-    /// recorded (same source position) is kept as it is.
+    /// recorded (same source position, same digest) is kept as it is; a new
+    /// message at the position of a recorded one gets a record of its own.
     pub async fn record_dead_letters(
         &mut self,
         topic: &str,
@@ -175,14 +179,17 @@ impl BatchTx {
         let previews: Vec<&[u8]> = letters.iter().map(|l| l.preview).collect();
         let replays: Vec<Option<Cow<str>>> =
             letters.iter().map(|l| l.replay_of.map(storable)).collect();
+        let digests: Vec<&[u8]> = letters.iter().map(|l| l.digest).collect();
         sqlx::query(
             "INSERT INTO dead_letters (source_topic, source_partition, source_offset, message_key,
-                 order_uid, stage, reasons, payload_bytes, payload_preview, replay_of)
-             SELECT $1, p, o, k, u, s, r, b, v, x
+                 order_uid, stage, reasons, payload_bytes, payload_preview, replay_of,
+                 payload_digest)
+             SELECT $1, p, o, k, u, s, r, b, v, x, d
              FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[], $6::text[],
-                         $7::jsonb[], $8::bigint[], $9::bytea[], $10::text[])
-                  AS t(p, o, k, u, s, r, b, v, x)
-             ON CONFLICT (source_topic, source_partition, source_offset) DO NOTHING",
+                         $7::jsonb[], $8::bigint[], $9::bytea[], $10::text[], $11::bytea[])
+                  AS t(p, o, k, u, s, r, b, v, x, d)
+             ON CONFLICT (source_topic, source_partition, source_offset, payload_digest)
+             DO NOTHING",
         )
         .bind(topic)
         .bind(&partitions)
@@ -194,6 +201,7 @@ impl BatchTx {
         .bind(&sizes)
         .bind(&previews)
         .bind(&replays)
+        .bind(&digests)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -252,7 +260,8 @@ impl Store {
         query.build_query_as().fetch_all(self.pool()).await
     }
 
-    /// The letter of the message at `topic/partition/offset`.
+    /// The letter of the message at `topic/partition/offset`: the newest, if
+    /// the topic was created again and its position taken by a new message.
     pub async fn dead_letter(
         &self,
         topic: &str,
@@ -261,7 +270,8 @@ impl Store {
     ) -> Result<Option<LetterRecord>, sqlx::Error> {
         sqlx::query_as(
             "SELECT * FROM dead_letters
-             WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3",
+             WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3
+             ORDER BY id DESC LIMIT 1",
         )
         .bind(topic)
         .bind(partition)

@@ -746,12 +746,16 @@ async fn started_while_the_broker_is_down() {
 /// messages per partition than were consumed before, on every partition with
 /// these orders). Its orders must not be passed over as already consumed: the
 /// service says so and consumes the partitions again from their beginning.
+/// Rejected messages at the positions of letters recorded before the loss
+/// (the first two of one partition, by their key) are recorded too.
 #[tokio::test]
 async fn broker_data_lost_while_postgres_kept_the_positions() {
     let (storage, broker, env, service) = on_own_broker(&[]).await;
     let orders = helpers::generated_orders(71, 80);
+    let key = Some("rejected");
+    env.produce(&[(key, b"{lost-1"), (key, b"{lost-2")]).await;
     helpers::produce_orders(&env, &orders[..60]).await;
-    env.wait_for_committed(60, Duration::from_secs(60)).await;
+    env.wait_for_committed(62, Duration::from_secs(60)).await;
     assert!(service.terminate().success());
 
     let port = broker.port;
@@ -762,8 +766,8 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     let broker = Broker::start(storage.path().to_owned(), port);
     env.create_topic(&env.topic, PARTITIONS).await;
     env.create_topic(&env.dlq_topic, 1).await;
+    env.produce(&[(key, b"{not json"), (key, b"[]")]).await;
     helpers::produce_orders(&env, &orders[60..]).await;
-    env.produce(&[(None, b"{not json"), (None, b"[]")]).await;
 
     let service = env.spawn();
     env.wait_for_count("SELECT count(*) FROM orders", 80, Duration::from_secs(60))
@@ -777,6 +781,11 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     );
     assert_eq!(service.metric("orders_stored_total").await, 20.0, "{logs}");
     assert_eq!(env.dead_letters(2, Duration::from_secs(10)).len(), 2);
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE source_offset < 2")
+            .await,
+        4
+    );
 
     // Started again, it resumes where it stopped on the new topic: nothing
     // consumed twice, no letter sent again.
@@ -786,7 +795,7 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     env.produce(&[(None, b"{again")]).await;
     env.wait_for_committed(23, Duration::from_secs(30)).await;
     assert_eq!(env.dead_letters(3, Duration::from_secs(10)).len(), 3);
-    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 3);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 5);
     let logs = service.log_text();
     assert!(!logs.contains("past the end"), "{logs}");
     drop(broker);

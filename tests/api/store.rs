@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use order_service::configuration::Settings;
 use order_service::domain::{parse_order, Limits};
-use order_service::store::{classify, ErrorClass, Incoming, InsertOutcome, Store};
+use order_service::ingest::dead_letter::digest;
+use order_service::store::{classify, ErrorClass, Incoming, InsertOutcome, NewLetter, Store};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::helpers::{sample_with_uid, TestEnv};
@@ -204,4 +205,48 @@ async fn a_row_the_database_refuses_is_the_orders_fault() {
         .await
         .unwrap();
     assert_eq!(outcome.stored, vec![0]);
+}
+
+/// A letter is recorded once per message, however many consumer groups read
+/// it; a new message at the position of a recorded one (the topic was created
+/// again and numbers from 0 again) gets a record of its own, and the position
+/// names the newest.
+#[tokio::test]
+async fn each_message_at_a_position_is_recorded_once() {
+    fn letter<'a>(payload: &'a [u8], digest: &'a [u8], reasons: &'a [String]) -> NewLetter<'a> {
+        NewLetter {
+            partition: 0,
+            offset: 5,
+            key: None,
+            order_uid: None,
+            stage: "parse",
+            reasons,
+            payload_bytes: payload.len(),
+            preview: payload,
+            digest,
+            replay_of: None,
+        }
+    }
+    let env = TestEnv::new().await;
+    let store = store(&env);
+    let reasons = ["not JSON".to_owned()];
+    let (before, after) = (digest(b"{before"), digest(b"{after"));
+    for letter in [
+        letter(b"{before", &before, &reasons),
+        // Another group reads the same message.
+        letter(b"{before", &before, &reasons),
+        // The topic created again: another message at the same position.
+        letter(b"{after", &after, &reasons),
+    ] {
+        let mut tx = store.begin().await.unwrap();
+        tx.record_dead_letters("orders", &[letter]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE source_offset = 5")
+            .await,
+        2
+    );
+    let newest = store.dead_letter("orders", 0, 5).await.unwrap().unwrap();
+    assert_eq!(newest.payload_preview, b"{after");
 }
