@@ -740,6 +740,20 @@ async fn started_while_the_broker_is_down() {
     drop(broker);
 }
 
+/// The broker stopped, its storage wiped (as a container without its volume)
+/// and started again empty, with the scenario's topics created again.
+async fn lose_data(storage: &tempfile::TempDir, broker: Broker, env: &TestEnv) -> Broker {
+    let port = broker.port;
+    drop(broker);
+    for entry in std::fs::read_dir(storage.path()).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let broker = Broker::start(storage.path().to_owned(), port);
+    env.create_topic(&env.topic, PARTITIONS).await;
+    env.create_topic(&env.dlq_topic, 1).await;
+    broker
+}
+
 /// The broker loses its data (its storage wiped, as a container without its
 /// volume; or the topic deleted and created again) while PostgreSQL keeps the
 /// positions: they are past the end of the new topic (which holds fewer
@@ -758,14 +772,7 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     env.wait_for_committed(62, Duration::from_secs(60)).await;
     assert!(service.terminate().success());
 
-    let port = broker.port;
-    drop(broker);
-    for entry in std::fs::read_dir(storage.path()).unwrap() {
-        std::fs::remove_file(entry.unwrap().path()).unwrap();
-    }
-    let broker = Broker::start(storage.path().to_owned(), port);
-    env.create_topic(&env.topic, PARTITIONS).await;
-    env.create_topic(&env.dlq_topic, 1).await;
+    let broker = lose_data(&storage, broker, &env).await;
     env.produce(&[(key, b"{not json"), (key, b"[]")]).await;
     helpers::produce_orders(&env, &orders[60..]).await;
 
@@ -798,6 +805,55 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 5);
     let logs = service.log_text();
     assert!(!logs.contains("past the end"), "{logs}");
+    drop(broker);
+}
+
+/// The dead-letter position stored before the broker lost its data is past
+/// the end of the new dead-letter topic. A crash between a letter sent there
+/// and its record must not send it again: the letters are read back from the
+/// new topic's beginning, not from the old position (which would find none).
+#[tokio::test]
+async fn a_letter_sent_after_the_broker_lost_its_data_is_not_sent_again_after_a_crash() {
+    let (storage, broker, env) = own_broker().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spawn = || env.spawn_with(&[("HTTP_ADDR", addr.as_str())]);
+    let service = spawn();
+    service.wait_ready().await;
+    let key = Some("rejected");
+    env.produce(&[(key, b"{lost-1"), (key, b"{lost-2"), (key, b"{lost-3")])
+        .await;
+    env.wait_for_committed(3, Duration::from_secs(60)).await;
+    assert!(service.terminate().success());
+    let stale = "SELECT max(dlq_next_offset) FROM consumer_offsets";
+    assert_eq!(env.count(stale).await, 3);
+
+    let broker = lose_data(&storage, broker, &env).await;
+    let role = &env.service_role;
+    env.execute(&format!("REVOKE INSERT ON dead_letters FROM {role}"))
+        .await;
+    let service = spawn();
+    service.wait_ready().await;
+    env.produce(&[(key, b"{after-the-loss")]).await;
+    wait_paused_by(&service, "permission denied for table dead_letters").await;
+    assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+    service.kill();
+
+    env.execute(&format!("GRANT INSERT ON dead_letters TO {role}"))
+        .await;
+    let service = spawn();
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters WHERE payload_preview = '{after-the-loss'",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let letters = env.dead_letters(1, Duration::from_secs(10));
+    assert_eq!(letters.len(), 1, "not sent again: {letters:#?}");
+    let logs = service.log_text();
+    assert!(
+        logs.contains("dead-letter position stored in PostgreSQL is past the end"),
+        "{logs}"
+    );
     drop(broker);
 }
 
