@@ -1,12 +1,13 @@
 //! What the service's Kafka clients report beside their answers: that the
 //! brokers turn them away (a failed sign-in, a TLS handshake that failed) or
-//! cannot be reached, and errors that librdkafka repeats many times a second
-//! meanwhile.
+//! cannot be reached, and errors and log lines that librdkafka repeats many
+//! times a second meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
@@ -90,6 +91,28 @@ impl ClientContext for BrokerReports {
             tracing::error!(%error, reason, "kafka client error");
         }
     }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(&self.logs, level, fac, message);
+    }
+}
+
+/// A librdkafka log line, as the client library forwards it, unless the same
+/// line was logged in the last minute: while a broker fails a request (a full
+/// disk, say), librdkafka logs each retry, twice a second.
+pub fn log(throttle: &LogThrottle, level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::{Alert, Critical, Debug, Emerg, Error, Info, Notice, Warning};
+    if !matches!(level, Debug) && !throttle.worth_logging(&format!("{fac} {message}")) {
+        return;
+    }
+    match level {
+        Emerg | Alert | Critical | Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}");
+        }
+        Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+    }
 }
 
 impl ConsumerContext for BrokerReports {}
@@ -97,22 +120,28 @@ impl ConsumerContext for BrokerReports {}
 /// How often the same error is logged again.
 const RELOG_AFTER: Duration = Duration::from_secs(60);
 
-/// Each distinct error is logged once a minute at most.
+/// Texts remembered before those older than [`RELOG_AFTER`] are forgotten.
+const REMEMBERED: usize = 256;
+
+/// Each distinct error or log line is logged once a minute at most.
 #[derive(Default)]
 pub struct LogThrottle {
-    /// When each error text was last logged. Its texts name an error code,
-    /// not a reason, so they are few.
+    /// When each text was last logged.
     logged: Mutex<HashMap<String, Instant>>,
 }
 
 impl LogThrottle {
-    /// Whether `error` is worth a log line: not logged in the last minute.
-    pub fn worth_logging(&self, error: &str) -> bool {
+    /// Whether `text` is worth a log line: not logged in the last minute.
+    pub fn worth_logging(&self, text: &str) -> bool {
         let mut logged = lock(&self.logged);
-        match logged.get(error) {
+        match logged.get(text) {
             Some(at) if at.elapsed() < RELOG_AFTER => false,
             _ => {
-                logged.insert(error.to_owned(), Instant::now());
+                // Log lines name offsets and times: texts seen once are many.
+                if logged.len() >= REMEMBERED {
+                    logged.retain(|_, at| at.elapsed() < RELOG_AFTER);
+                }
+                logged.insert(text.to_owned(), Instant::now());
                 true
             }
         }

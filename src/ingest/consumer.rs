@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::configuration::KafkaSettings;
-use crate::kafka_errors::BrokerReports;
+use crate::kafka_errors::{self, BrokerReports, LogThrottle};
 use crate::telemetry::Metrics;
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
@@ -25,9 +26,14 @@ pub struct SignalingContext {
     topic: String,
     events: mpsc::UnboundedSender<Rebalance>,
     metrics: Arc<Metrics>,
+    logs: LogThrottle,
 }
 
 impl ClientContext for SignalingContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        kafka_errors::log(&self.logs, level, fac, message);
+    }
+
     /// librdkafka's periodic statistics carry the lag of each assigned partition.
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
@@ -133,6 +139,7 @@ pub fn subscribe(
         topic: kafka.topic.clone(),
         events,
         metrics,
+        logs: LogThrottle::default(),
     };
     let mut config = kafka.client_config();
     if let Some(name) = member {

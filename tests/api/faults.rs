@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use crate::broker::Broker;
 use crate::helpers::{self, free_port, sample_with_uid, Service, TcpProxy, TestEnv};
-use crate::postgres_server::PostgresServer;
+use crate::postgres_server::{PostgresServer, SmallDisk};
 
 const PARTITIONS: i32 = 4;
 
@@ -1435,6 +1435,54 @@ async fn disk_full_then_space_freed() {
         async { disk.resize(64 << 20) },
     )
     .await;
+}
+
+/// The broker's disk full: it still hands out what it holds, but cannot
+/// take the letters of the bad messages among them (nor, on the local broker,
+/// the group's join). Nothing is dead-lettered or recorded for the fault, the
+/// instance is not ready, and librdkafka's retries are not logged one line
+/// each; once space is freed every message is stored or dead-lettered, once.
+#[tokio::test]
+async fn broker_disk_full_then_space_freed() {
+    let disk = SmallDisk::mount(64 << 20, None);
+    let broker = Broker::start(disk.path().to_owned(), free_port());
+    let env = TestEnv::on_broker(format!("127.0.0.1:{}", broker.port), PARTITIONS).await;
+    let orders = helpers::generated_orders(23, 200);
+    helpers::produce_orders(&env, &orders).await;
+    let bad: Vec<String> = (0..20).map(|i| format!("{{bad-{i}")).collect();
+    let bad: Vec<(Option<&str>, &[u8])> = bad.iter().map(|b| (None, b.as_bytes())).collect();
+    env.produce(&bad).await;
+    disk.fill();
+
+    let service = env.spawn();
+    pause(env_outage()).await;
+    assert_eq!(service.get("/readyz").await.status(), 503);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    let logs = service.log_text();
+    let mut lines: HashMap<&str, usize> = HashMap::new();
+    for line in logs.lines().filter(|l| l.contains("\"librdkafka: ")) {
+        let message = line.split("\"message\":").nth(1).unwrap_or(line);
+        *lines.entry(message).or_default() += 1;
+    }
+    assert!(
+        lines.values().all(|&n| n == 1),
+        "a line logged again within the minute: {lines:#?}"
+    );
+
+    disk.resize(64 << 20);
+    env.wait_for_committed(220, Duration::from_secs(90)).await;
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 200);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 20);
+    let letters = env.dead_letters(20, Duration::from_secs(10));
+    let sources: HashSet<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            let at = |h| l.header(h).to_owned();
+            (at("dlq-source-partition"), at("dlq-source-offset"))
+        })
+        .collect();
+    assert_eq!((letters.len(), sources.len()), (20, 20), "{letters:#?}");
+    drop(broker);
 }
 
 /// `serve` started before `migrate`: it waits, naming the missing table,

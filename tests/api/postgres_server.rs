@@ -97,15 +97,7 @@ impl PostgresServer {
     /// the server's user, so that a test can fill the disk under the tables
     /// it moves there and free space again.
     pub async fn tablespace_on_small_disk(&self, name: &str, bytes: u64) -> SmallDisk {
-        let path = owned_temp_dir("disk");
-        std::fs::create_dir_all(&path).unwrap();
-        let (uid, gid) = match self.run_as {
-            Some(user) => (id(&["-u", user]), id(&["-g", user])),
-            None => (id(&["-u"]), id(&["-g"])),
-        };
-        let options = format!("size={bytes},uid={uid},gid={gid},mode=0700");
-        privileged("mount", &["-t", "tmpfs", "-o", &options, "tmpfs"], &path);
-        let disk = SmallDisk { path };
+        let disk = SmallDisk::mount(bytes, self.run_as);
         let mut conn = self.options("postgres").connect().await.unwrap();
         let location = disk.path.display();
         sqlx::query(&format!("CREATE TABLESPACE {name} LOCATION '{location}'"))
@@ -240,13 +232,31 @@ impl Drop for PostgresServer {
     }
 }
 
-/// A tmpfs mounted for a tablespace; unmounted when dropped (before the
-/// server that uses it, which stops at once and is removed).
+/// A tmpfs mounted for a tablespace or a broker's storage; unmounted when
+/// dropped (before the server that uses it, which stops at once and is
+/// removed).
 pub struct SmallDisk {
     path: PathBuf,
 }
 
 impl SmallDisk {
+    /// A disk that holds `bytes`, owned by `user` (by default the tests' own).
+    pub fn mount(bytes: u64, user: Option<&str>) -> Self {
+        let path = owned_temp_dir("disk");
+        std::fs::create_dir_all(&path).unwrap();
+        let (uid, gid) = match user {
+            Some(user) => (id(&["-u", user]), id(&["-g", user])),
+            None => (id(&["-u"]), id(&["-g"])),
+        };
+        let options = format!("size={bytes},uid={uid},gid={gid},mode=0700");
+        privileged("mount", &["-t", "tmpfs", "-o", &options, "tmpfs"], &path);
+        SmallDisk { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Shrinks the disk to what it holds: the next page a table needs is
     /// refused with ENOSPC, as on a full disk. (A shrink below what the disk
     /// holds is refused; the server may write between the reading and the
