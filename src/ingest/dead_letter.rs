@@ -366,13 +366,17 @@ fn read_back(
         let (low, high) = reader
             .fetch_watermarks(topic, partition, Duration::from_secs(5))
             .context("reading the dead-letter topic's watermarks")?;
-        let from_of = |r: &ReadBack| match r.dlq_offset {
-            // Past the end, the position is not this topic's: it was created
-            // again, or the broker lost its data. Its letters are all new.
-            Some(offset) if offset > high => low,
-            offset => offset.unwrap_or(low).max(low),
+        // Past the end, the position is not this topic's: it was created
+        // again, or the broker lost its data. Its letters are all new.
+        let stale = |r: &&ReadBack| r.dlq_offset > Some(high);
+        let from_of = |r: &ReadBack| {
+            if stale(&r) {
+                low
+            } else {
+                r.dlq_offset.unwrap_or(low).max(low)
+            }
         };
-        if let Some(stale) = requests.iter().find(|r| r.dlq_offset > Some(high)) {
+        if let Some(stale) = requests.iter().find(stale) {
             tracing::warn!(
                 dlq_partition = partition,
                 stored = stale.dlq_offset,

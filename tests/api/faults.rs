@@ -29,7 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
 use crate::broker::Broker;
-use crate::helpers::{self, free_port, sample_with_uid, Service, TcpProxy, TestEnv};
+use crate::helpers::{self, free_port, sample_with_uid, Record, Service, TcpProxy, TestEnv};
 use crate::postgres_server::{PostgresServer, SmallDisk};
 
 const PARTITIONS: i32 = 4;
@@ -1337,15 +1337,7 @@ async fn crash_between_the_letters_and_their_record() {
     service.wait_ready().await;
     let letters = env.dead_letters(3, Duration::from_secs(10));
     assert_eq!(letters.len(), 3, "no letter sent twice: {letters:#?}");
-    let mut on_topic: Vec<(i32, i64)> = letters
-        .iter()
-        .map(|l| {
-            (
-                l.header("dlq-source-partition").parse().unwrap(),
-                l.header("dlq-source-offset").parse().unwrap(),
-            )
-        })
-        .collect();
+    let mut on_topic: Vec<(i32, i64)> = letters.iter().map(Record::source).collect();
     let mut recorded: Vec<(i32, i64)> =
         sqlx::query_as("SELECT source_partition, source_offset FROM dead_letters ORDER BY 1, 2")
             .fetch_all(&env.db)
@@ -1474,13 +1466,7 @@ async fn broker_disk_full_then_space_freed() {
     assert_eq!(env.count("SELECT count(*) FROM orders").await, 200);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 20);
     let letters = env.dead_letters(20, Duration::from_secs(10));
-    let sources: HashSet<(String, String)> = letters
-        .iter()
-        .map(|l| {
-            let at = |h| l.header(h).to_owned();
-            (at("dlq-source-partition"), at("dlq-source-offset"))
-        })
-        .collect();
+    let sources: HashSet<(i32, i64)> = letters.iter().map(Record::source).collect();
     assert_eq!((letters.len(), sources.len()), (20, 20), "{letters:#?}");
     drop(broker);
 }

@@ -520,6 +520,16 @@ impl Record {
             .map_or("", String::as_str)
     }
 
+    /// A letter's source partition and offset, from its headers.
+    pub fn source(&self) -> (i32, i64) {
+        let partition = self.header("dlq-source-partition");
+        let offset = self.header("dlq-source-offset");
+        match (partition.parse(), offset.parse()) {
+            (Ok(partition), Ok(offset)) => (partition, offset),
+            _ => panic!("not a letter's source position: {partition:?}/{offset:?}"),
+        }
+    }
+
     pub fn reasons(&self) -> &[String] {
         self.headers.get("dlq-reason").map_or(&[], Vec::as_slice)
     }
