@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{MemoryTier, OrderCache, RedisTier};
@@ -13,12 +12,14 @@ use crate::configuration::{redacted, Settings};
 use crate::events::{Feed, IngestHealth};
 use crate::http::{self, AppState, Io, Server};
 use crate::ingest::Ingest;
+use crate::open_files;
 use crate::signals;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    let max_connections = http_connections(&settings);
     let store = Store::connect_lazy(
         settings.service_options()?,
         settings.database.max_connections,
@@ -46,8 +47,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let health = Arc::new(IngestHealth::default());
     let feed = Feed::default();
-    let listener = TcpListener::bind(settings.http.addr)
-        .await
+    let listener = http::listen(settings.http.addr)
         .with_context(|| format!("HTTP_ADDR: cannot listen on {}", settings.http.addr))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let member = settings.kafka.member_name(addr);
@@ -78,6 +78,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         group = %settings.kafka.group_id,
         member = member.as_deref().unwrap_or("(dynamic)"),
         redis = settings.redis.url.as_ref().map(redacted).unwrap_or_else(|| "disabled".into()),
+        http_max_connections = max_connections,
         "listening on http://{addr}"
     );
 
@@ -99,13 +100,20 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let state = AppState {
         cache,
         store,
-        metrics,
+        metrics: metrics.clone(),
         ingest: health,
         feed,
         io: Io::current(settings.http.request_timeout()),
     };
     let routers = http::routers(state, &settings.http);
-    let server = Server::start(listener, routers, &settings.http, shutdown.clone())?;
+    let server = Server::start(
+        listener,
+        routers,
+        &settings.http,
+        max_connections,
+        &metrics,
+        shutdown.clone(),
+    )?;
 
     let ingest_result = ingest.run(shutdown.clone()).await;
     // Whatever stopped ingest stops the HTTP side too.
@@ -121,4 +129,25 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     let signal = signals::stop_requested().await;
     tracing::info!("{signal} received; stopping");
     shutdown.cancel();
+}
+
+/// The connections HTTP clients may hold: HTTP_MAX_CONNECTIONS, or by default
+/// the share of the open-files limit, raised first to the most allowed.
+fn http_connections(settings: &Settings) -> usize {
+    let limit = match open_files::raise_limit() {
+        Ok((before, now)) => {
+            if now > before {
+                tracing::info!(before, now, "open-files limit raised to the most allowed");
+            }
+            now
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+            u64::MAX
+        }
+    };
+    match settings.http.max_connections {
+        0 => open_files::http_share(limit, settings.database.max_connections),
+        given => given,
+    }
 }

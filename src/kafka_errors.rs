@@ -3,7 +3,6 @@
 //! cannot be reached, and errors and log lines that librdkafka repeats many
 //! times a second meanwhile.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientContext;
 
 use crate::lock;
+use crate::telemetry::LogThrottle;
 
 /// What the brokers' refusals and failed connections told a client, beside
 /// its answers. librdkafka tells them only to the client's error callback
@@ -117,37 +117,6 @@ pub fn log(throttle: &LogThrottle, level: RDKafkaLogLevel, fac: &str, message: &
 
 impl ConsumerContext for BrokerReports {}
 
-/// How often the same error is logged again.
-const RELOG_AFTER: Duration = Duration::from_secs(60);
-
-/// Texts remembered before those older than [`RELOG_AFTER`] are forgotten.
-const REMEMBERED: usize = 256;
-
-/// Each distinct error or log line is logged once a minute at most.
-#[derive(Default)]
-pub struct LogThrottle {
-    /// When each text was last logged.
-    logged: Mutex<HashMap<String, Instant>>,
-}
-
-impl LogThrottle {
-    /// Whether `text` is worth a log line: not logged in the last minute.
-    pub fn worth_logging(&self, text: &str) -> bool {
-        let mut logged = lock(&self.logged);
-        match logged.get(text) {
-            Some(at) if at.elapsed() < RELOG_AFTER => false,
-            _ => {
-                // Log lines name offsets and times: texts seen once are many.
-                if logged.len() >= REMEMBERED {
-                    logged.retain(|_, at| at.elapsed() < RELOG_AFTER);
-                }
-                logged.insert(text.to_owned(), Instant::now());
-                true
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,14 +163,5 @@ mod tests {
             "127.0.0.1:9092/1: Disconnected (after 5012ms in state UP)",
         );
         assert_eq!(reports.unreachable(), None);
-    }
-
-    #[test]
-    fn each_error_is_logged_once_a_minute() {
-        let throttle = LogThrottle::default();
-        assert!(throttle.worth_logging("AllBrokersDown"));
-        assert!(throttle.worth_logging("SSL"));
-        assert!(!throttle.worth_logging("AllBrokersDown"));
-        assert!(!throttle.worth_logging("SSL"));
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod http;
 pub mod ingest;
 pub mod kafka_errors;
+pub mod open_files;
 #[cfg(feature = "producer")]
 pub mod producer;
 pub mod publish;

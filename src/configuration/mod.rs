@@ -142,6 +142,11 @@ section! {
         header_read_timeout_ms: u64 = 10_000 => HTTP_HEADER_READ_TIMEOUT_MS "MS";
         /// Requests handled at once; more wait
         max_concurrency: usize = 4096 => HTTP_MAX_CONCURRENCY "N" if positive;
+        /// Connections clients may hold open at once (live feeds included);
+        /// more wait in the listen queue. 0: the open-files limit less the
+        /// files the service keeps for its own sessions and clients (256 and
+        /// DATABASE_MAX_CONNECTIONS, at most half)
+        max_connections: usize = 0 => HTTP_MAX_CONNECTIONS "N";
         /// Threads serving HTTP, each with its own single-threaded runtime (0:
         /// one per core)
         workers: usize = 0 => HTTP_WORKERS "N";

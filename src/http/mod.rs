@@ -25,7 +25,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
 pub use self::io::Io;
-pub use self::server::Server;
+pub use self::server::{listen, Server};
 use crate::cache::OrderCache;
 use crate::configuration::HttpSettings;
 use crate::events::{Feed, IngestHealth};

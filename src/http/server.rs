@@ -7,8 +7,13 @@
 //! instance's identity. axum::serve gives no way to bound how long a client
 //! may take to send its request head, so a slow client (slowloris) could hold
 //! a connection forever; the workers set that bound and drain on shutdown.
+//! Clients hold at most `HTTP_MAX_CONNECTIONS` connections: beyond that the
+//! accept loop waits for one to close, leaving the process's other files to
+//! ingest (see `open_files`).
 
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -18,11 +23,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use prometheus::IntGauge;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::configuration::HttpSettings;
+use crate::telemetry::{LogThrottle, Metrics};
 
 /// How long open connections (live feeds included) get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(3);
@@ -30,6 +37,22 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// Accepted connections waiting for their worker; beyond this the accept loop
 /// waits and the kernel's backlog holds the rest.
 const HANDOVER_QUEUE: usize = 1024;
+
+/// Connections the kernel holds for the accept loop (capped by its
+/// `net.core.somaxconn`): room for a burst, and for clients waiting while
+/// every connection allowed is held. The default of 128 would refuse them.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on `addr`, as `TcpListener::bind` does but with a longer queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 pub struct Server {
     accept: tokio::task::JoinHandle<()>,
@@ -40,11 +63,14 @@ impl Server {
     /// Starts the workers and the accept loop (on the caller's runtime). They
     /// stop accepting when `shutdown` is cancelled, then drain. Each worker
     /// serves a router of its own from `make_router`, so the reference counts
-    /// that every request bumps stay on its core.
+    /// that every request bumps stay on its core. Clients hold at most
+    /// `max_connections` connections at once.
     pub fn start(
         listener: TcpListener,
         make_router: impl Fn() -> Router,
         settings: &HttpSettings,
+        max_connections: usize,
+        metrics: &Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let count = match settings.workers {
@@ -69,7 +95,8 @@ impl Server {
             queues.push(queue);
             workers.push(worker);
         }
-        let accept = tokio::spawn(accept(listener, queues, shutdown));
+        let connections = Connections::new(max_connections, metrics);
+        let accept = tokio::spawn(accept(listener, queues, connections, shutdown));
         Ok(Self { accept, workers })
     }
 
@@ -88,19 +115,84 @@ impl Server {
     }
 }
 
+/// The connections clients hold, at most `max` at once.
+struct Connections {
+    slots: Arc<Semaphore>,
+    max: usize,
+    open: IntGauge,
+}
+
+/// One client's connection, counted until it closes.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl Connections {
+    fn new(max: usize, metrics: &Metrics) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
+        metrics
+            .http_connections_limit
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            open: metrics.http_connections_open.clone(),
+        }
+    }
+
+    /// A slot for the next connection, once one is free.
+    async fn take(&self, logs: &LogThrottle) -> Slot {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if logs.worth_logging("connections at their limit") {
+                    tracing::warn!(
+                        max = self.max,
+                        "HTTP clients hold {} connections, the most allowed \
+                         (HTTP_MAX_CONNECTIONS); new ones wait until one closes",
+                        self.max
+                    );
+                }
+                let slots = self.slots.clone();
+                slots.acquire_owned().await.expect("never closed")
+            }
+        };
+        self.open.inc();
+        Slot {
+            _permit: permit,
+            open: self.open.clone(),
+        }
+    }
+}
+
 async fn accept(
     listener: TcpListener,
-    queues: Vec<mpsc::Sender<std::net::TcpStream>>,
+    queues: Vec<mpsc::Sender<(std::net::TcpStream, Slot)>>,
+    connections: Connections,
     shutdown: CancellationToken,
 ) {
+    let logs = LogThrottle::default();
     for queue in queues.iter().cycle() {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = connections.take(&logs) => slot,
+        };
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    if logs.worth_logging(&e.to_string()) {
+                        tracing::warn!(error = %e, "accept failed; trying again every 50 ms");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -117,7 +209,7 @@ async fn accept(
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
-            sent = queue.send(stream) => if sent.is_err() {
+            sent = queue.send((stream, slot)) => if sent.is_err() {
                 tracing::error!("an HTTP worker has stopped; no longer accepting");
                 break;
             },
@@ -144,17 +236,17 @@ fn connection_builder(settings: &HttpSettings) -> Builder<TokioExecutor> {
 /// One worker: serves the connections handed to it until shutdown, then
 /// gives them the drain period to finish.
 async fn work(
-    mut incoming: mpsc::Receiver<std::net::TcpStream>,
+    mut incoming: mpsc::Receiver<(std::net::TcpStream, Slot)>,
     router: Router,
     builder: Builder<TokioExecutor>,
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, slot) = tokio::select! {
             () = shutdown.cancelled() => break,
             next = incoming.recv() => match next {
-                Some(stream) => stream,
+                Some(next) => next,
                 None => break,
             },
         };
@@ -171,6 +263,7 @@ async fn work(
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(slot);
         });
     }
     if tokio::time::timeout(DRAIN, graceful.shutdown())

@@ -11,8 +11,8 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::configuration::KafkaSettings;
-use crate::kafka_errors::{self, BrokerReports, LogThrottle};
-use crate::telemetry::Metrics;
+use crate::kafka_errors::{self, BrokerReports};
+use crate::telemetry::{LogThrottle, Metrics};
 
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
 

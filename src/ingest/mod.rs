@@ -46,9 +46,9 @@ use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
 use crate::configuration::Settings;
 use crate::events::{Feed, IngestHealth};
-use crate::kafka_errors::{BrokerReports, LogThrottle};
+use crate::kafka_errors::BrokerReports;
 use crate::store::{InsertOutcome, PartitionOffset, Store, StoredOffset};
-use crate::telemetry::Metrics;
+use crate::telemetry::{LogThrottle, Metrics};
 
 /// Where a partition stands: the next offset to accept, from PostgreSQL.
 #[derive(Debug, Clone)]

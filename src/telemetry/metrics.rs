@@ -41,6 +41,9 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub warmup_loaded: IntGauge,
     pub redis_writes_dropped: IntCounter,
+    pub http_connections_open: IntGauge,
+    /// The most connections clients may hold at once (HTTP_MAX_CONNECTIONS).
+    pub http_connections_limit: IntGauge,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
 }
@@ -169,6 +172,16 @@ impl Metrics {
                 "Orders not written to Redis because it was unavailable or behind.",
             )
             .unwrap(),
+            http_connections_open: IntGauge::new(
+                "http_connections_open",
+                "HTTP connections clients hold open (live feeds included).",
+            )
+            .unwrap(),
+            http_connections_limit: IntGauge::new(
+                "http_connections_limit",
+                "The most HTTP connections clients may hold at once; more wait in the listen queue.",
+            )
+            .unwrap(),
             http_requests: IntCounterVec::new(
                 Opts::new("http_requests_total", "HTTP requests by route and status."),
                 &["route", "status"],
@@ -215,6 +228,8 @@ impl Metrics {
             Box::new(m.cache_bytes.clone()),
             Box::new(m.warmup_loaded.clone()),
             Box::new(m.redis_writes_dropped.clone()),
+            Box::new(m.http_connections_open.clone()),
+            Box::new(m.http_connections_limit.clone()),
             Box::new(m.http_requests.clone()),
             Box::new(m.http_request_seconds.clone()),
             Box::new(build_info),

@@ -1,11 +1,13 @@
 //! Logs and metrics.
 
+mod log_throttle;
 mod metrics;
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
+pub use log_throttle::LogThrottle;
 pub use metrics::Metrics;
 
 use crate::configuration::LogFormat;

@@ -27,6 +27,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 
 use crate::broker::Broker;
 use crate::helpers::{self, free_port, sample_with_uid, Record, Service, TcpProxy, TestEnv};
@@ -1243,6 +1244,63 @@ async fn environment_fault(
     let scenario = format!("{label} {} s", env_outage().as_secs());
     reconcile(env, &scenario, delivered, service, Some(service)).await;
     assert_each_pause_told_once(service, cause).await;
+}
+
+/// (u) Clients holding every connection they may (live feeds, as from many
+/// open pages) under an open-files limit the service cannot raise, while its
+/// PostgreSQL sessions are ended: ingest opens new ones and goes on storing,
+/// the connections past the limit wait, and no file runs out.
+#[tokio::test]
+async fn clients_hold_every_connection_while_postgres_sessions_end() {
+    const LIMIT: u64 = 256;
+    let env = TestEnv::new().await;
+    let service = Service::spawn_with_open_files(env.service_env(), LIMIT);
+    service.wait_ready().await;
+    let allowed = service.metric("http_connections_limit").await;
+    assert_eq!(
+        allowed,
+        (LIMIT / 2) as f64,
+        "half of a small limit is the clients'"
+    );
+    let scenario = "(u) clients hold every connection";
+    let mut seed = Seed::new(scenario);
+    let stream = Stream::start(&env, seed.value);
+    pause(seed.random_point(0.3)).await;
+
+    let mut feeds = Vec::new();
+    for _ in 0..LIMIT + 50 {
+        let mut feed = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+        feed.write_all(b"GET /api/orders/stream HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        feeds.push(feed);
+    }
+    service
+        .wait_for_log("the most allowed", Duration::from_secs(30))
+        .await;
+    env.end_service_sessions().await;
+    let stored = || env.count("SELECT count(*) FROM orders");
+    let before = stored().await;
+    helpers::eventually(
+        Duration::from_secs(30),
+        || async { (stored().await >= before + 50).then_some(()) },
+        || "ingest stopped storing while clients held every connection".into(),
+    )
+    .await;
+    drop(feeds);
+
+    let delivered = stream.finish().await;
+    reconcile(&env, scenario, delivered, &service, Some(&service)).await;
+    let logs = service.log_text();
+    assert!(
+        !logs.contains("Too many open files"),
+        "files ran out:\n{logs}"
+    );
+    assert_eq!(
+        logs.matches("the most allowed").count(),
+        1,
+        "the limit is told once a minute:\n{logs}"
+    );
 }
 
 /// A DBA's permission slip: INSERT on the order tables revoked from the

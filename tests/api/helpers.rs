@@ -577,6 +577,15 @@ impl Service {
         Self::spawn_command(nohup, env)
     }
 
+    /// Started under an open-files limit, soft and hard, that it cannot raise.
+    pub fn spawn_with_open_files(env: Vec<(String, String)>, limit: u64) -> Self {
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg(env!("CARGO_BIN_EXE_order-service"));
+        Self::spawn_command(prlimit, env)
+    }
+
     fn spawn_command(mut command: Command, env: Vec<(String, String)>) -> Self {
         let mut child = command
             .arg("serve")
