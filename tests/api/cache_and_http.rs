@@ -1276,3 +1276,62 @@ async fn redis_refusing_writes(refuse: &[&[&str]], accept: &[&[&str]]) {
     assert!(!logs.contains("redis is unreachable"), "{logs}");
     assert!(!logs.contains("redis refuses reads"), "{logs}");
 }
+
+/// A shell's low open-files limit is raised to the most allowed at start, and
+/// clients get all of it but the files the service keeps (256 and the pool's
+/// 8 sessions).
+#[tokio::test]
+async fn the_open_files_limit_is_raised_and_shared_out() {
+    let env = TestEnv::new().await;
+    let service = Service::spawn_with_open_files(env.service_env(), 512, 4096);
+    service.wait_ready().await;
+    assert_eq!(service.open_files_limit(), 4096);
+    assert_eq!(service.metric("http_connections_limit").await, 3832.0);
+    assert!(service.log_text().contains("open-files limit raised"));
+}
+
+/// Past HTTP_MAX_CONNECTIONS a new connection waits, unanswered, until one of
+/// those held closes; then it is served.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_one_to_close() {
+    let env = TestEnv::new().await;
+    let mut service = env.spawn_with(&[("HTTP_MAX_CONNECTIONS", "2")]);
+    service.wait_ready().await;
+    // Every request from here on its own connection, closed once answered:
+    // the pool's idle one, dropped with its client, is closed now.
+    service.client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        || async { (service.metric("http_connections_open").await <= 1.0).then_some(()) },
+        || "the probe's connection stayed open".into(),
+    )
+    .await;
+    let mut feeds = Vec::new();
+    for _ in 0..2 {
+        let mut feed = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut feed,
+            b"GET /api/orders/stream HTTP/1.1\r\nHost: test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        feeds.push(feed);
+    }
+    let waiting = service
+        .client
+        .get(service.url("/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(
+        waiting.is_err_and(|e| e.is_timeout()),
+        "a third connection was served"
+    );
+    drop(feeds.remove(0));
+    let served = service.get("/healthz").await;
+    assert_eq!(served.status(), 200);
+    assert_eq!(service.metric("http_connections_limit").await, 2.0);
+}

@@ -1254,7 +1254,7 @@ async fn environment_fault(
 async fn clients_hold_every_connection_while_postgres_sessions_end() {
     const LIMIT: u64 = 256;
     let env = TestEnv::new().await;
-    let service = Service::spawn_with_open_files(env.service_env(), LIMIT);
+    let service = Service::spawn_with_open_files(env.service_env(), LIMIT, LIMIT);
     service.wait_ready().await;
     let allowed = service.metric("http_connections_limit").await;
     assert_eq!(

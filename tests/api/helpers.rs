@@ -577,13 +577,23 @@ impl Service {
         Self::spawn_command(nohup, env)
     }
 
-    /// Started under an open-files limit, soft and hard, that it cannot raise.
-    pub fn spawn_with_open_files(env: Vec<(String, String)>, limit: u64) -> Self {
+    /// Started under an open-files limit: `soft`, which it may raise up to `hard`.
+    pub fn spawn_with_open_files(env: Vec<(String, String)>, soft: u64, hard: u64) -> Self {
         let mut prlimit = Command::new("prlimit");
         prlimit
-            .arg(format!("--nofile={limit}:{limit}"))
+            .arg(format!("--nofile={soft}:{hard}"))
             .arg(env!("CARGO_BIN_EXE_order-service"));
         Self::spawn_command(prlimit, env)
+    }
+
+    /// The soft open-files limit the process runs under.
+    pub fn open_files_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).unwrap();
+        limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("Max open files in /proc limits")
     }
 
     fn spawn_command(mut command: Command, env: Vec<(String, String)>) -> Self {
