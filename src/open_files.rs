@@ -10,6 +10,11 @@ use rlimit::Resource;
 /// wake-up pipes per broker, Redis, the runtimes' event queues, the log.
 const KEPT: u64 = 256;
 
+/// Connections clients may hold by default whatever the limit: a raised limit
+/// is often a million, and each connection holds buffers (some 20 KiB idle),
+/// so memory would become the bound instead.
+const MOST_CONNECTIONS: usize = 16_384;
+
 /// The soft limit before and after raising it to the hard limit.
 pub fn raise_limit() -> std::io::Result<(u64, u64)> {
     let (before, _) = Resource::NOFILE.get()?;
@@ -18,10 +23,11 @@ pub fn raise_limit() -> std::io::Result<(u64, u64)> {
 }
 
 /// The connections HTTP clients may hold out of `limit` open files when the
-/// pool has `sessions`: all but what the service keeps, and at least half.
+/// pool has `sessions`: all but what the service keeps, at least half, and
+/// at most [`MOST_CONNECTIONS`].
 pub fn http_share(limit: u64, sessions: u32) -> usize {
     let kept = (KEPT + u64::from(sessions)).min(limit / 2);
-    usize::try_from(limit - kept).unwrap_or(usize::MAX)
+    usize::try_from(limit - kept).map_or(MOST_CONNECTIONS, |share| share.min(MOST_CONNECTIONS))
 }
 
 #[cfg(test)]
@@ -31,7 +37,8 @@ mod tests {
     #[test]
     fn clients_get_what_the_service_does_not_keep() {
         assert_eq!(http_share(1024, 8), 760);
-        assert_eq!(http_share(1_048_576, 8), 1_048_312);
+        assert_eq!(http_share(16_384 + 264, 8), 16_384);
+        assert_eq!(http_share(1_048_576, 8), 16_384);
         // A small limit is split in two.
         assert_eq!(http_share(256, 8), 128);
     }

@@ -145,7 +145,7 @@ section! {
         /// Connections clients may hold open at once (live feeds included);
         /// more wait in the listen queue. 0: the open-files limit less the
         /// files the service keeps for its own sessions and clients (256 and
-        /// DATABASE_MAX_CONNECTIONS, at most half)
+        /// DATABASE_MAX_CONNECTIONS, at most half), and at most 16384
         max_connections: usize = 0 => HTTP_MAX_CONNECTIONS "N";
         /// Threads serving HTTP, each with its own single-threaded runtime (0:
         /// one per core)
