@@ -1309,17 +1309,7 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
         || "the probe's connection stayed open".into(),
     )
     .await;
-    let mut feeds = Vec::new();
-    for _ in 0..2 {
-        let mut feed = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(
-            &mut feed,
-            b"GET /api/orders/stream HTTP/1.1\r\nHost: test\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        feeds.push(feed);
-    }
+    let mut feeds = vec![service.hold_feed().await, service.hold_feed().await];
     let waiting = service
         .client
         .get(service.url("/healthz"))

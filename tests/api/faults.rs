@@ -27,7 +27,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use crate::broker::Broker;
 use crate::helpers::{self, free_port, sample_with_uid, Record, Service, TcpProxy, TestEnv};
@@ -1269,11 +1268,7 @@ async fn clients_hold_every_connection_while_postgres_sessions_end() {
 
     let mut feeds = Vec::new();
     for _ in 0..LIMIT + 50 {
-        let mut feed = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
-        feed.write_all(b"GET /api/orders/stream HTTP/1.1\r\nHost: test\r\n\r\n")
-            .await
-            .unwrap();
-        feeds.push(feed);
+        feeds.push(service.hold_feed().await);
     }
     service
         .wait_for_log("the most allowed", Duration::from_secs(30))

@@ -586,6 +586,19 @@ impl Service {
         Self::spawn_command(prlimit, env)
     }
 
+    /// A connection following the live feed of stored orders, left unread: it
+    /// holds one of the service's connections until dropped.
+    pub async fn hold_feed(&self) -> tokio::net::TcpStream {
+        let mut feed = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut feed,
+            b"GET /api/orders/stream HTTP/1.1\r\nHost: test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        feed
+    }
+
     /// The soft open-files limit the process runs under.
     pub fn open_files_limit(&self) -> u64 {
         let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).unwrap();
