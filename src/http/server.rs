@@ -160,8 +160,11 @@ impl Connections {
                         self.max
                     );
                 }
-                let slots = self.slots.clone();
-                slots.acquire_owned().await.expect("never closed")
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed")
             }
         };
         self.open.inc();

@@ -601,12 +601,16 @@ impl Service {
 
     /// The soft open-files limit the process runs under.
     pub fn open_files_limit(&self) -> u64 {
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).unwrap();
-        limits
-            .lines()
-            .find_map(|l| l.strip_prefix("Max open files"))
+        self.proc_number("limits", "Max open files")
+    }
+
+    /// The first number on the line of `/proc/PID/{file}` that starts with `key`.
+    fn proc_number(&self, file: &str, key: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/{file}", self.child.id())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("Max open files in /proc limits")
+            .unwrap_or_else(|| panic!("{key} in /proc/PID/{file}"))
     }
 
     fn spawn_command(mut command: Command, env: Vec<(String, String)>) -> Self {
@@ -770,13 +774,7 @@ impl Service {
 
     /// Resident memory of the process, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS in /proc status");
-        kib * 1024
+        self.proc_number("status", "VmRSS:") * 1024
     }
 
     pub fn log_text(&self) -> String {
