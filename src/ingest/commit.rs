@@ -14,7 +14,10 @@ use tokio::time::{timeout_at, Instant};
 use super::batch::{Batch, Refusal, UnansweredCommit};
 use super::dead_letter::{DeadLetter, DeadLetters, SendError};
 use super::PartitionState;
-use crate::store::{classify, ErrorClass, InsertOutcome, NewLetter, PartitionOffset, Store};
+use crate::domain::{parse_order, Limits, SAMPLE_ORDER};
+use crate::store::{
+    classify, described, ErrorClass, Incoming, InsertOutcome, NewLetter, PartitionOffset, Store,
+};
 
 /// Why a batch cannot be committed now: the environment, never the orders.
 /// Ingest pauses, reports the cause and retries until it succeeds. The text
@@ -187,8 +190,10 @@ impl Committer {
     }
 
     /// PostgreSQL refused the batch for a data error: writing each order alone
-    /// (rolled back) finds the ones at fault. Any other error on the way stalls.
+    /// (rolled back) finds the ones at fault, once a known-good order is
+    /// accepted ([`Committer::control`]). Any other error on the way stalls.
     async fn isolate(&self, batch: &Batch, cause: &sqlx::Error) -> Result<Attempt, Stall> {
+        self.control().await?;
         tracing::warn!(error = %cause, "batch refused by PostgreSQL; writing its orders one by one");
         let mut refused = Vec::new();
         for (index, incoming) in batch.valid.iter().enumerate() {
@@ -219,6 +224,32 @@ impl Committer {
             return Err(Stall::Database(format!("database: {cause}")));
         }
         Ok(Attempt::Refused(refused))
+    }
+
+    /// Writes the sample order alone, under an id of its own, and rolls it
+    /// back. Refused too, it shows that the tables are not as `migrate` made
+    /// them (a column added NOT NULL without a default, a column narrowed, a
+    /// constraint the sample breaks): the environment is at fault, and no
+    /// order is dead-lettered for it.
+    async fn control(&self) -> Result<(), Stall> {
+        let control = control_order();
+        let write = async {
+            let mut tx = self.store.begin().await?;
+            tx.insert_orders(&self.topic, std::slice::from_ref(&control))
+                .await
+                .map(drop)
+        };
+        let Err(e) = self.store.answered(write).await else {
+            return Ok(());
+        };
+        Err(match classify(&e) {
+            ErrorClass::Environment { cause } => Stall::Database(cause),
+            ErrorClass::OrderData { .. } => Stall::Database(format!(
+                "database: refuses the sample order too, so its tables are not as migrate \
+                 made them: {}",
+                e.as_database_error().map_or(e.to_string(), described)
+            )),
+        })
     }
 
     /// Sends the batch's letters not yet acknowledged and waits for the broker,
@@ -348,4 +379,37 @@ fn log_dead_lettered(topic: &str, letter: &DeadLetter) {
         reasons = %letter.reasons.join("; "),
         "message dead-lettered"
     );
+}
+
+/// The sample order under an id of its own, which no order is stored under
+/// (this write is never committed; were a producer to use the id, the write
+/// would find it stored and prove nothing, as before the control).
+fn control_order() -> Incoming {
+    let sample = SAMPLE_ORDER.replace("b563feb7b2b84b6test", "order-service-control");
+    let order = parse_order(sample.as_bytes(), &Limits::default())
+        .expect("the sample order is valid under the default limits");
+    Incoming {
+        json: order.to_json().into(),
+        order,
+        partition: -1,
+        offset: -1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_order_is_the_sample_under_its_own_id() {
+        let control = control_order();
+        assert_eq!(control.order.uid().as_str(), "order-service-control");
+        let sample = parse_order(SAMPLE_ORDER.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(
+            String::from_utf8(control.json.to_vec()).unwrap(),
+            String::from_utf8(sample.to_json().to_vec())
+                .unwrap()
+                .replace("b563feb7b2b84b6test", "order-service-control")
+        );
+    }
 }

@@ -1338,6 +1338,32 @@ async fn orders_table_renamed_then_restored() {
     .await;
 }
 
+/// (v) A column added mid-stream that every new row must fill, as a DBA
+/// readies the tables for a future writer (NOT NULL with a default to fill
+/// the rows there, the default then dropped; SQLSTATE 23502), then dropped.
+/// A data error for every order, yet no order is at fault: the sample order
+/// is refused too, so ingest pauses instead of dead-lettering valid orders.
+#[tokio::test]
+async fn a_column_every_row_must_fill_added_then_dropped() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    environment_fault(
+        &env,
+        &service,
+        "(v) a column every row must fill added",
+        "refuses the sample order too",
+        async {
+            env.execute("ALTER TABLE items ADD COLUMN size_code text NOT NULL DEFAULT 'M'")
+                .await;
+            env.execute("ALTER TABLE items ALTER COLUMN size_code DROP DEFAULT")
+                .await;
+        },
+        env.execute("ALTER TABLE items DROP COLUMN size_code"),
+    )
+    .await;
+}
+
 /// The dead-letter record refused (its grant revoked) after the letters are
 /// acknowledged, then a crash: the letters are on the topic and nothing is
 /// committed. The instance restarted the same way, with the grant back,

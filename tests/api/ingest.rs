@@ -45,6 +45,50 @@ async fn an_order_the_database_refuses_is_dead_lettered_alone() {
     );
 }
 
+/// Tables no order fits any more, as a DBA's change can leave them: a column
+/// narrowed (SQLSTATE 22001), then a constraint the sample order breaks
+/// (23514). The sample is refused too, so the environment is at fault:
+/// ingest pauses naming it and dead-letters nothing; once mended, every order
+/// is stored.
+#[tokio::test]
+async fn tables_that_refuse_every_order_pause_ingest_and_dead_letter_nothing() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let faults = [
+        (
+            "ALTER TABLE orders ALTER COLUMN track_number TYPE varchar(4)",
+            "ALTER TABLE orders ALTER COLUMN track_number TYPE text",
+            "(22001)",
+        ),
+        (
+            "ALTER TABLE payments ADD CONSTRAINT rubles_only CHECK (currency = 'RUB') NOT VALID",
+            "ALTER TABLE payments DROP CONSTRAINT rubles_only",
+            "(23514)",
+        ),
+    ];
+    let orders = generated_orders(69, 20);
+    for (round, (break_, mend, code)) in faults.into_iter().enumerate() {
+        env.execute(break_).await;
+        produce_orders(&env, &orders[round * 10..][..10]).await;
+        let cause = "refuses the sample order too";
+        service.wait_unready(cause, ("ingest", "paused")).await;
+        assert!(
+            service.log_text().contains(code),
+            "the database's reason is given: {}",
+            service.log_text()
+        );
+        env.execute(mend).await;
+        let stored = 10 * (round as i64 + 1);
+        env.wait_for_count(COUNT_ORDERS, stored, Duration::from_secs(30))
+            .await;
+        env.wait_for_committed(stored, Duration::from_secs(30))
+            .await;
+    }
+    env.assert_no_dead_letters();
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
 /// Producers compress as they like: batches in each codec are read and
 /// stored like plain ones. (snappy is left out: the local broker resets the
 /// connection of any fetch that meets a snappy batch; see the README.)
