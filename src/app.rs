@@ -146,8 +146,22 @@ fn http_connections(settings: &Settings) -> usize {
             u64::MAX
         }
     };
+    let sessions = settings.database.max_connections;
     match settings.http.max_connections {
-        0 => open_files::http_share(limit, settings.database.max_connections),
-        given => given,
+        0 => open_files::http_share(limit, sessions),
+        given => {
+            let files = open_files::clients_files(limit, sessions);
+            if u64::try_from(given).is_ok_and(|given| given > files) {
+                tracing::warn!(
+                    given,
+                    open_files_limit = limit,
+                    clients_files = files,
+                    "HTTP_MAX_CONNECTIONS is more than the open-files limit leaves clients; \
+                     past that, accepting a connection may fail for want of a file, and so may \
+                     a new PostgreSQL session"
+                );
+            }
+            given
+        }
     }
 }

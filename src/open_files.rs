@@ -22,12 +22,17 @@ pub fn raise_limit() -> std::io::Result<(u64, u64)> {
     Ok((before, now))
 }
 
-/// The connections HTTP clients may hold out of `limit` open files when the
-/// pool has `sessions`: all but what the service keeps, at least half, and
-/// at most [`MOST_CONNECTIONS`].
+/// The files HTTP clients may hold out of `limit` when the pool has
+/// `sessions`: all but what the service keeps, at least half.
+pub fn clients_files(limit: u64, sessions: u32) -> u64 {
+    limit - (KEPT + u64::from(sessions)).min(limit / 2)
+}
+
+/// The connections HTTP clients may hold by default: their files, at most
+/// [`MOST_CONNECTIONS`].
 pub fn http_share(limit: u64, sessions: u32) -> usize {
-    let kept = (KEPT + u64::from(sessions)).min(limit / 2);
-    usize::try_from(limit - kept).map_or(MOST_CONNECTIONS, |share| share.min(MOST_CONNECTIONS))
+    usize::try_from(clients_files(limit, sessions))
+        .map_or(MOST_CONNECTIONS, |share| share.min(MOST_CONNECTIONS))
 }
 
 #[cfg(test)]
@@ -41,6 +46,7 @@ mod tests {
         assert_eq!(http_share(1_048_576, 8), 16_384);
         // A small limit is split in two.
         assert_eq!(http_share(256, 8), 128);
+        assert_eq!(clients_files(1_048_576, 8), 1_048_312);
     }
 
     #[test]

@@ -1279,15 +1279,32 @@ async fn redis_refusing_writes(refuse: &[&[&str]], accept: &[&[&str]]) {
 
 /// A shell's low open-files limit is raised to the most allowed at start, and
 /// clients get all of it but the files the service keeps (256 and the pool's
-/// 8 sessions).
+/// 8 sessions). An HTTP_MAX_CONNECTIONS above that share is kept, and told.
 #[tokio::test]
 async fn the_open_files_limit_is_raised_and_shared_out() {
+    const TOO_MANY: &str = "more than the open-files limit leaves clients";
     let env = TestEnv::new().await;
     let service = Service::spawn_with_open_files(env.service_env(), 512, 4096);
     service.wait_ready().await;
     assert_eq!(service.open_files_limit(), 4096);
     assert_eq!(service.metric("http_connections_limit").await, 3832.0);
     assert!(service.log_text().contains("open-files limit raised"));
+    assert!(!service.log_text().contains(TOO_MANY));
+    drop(service);
+
+    let mut settings = env.service_env();
+    settings.push(("HTTP_MAX_CONNECTIONS".into(), "3833".into()));
+    let service = Service::spawn_with_open_files(settings, 4096, 4096);
+    // Not ready until the group lets the first instance's partition go.
+    service
+        .wait_for_log("listening on", Duration::from_secs(30))
+        .await;
+    assert_eq!(service.metric("http_connections_limit").await, 3833.0);
+    let logs = service.log_text();
+    assert!(
+        logs.contains(TOO_MANY) && logs.contains("\"clients_files\":3832"),
+        "{logs}"
+    );
 }
 
 /// Past HTTP_MAX_CONNECTIONS a new connection waits, unanswered, until one of
