@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{MemoryTier, OrderCache, RedisTier};
 use crate::configuration::{redacted, Settings};
 use crate::events::{Feed, IngestHealth};
-use crate::http::{self, AppState, Io, Server};
+use crate::http::{self, AppState, FeedSlots, Io, Server};
 use crate::ingest::Ingest;
 use crate::open_files;
 use crate::signals;
@@ -103,6 +103,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ingest: health,
         feed,
+        feeds: FeedSlots::for_connections(max_connections),
         io: Io::current(settings.http.request_timeout()),
     };
     let routers = http::routers(state, &settings.http);

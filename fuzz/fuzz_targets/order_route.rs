@@ -14,7 +14,7 @@ use order_service::cache::{MemoryTier, OrderCache};
 use order_service::configuration::HttpSettings;
 use order_service::domain::{parse_order, Limits, SAMPLE_ORDER};
 use order_service::events::{Feed, IngestHealth};
-use order_service::http::{routers, AppState, Io};
+use order_service::http::{routers, AppState, FeedSlots, Io};
 use order_service::store::Store;
 use order_service::telemetry::Metrics;
 use tower::ServiceExt;
@@ -53,6 +53,7 @@ fn target() -> &'static Target {
                 metrics,
                 ingest: Arc::new(IngestHealth::default()),
                 feed: Feed::default(),
+                feeds: FeedSlots::for_connections(64),
                 // This runtime owns the (unreachable) pool; block_on drives it.
                 io: Io::current(HttpSettings::default().request_timeout()),
             };

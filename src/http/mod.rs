@@ -24,6 +24,7 @@ use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
+pub use self::feed::FeedSlots;
 pub use self::io::Io;
 pub use self::server::{listen, Server};
 use crate::cache::OrderCache;
@@ -47,6 +48,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<IngestHealth>,
     pub feed: Feed,
+    pub feeds: FeedSlots,
     /// The runtime that owns the pool and the Redis client.
     pub io: Io,
 }

@@ -1342,3 +1342,38 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
     assert_eq!(served.status(), 200);
     assert_eq!(service.metric("http_connections_limit").await, 2.0);
 }
+
+/// Live feeds may hold all the connections but a quarter: past that a feed is
+/// answered 503 at once, its connection closed, and other requests are served
+/// while the feeds stay open; once one closes, a feed is accepted again.
+#[tokio::test]
+async fn live_feeds_past_their_share_are_refused_and_other_requests_served() {
+    let env = TestEnv::new().await;
+    let service = env.spawn_with(&[("HTTP_MAX_CONNECTIONS", "8")]);
+    service.wait_ready().await;
+    let mut feeds = Vec::new();
+    for _ in 0..6 {
+        let feed = service.get("/api/orders/stream").await;
+        assert_eq!(feed.status(), 200);
+        feeds.push(feed);
+    }
+    let refused = service.get("/api/orders/stream").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "30");
+    assert_eq!(refused.headers()["connection"], "close");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("live feeds"),
+        "{body}"
+    );
+    for route in ["/healthz", "/readyz", "/metrics", "/"] {
+        assert_eq!(service.get(route).await.status(), 200, "{route}");
+    }
+    drop(feeds.pop());
+    eventually(
+        Duration::from_secs(10),
+        || async { (service.get("/api/orders/stream").await.status() == 200).then_some(()) },
+        || "no feed was accepted after one closed".into(),
+    )
+    .await;
+}

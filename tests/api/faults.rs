@@ -1245,10 +1245,11 @@ async fn environment_fault(
     assert_each_pause_told_once(service, cause).await;
 }
 
-/// (u) Clients holding every connection they may (live feeds, as from many
-/// open pages) under an open-files limit the service cannot raise, while its
-/// PostgreSQL sessions are ended: ingest opens new ones and goes on storing,
-/// the connections past the limit wait, and no file runs out.
+/// (u) Clients opening more connections than the service may hold (live
+/// feeds, as from many open pages; those past the feeds' share are refused)
+/// under an open-files limit the service cannot raise, while its PostgreSQL
+/// sessions are ended: ingest opens new ones and goes on storing, the
+/// connections past the limit wait, and no file runs out.
 #[tokio::test]
 async fn clients_hold_every_connection_while_postgres_sessions_end() {
     const LIMIT: u64 = 256;

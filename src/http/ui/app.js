@@ -213,7 +213,11 @@ function live() {
   if (!window.EventSource) return;
   const source = new EventSource("/api/orders/stream");
   source.addEventListener("open", () => $("live").classList.add("on"));
-  source.addEventListener("error", () => $("live").classList.remove("on"));
+  source.addEventListener("error", () => {
+    $("live").classList.remove("on");
+    // Refused (as many feeds open as allowed) or gone: the browser gives up, so try later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(live, 30000);
+  });
   source.addEventListener("order", (e) => {
     const list = $("recent-list");
     list.prepend(recentItem(JSON.parse(e.data)));
