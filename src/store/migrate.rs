@@ -1,14 +1,27 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use sqlx::migrate::MigrateError;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Executor;
+
+/// The longest a migration's statement waits for a lock before the migration
+/// is rolled back and tried again. A statement waiting for a table's lock
+/// (behind a long transaction, say) holds up every later read and write of
+/// that table, the service's included, for as long as it waits; this bounds
+/// that hold-up.
+const LOCK_WAIT: &str = "2s";
+
+/// How long `migrate` keeps trying while its locks are taken.
+const LOCK_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Applies the migrations as the owner role, then grants `service_role` exactly
 /// what the service needs: read and insert orders and dead letters, read and
 /// write offsets. No DDL, no DELETE, no TRUNCATE.
 ///
 /// `connect_timeout`: the longest wait for the session, after which the
-/// error says why it was refused, if it was.
+/// error says why it was refused, if it was. A lock taken by another session
+/// is waited for in tries of [`LOCK_WAIT`], for up to [`LOCK_PATIENCE`].
 pub async fn migrate(
     owner: PgConnectOptions,
     service_role: &str,
@@ -17,16 +30,21 @@ pub async fn migrate(
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(connect_timeout)
+        .after_connect(|session, _| {
+            Box::pin(async move {
+                session
+                    .execute(format!("SET lock_timeout = '{LOCK_WAIT}'").as_str())
+                    .await
+                    .map(drop)
+            })
+        })
         .connect_lazy_with(owner);
     if let Err(e) = pool.acquire().await {
         return Err(super::explained(&pool, e).await)
             .context("MIGRATION_DATABASE_URL: cannot connect");
     }
     require_utf8(&pool).await?;
-    sqlx::migrate!("./migrations")
-        .run(&pool)
-        .await
-        .context("applying migrations")?;
+    apply_migrations(&pool).await?;
 
     let role = quote_ident(service_role);
     let grants = [
@@ -80,6 +98,68 @@ pub async fn migrate(
         );
     }
     Ok(())
+}
+
+/// Applies the migrations, trying again while a lock they need is held by
+/// another session: each try waits at most [`LOCK_WAIT`] per statement, so the
+/// sessions queued behind it go on in between.
+async fn apply_migrations(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tries = 0;
+    loop {
+        let error = match sqlx::migrate!("./migrations").run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        tries += 1;
+        if !waited_for_a_lock(&error) {
+            return Err(error).context("applying migrations");
+        }
+        let holders = open_transactions(pool).await;
+        if started.elapsed() >= LOCK_PATIENCE {
+            return Err(error).context(format!(
+                "applying migrations: a lock they need stayed taken for {} s ({tries} tries); \
+                 open transactions in this database: {holders}",
+                LOCK_PATIENCE.as_secs()
+            ));
+        }
+        tracing::warn!(
+            tries,
+            open_transactions = %holders,
+            "a migration waited {LOCK_WAIT} for a lock held by another session; rolled back, \
+             trying again in a second"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn waited_for_a_lock(error: &MigrateError) -> bool {
+    let database = match error {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => e.as_database_error(),
+        _ => None,
+    };
+    // lock_not_available: lock_timeout expired.
+    database.and_then(|e| e.code()).as_deref() == Some("55P03")
+}
+
+/// The database's oldest open transactions but ours, the likely holders of
+/// the lock waited for, as a line for the log.
+async fn open_transactions(pool: &sqlx::PgPool) -> String {
+    let holders: Result<Vec<String>, _> = sqlx::query_scalar(
+        "SELECT format('pid %s (role %s, application ''%s'', %s, open %s s)', pid, usename,
+                       application_name, state, round(extract(epoch FROM now() - xact_start)))
+         FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND xact_start IS NOT NULL
+         ORDER BY xact_start LIMIT 3",
+    )
+    .fetch_all(pool)
+    .await;
+    match holders {
+        Ok(holders) if holders.is_empty() => "none now".into(),
+        Ok(holders) => holders.join("; "),
+        Err(e) => format!("cannot be listed ({e})"),
+    }
 }
 
 /// Orders are UTF-8 text in any script. A database in another encoding would

@@ -250,3 +250,53 @@ async fn each_message_at_a_position_is_recorded_once() {
     let newest = store.dead_letter("orders", 0, 5).await.unwrap().unwrap();
     assert_eq!(newest.payload_preview, b"{after");
 }
+
+/// A migration that needs a table's lock while a long transaction holds it
+/// waits for it at most 2 s at a time: between its tries the reads and writes
+/// queued behind it go on (the service's among them), and it is applied once
+/// the transaction ends.
+#[tokio::test]
+async fn a_migration_waiting_for_a_lock_never_holds_the_table_up_for_long() {
+    let env = TestEnv::unmigrated().await;
+    let mut earlier = sqlx::migrate!("./migrations");
+    let last = earlier.migrations.len() - 1;
+    earlier.migrations = earlier.migrations[..last].to_vec().into();
+    earlier
+        .run(&env.db)
+        .await
+        .expect("every migration but the last");
+    const APPLIED: &str = "SELECT count(*) FROM information_schema.columns
+         WHERE table_name = 'dead_letters' AND column_name = 'payload_digest'";
+    assert_eq!(env.count(APPLIED).await, 0, "the last migration adds it");
+    // The last migration alters dead_letters, which this transaction has read.
+    let mut holder = env.db.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM dead_letters")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let reads_meanwhile = async {
+        let mut reader = env.db.acquire().await.unwrap();
+        sqlx::query("SET statement_timeout = '10s'")
+            .execute(&mut *reader)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..5 {
+            sqlx::query("SELECT count(*) FROM dead_letters")
+                .execute(&mut *reader)
+                .await
+                .expect("a read behind the waiting migration is never held past 10 s");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let applied: i64 = sqlx::query_scalar(APPLIED)
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        assert_eq!(applied, 0, "applied while its lock was held");
+        holder.commit().await.unwrap();
+    };
+    let (migrated, ()) = tokio::join!(env.try_migrate(), reads_meanwhile);
+    migrated.expect("migrate, once the lock is free");
+    assert_eq!(env.count(APPLIED).await, 1);
+}
