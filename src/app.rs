@@ -15,7 +15,7 @@ use crate::ingest::Ingest;
 use crate::open_files;
 use crate::signals;
 use crate::store::Store;
-use crate::telemetry::Metrics;
+use crate::telemetry::{self, Metrics};
 
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
@@ -84,6 +84,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(telemetry::report_dropped_lines());
 
     let warm = cache.clone();
     let warmup_orders = settings.cache.warmup_orders;

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     if let Command::Validate(args) = &cli.command {
         return ExitCode::from(validate::run(args, &settings.validation));
     }
-    telemetry::init(settings.log.format);
+    let _logs = telemetry::init(settings.log.format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

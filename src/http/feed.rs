@@ -21,12 +21,28 @@ use super::Shared;
 /// could take every connection and leave lookups, probes and scrapes waiting
 /// in the listen queue.
 #[derive(Clone)]
-pub struct FeedSlots(Arc<Semaphore>);
+pub struct FeedSlots {
+    free: Arc<Semaphore>,
+    limit: usize,
+}
 
 impl FeedSlots {
     pub fn for_connections(connections: usize) -> Self {
-        let feeds = connections - (connections / 4).min(256);
-        Self(Arc::new(Semaphore::new(feeds.min(Semaphore::MAX_PERMITS))))
+        let limit = (connections - (connections / 4).min(256)).min(Semaphore::MAX_PERMITS);
+        Self {
+            free: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The most feeds open at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Feeds open now.
+    pub fn open(&self) -> usize {
+        self.limit - self.free.available_permits()
     }
 }
 
@@ -48,7 +64,7 @@ pub fn router() -> Router<Shared> {
     )
 )]
 pub(super) async fn stream(State(state): State<Shared>) -> Response {
-    let Ok(slot) = state.feeds.0.clone().try_acquire_owned() else {
+    let Ok(slot) = state.feeds.free.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "30"), (header::CONNECTION, "close")],
@@ -85,9 +101,9 @@ mod tests {
     #[test]
     fn feeds_leave_a_quarter_of_the_connections_at_most_256() {
         let feeds = |connections| {
-            FeedSlots::for_connections(connections)
-                .0
-                .available_permits()
+            let slots = FeedSlots::for_connections(connections);
+            assert_eq!(slots.free.available_permits(), slots.limit());
+            slots.limit()
         };
         assert_eq!(feeds(1), 1);
         assert_eq!(feeds(8), 6);

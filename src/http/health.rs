@@ -254,6 +254,8 @@ pub(super) async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
     let pool = state.store.pool();
     m.db_pool_in_use
         .set(i64::from(pool.size()) - pool.num_idle() as i64);
+    m.http_live_feeds_open.set(state.feeds.open() as i64);
+    m.http_live_feeds_limit.set(state.feeds.limit() as i64);
     (
         [(
             header::CONTENT_TYPE,

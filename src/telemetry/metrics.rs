@@ -44,8 +44,12 @@ pub struct Metrics {
     pub http_connections_open: IntGauge,
     /// The most connections clients may hold at once (HTTP_MAX_CONNECTIONS).
     pub http_connections_limit: IntGauge,
+    pub http_live_feeds_open: IntGauge,
+    pub http_live_feeds_limit: IntGauge,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
+    /// Brought up to the process's count at each scrape (there is one log writer per process).
+    log_lines_dropped: IntCounter,
 }
 
 /// One route's series, as one HTTP worker holds them.
@@ -182,6 +186,16 @@ impl Metrics {
                 "The most HTTP connections clients may hold at once; more wait in the listen queue.",
             )
             .unwrap(),
+            http_live_feeds_open: IntGauge::new(
+                "http_live_feeds_open",
+                "Live feeds of stored orders open (each holds a connection).",
+            )
+            .unwrap(),
+            http_live_feeds_limit: IntGauge::new(
+                "http_live_feeds_limit",
+                "The most live feeds open at once; more are answered 503.",
+            )
+            .unwrap(),
             http_requests: IntCounterVec::new(
                 Opts::new("http_requests_total", "HTTP requests by route and status."),
                 &["route", "status"],
@@ -192,6 +206,11 @@ impl Metrics {
                     vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0],
                 ),
                 &["route"],
+            )
+            .unwrap(),
+            log_lines_dropped: IntCounter::new(
+                "log_lines_dropped_total",
+                "Log lines dropped because stderr was not read fast enough (ingest and HTTP never wait for it).",
             )
             .unwrap(),
             registry,
@@ -230,8 +249,11 @@ impl Metrics {
             Box::new(m.redis_writes_dropped.clone()),
             Box::new(m.http_connections_open.clone()),
             Box::new(m.http_connections_limit.clone()),
+            Box::new(m.http_live_feeds_open.clone()),
+            Box::new(m.http_live_feeds_limit.clone()),
             Box::new(m.http_requests.clone()),
             Box::new(m.http_request_seconds.clone()),
+            Box::new(m.log_lines_dropped.clone()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -278,6 +300,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        let dropped = super::log_lines_dropped();
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

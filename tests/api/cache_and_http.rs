@@ -1369,6 +1369,8 @@ async fn live_feeds_past_their_share_are_refused_and_other_requests_served() {
     for route in ["/healthz", "/readyz", "/metrics", "/"] {
         assert_eq!(service.get(route).await.status(), 200, "{route}");
     }
+    assert_eq!(service.metric("http_live_feeds_open").await, 6.0);
+    assert_eq!(service.metric("http_live_feeds_limit").await, 6.0);
     drop(feeds.pop());
     eventually(
         Duration::from_secs(10),

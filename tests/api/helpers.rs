@@ -562,6 +562,8 @@ pub struct Service {
     child: Child,
     pub addr: String,
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// Held, the service's stderr is no longer read (see `stop_reading_logs`).
+    log_reading: Arc<tokio::sync::Mutex<()>>,
     pub client: reqwest::Client,
 }
 
@@ -599,6 +601,12 @@ impl Service {
         feed
     }
 
+    /// Stops reading the service's stderr until the guard is dropped: once
+    /// the pipe is full, every write of a log line would wait.
+    pub async fn stop_reading_logs(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.log_reading.clone().lock_owned().await
+    }
+
     /// The soft open-files limit the process runs under.
     pub fn open_files_limit(&self) -> u64 {
         self.proc_number("limits", "Max open files")
@@ -627,8 +635,11 @@ impl Service {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let sink = logs.clone();
+        let log_reading = Arc::new(tokio::sync::Mutex::new(()));
+        let gate = log_reading.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                drop(gate.blocking_lock());
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if let Some(addr) = v.get("addr").and_then(|a| a.as_str()) {
                         let _ = addr_tx.send(addr.to_owned());
@@ -651,6 +662,7 @@ impl Service {
             child,
             addr,
             logs,
+            log_reading,
             client: reqwest::Client::new(),
         }
     }

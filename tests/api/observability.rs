@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use order_service::producer::{Generator, InvalidKind};
 
-use crate::helpers::{generated_orders, produce_orders, store_orders, TestEnv};
+use crate::helpers::{generated_orders, produce_orders, store_orders, Service, TestEnv};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/dashboards/order-service.json");
 const ALERTS: &str = include_str!("../../deploy/prometheus/alerts.yml");
@@ -302,6 +302,65 @@ fn alert_rules() -> Vec<(String, String)> {
             (field("alert"), field("expr"))
         })
         .collect()
+}
+
+/// A reader of the service's stderr that stops reading (a stalled journal, a
+/// paused pager) stops nothing: lookups, ingest and a stop go on, the lines
+/// that do not fit are dropped and counted, and once stderr is read again the
+/// service says how many were lost.
+#[tokio::test]
+async fn a_log_reader_that_stops_reading_stops_nothing() {
+    let env = TestEnv::new().await;
+    // Every lookup of an unknown order logs its two queries.
+    let service = env.spawn_with(&[("RUST_LOG", "info,sqlx::query=debug")]);
+    service.wait_ready().await;
+    let held = service.stop_reading_logs().await;
+    let mut lookups = 0;
+    while service.metric("log_lines_dropped_total").await == 0.0 {
+        assert!(lookups < 60_000, "no line dropped after {lookups} lookups");
+        lookups += look_up_unknown_orders(&service).await;
+    }
+    let orders = generated_orders(104, 20);
+    store_orders(&env, &orders).await;
+    assert_eq!(
+        service
+            .get(&format!("/order/{}", orders[0].0))
+            .await
+            .status(),
+        200
+    );
+
+    drop(held);
+    service
+        .wait_for_log("log lines dropped", Duration::from_secs(30))
+        .await;
+    // Unread again, past what the pipe holds, and then stopped.
+    let _held = service.stop_reading_logs().await;
+    look_up_unknown_orders(&service).await;
+    service.terminate_within(Duration::from_secs(15));
+}
+
+/// 1 600 lookups of orders that do not exist, 16 at a time; each must be
+/// answered 404 within 10 s. Returns how many were made.
+async fn look_up_unknown_orders(service: &Service) -> usize {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut lookups = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (client, url) = (client.clone(), service.url("/order/none"));
+        lookups.spawn(async move {
+            for i in 0..100 {
+                let answer = client.get(format!("{url}-{worker}-{i}")).send().await;
+                assert_eq!(answer.expect("lookup answered").status(), 404);
+            }
+        });
+    }
+    while let Some(done) = lookups.join_next().await {
+        done.unwrap();
+    }
+    1600
 }
 
 /// The metric families the service exports once it has done some work.
