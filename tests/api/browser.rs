@@ -275,6 +275,59 @@ async fn the_recent_list_grows_while_orders_arrive() {
     browser.close().await;
 }
 
+/// A page opened while as many live feeds are open as the service allows is
+/// refused its feed (503); it tries again 30 s later and then follows orders
+/// as they arrive.
+#[tokio::test]
+async fn a_page_refused_its_live_feed_follows_orders_once_one_is_free() {
+    let env = TestEnv::new().await;
+    // 40 connections: 30 for feeds, 10 left for the page's own requests.
+    let service = env.spawn_with(&[("HTTP_MAX_CONNECTIONS", "40")]);
+    service.wait_ready().await;
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(service.hold_feed().await);
+    }
+    let open = || async { service.metric("http_live_feeds_open").await };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open().await < 30.0 {
+        assert!(Instant::now() < deadline, "the held feeds never all opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let browser = Browser::start().await;
+    browser.client.goto(&service.url("/")).await.unwrap();
+    browser.text_of("#recent-list").await;
+    // Its feed is refused: the page is up, the feed is not.
+    let refused = || async {
+        let metrics = service.get("/metrics").await.text().await.unwrap();
+        metrics.contains(r#"http_requests_total{route="/api/orders/stream",status="503"} 1"#)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !refused().await {
+        assert!(
+            Instant::now() < deadline,
+            "the page's feed was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(browser.client.find(Locator::Css("#live.on")).await.is_err());
+
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while browser.client.find(Locator::Css("#live.on")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the page never tried its feed again"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let order = sample_with_uid("after-refusal").to_string();
+    env.produce(&[(Some("after-refusal"), order.as_bytes())])
+        .await;
+    browser.wait_text("#recent-list", "after-refusal").await;
+    browser.close().await;
+}
+
 #[tokio::test]
 async fn a_person_finds_orders_without_their_id_and_reads_why_one_was_rejected() {
     let env = TestEnv::new().await;
