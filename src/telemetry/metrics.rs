@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::StatusCode;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -48,8 +50,6 @@ pub struct Metrics {
     pub http_live_feeds_limit: IntGauge,
     http_requests: IntCounterVec,
     http_request_seconds: HistogramVec,
-    /// Brought up to the process's count at each scrape (there is one log writer per process).
-    log_lines_dropped: IntCounter,
 }
 
 /// One route's series, as one HTTP worker holds them.
@@ -208,11 +208,6 @@ impl Metrics {
                 &["route"],
             )
             .unwrap(),
-            log_lines_dropped: IntCounter::new(
-                "log_lines_dropped_total",
-                "Log lines dropped because stderr was not read fast enough (ingest and HTTP never wait for it).",
-            )
-            .unwrap(),
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -226,7 +221,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+        let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.messages_consumed.clone()),
             Box::new(m.messages_expired.clone()),
             Box::new(m.orders_stored.clone()),
@@ -253,7 +248,7 @@ impl Metrics {
             Box::new(m.http_live_feeds_limit.clone()),
             Box::new(m.http_requests.clone()),
             Box::new(m.http_request_seconds.clone()),
-            Box::new(m.log_lines_dropped.clone()),
+            Box::new(DroppedLogLines::new()),
             Box::new(build_info),
         ];
         for collector in collectors {
@@ -300,9 +295,6 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let dropped = super::log_lines_dropped();
-        self.log_lines_dropped
-            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -328,6 +320,40 @@ impl RouteSeries {
     }
 }
 
+/// `log_lines_dropped_total`, read from the process's one log writer at each
+/// scrape.
+struct DroppedLogLines(Desc);
+
+impl DroppedLogLines {
+    const NAME: &str = "log_lines_dropped_total";
+    const HELP: &str =
+        "Log lines dropped because stderr was not read fast enough (ingest and HTTP never wait for it).";
+
+    fn new() -> Self {
+        Self(
+            Desc::new(
+                Self::NAME.into(),
+                Self::HELP.into(),
+                Vec::new(),
+                HashMap::new(),
+            )
+            .unwrap(),
+        )
+    }
+}
+
+impl Collector for DroppedLogLines {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.0]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let counter = IntCounter::new(Self::NAME, Self::HELP).unwrap();
+        counter.inc_by(super::log_lines_dropped());
+        counter.collect()
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -340,6 +366,21 @@ mod tests {
 
     fn line<'a>(text: &'a str, series: &str) -> Option<&'a str> {
         text.lines().find(|l| l.starts_with(series))
+    }
+
+    /// The log writer's count is read at each scrape, so it is there from
+    /// the first one (0 in a process whose logs go nowhere else).
+    #[test]
+    fn dropped_log_lines_are_exported_from_the_first_scrape() {
+        let text = Metrics::new().render();
+        assert!(
+            text.contains("# TYPE log_lines_dropped_total counter"),
+            "{text}"
+        );
+        assert_eq!(
+            line(&text, "log_lines_dropped_total "),
+            Some("log_lines_dropped_total 0")
+        );
     }
 
     /// A worker's handles follow the registry they were resolved from: two

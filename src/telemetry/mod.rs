@@ -63,6 +63,8 @@ pub fn log_lines_dropped() -> u64 {
 }
 
 /// Says, once stderr is read again, how many lines were lost while it was not.
+/// The count is the total since the start: while stderr is still not read,
+/// this line is dropped too, and the next one says it.
 pub async fn report_dropped_lines() {
     let mut told = log_lines_dropped();
     loop {
@@ -70,7 +72,6 @@ pub async fn report_dropped_lines() {
         let dropped = log_lines_dropped();
         if dropped > told {
             tracing::warn!(
-                dropped = dropped - told,
                 since_start = dropped,
                 "log lines dropped: stderr was not read fast enough, and ingest and HTTP \
                  do not wait for it"
