@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::helpers::{sample_with_uid, Service, TestEnv};
+use crate::helpers::{eventually, sample_with_uid, Service, TestEnv};
 
 struct Browser {
     client: Client,
@@ -288,28 +288,28 @@ async fn a_page_refused_its_live_feed_follows_orders_once_one_is_free() {
     for _ in 0..30 {
         held.push(service.hold_feed().await);
     }
-    let open = || async { service.metric("http_live_feeds_open").await };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open().await < 30.0 {
-        assert!(Instant::now() < deadline, "the held feeds never all opened");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        || async { (service.metric("http_live_feeds_open").await >= 30.0).then_some(()) },
+        || "the held feeds never all opened".into(),
+    )
+    .await;
     let browser = Browser::start().await;
     browser.client.goto(&service.url("/")).await.unwrap();
     browser.text_of("#recent-list").await;
     // Its feed is refused: the page is up, the feed is not.
-    let refused = || async {
-        let metrics = service.get("/metrics").await.text().await.unwrap();
-        metrics.contains(r#"http_requests_total{route="/api/orders/stream",status="503"} 1"#)
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !refused().await {
-        assert!(
-            Instant::now() < deadline,
-            "the page's feed was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Read from the text: the series exists only once a feed is refused.
+    eventually(
+        Duration::from_secs(10),
+        || async {
+            let metrics = service.get("/metrics").await.text().await.unwrap();
+            metrics
+                .contains(r#"http_requests_total{route="/api/orders/stream",status="503"} 1"#)
+                .then_some(())
+        },
+        || "the page's feed was never refused".into(),
+    )
+    .await;
     assert!(browser.client.find(Locator::Css("#live.on")).await.is_err());
 
     drop(held.pop());

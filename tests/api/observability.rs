@@ -343,16 +343,13 @@ async fn a_log_reader_that_stops_reading_stops_nothing() {
 /// 1 600 lookups of orders that do not exist, 16 at a time; each must be
 /// answered 404 within 10 s. Returns how many were made.
 async fn look_up_unknown_orders(service: &Service) -> usize {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
     let mut lookups = tokio::task::JoinSet::new();
     for worker in 0..16 {
-        let (client, url) = (client.clone(), service.url("/order/none"));
+        let (client, url) = (service.client.clone(), service.url("/order/none"));
         lookups.spawn(async move {
             for i in 0..100 {
-                let answer = client.get(format!("{url}-{worker}-{i}")).send().await;
+                let lookup = client.get(format!("{url}-{worker}-{i}"));
+                let answer = lookup.timeout(Duration::from_secs(10)).send().await;
                 assert_eq!(answer.expect("lookup answered").status(), 404);
             }
         });
