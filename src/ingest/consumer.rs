@@ -1,5 +1,6 @@
-//! The Kafka consumer. Its rebalance callback only signals; the ingest loop
-//! does the work (drop what it holds, load offsets, reposition).
+//! The Kafka consumer. Its rebalance and statistics callbacks only signal;
+//! the ingest loop does the work (drop what it holds, load offsets,
+//! reposition, start a partition again).
 
 use std::sync::Arc;
 
@@ -17,14 +18,16 @@ use crate::telemetry::{LogThrottle, Metrics};
 pub type OrderConsumer = StreamConsumer<SignalingContext>;
 
 #[derive(Debug)]
-pub enum Rebalance {
+pub enum ConsumerEvent {
     Assigned(Vec<i32>),
     Revoked(Vec<i32>),
+    /// Each assigned partition's high watermark, as last fetched.
+    Ends(Vec<(i32, i64)>),
 }
 
 pub struct SignalingContext {
     topic: String,
-    events: mpsc::UnboundedSender<Rebalance>,
+    events: mpsc::UnboundedSender<ConsumerEvent>,
     metrics: Arc<Metrics>,
     logs: LogThrottle,
 }
@@ -34,20 +37,27 @@ impl ClientContext for SignalingContext {
         kafka_errors::log(&self.logs, level, fac, message);
     }
 
-    /// librdkafka's periodic statistics carry the lag of each assigned partition.
+    /// librdkafka's periodic statistics carry the lag and the high watermark
+    /// of each assigned partition.
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        for (id, partition) in &topic.partitions {
-            // -1 is librdkafka's "not assigned here" partition; a negative lag is unknown.
-            if *id >= 0 && partition.consumer_lag >= 0 {
+        let mut ends = Vec::new();
+        // -1 is librdkafka's "not assigned here" partition; negative figures are unknown.
+        for (&id, partition) in topic.partitions.iter().filter(|(&id, _)| id >= 0) {
+            if partition.consumer_lag >= 0 {
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[&id.to_string()])
                     .set(partition.consumer_lag);
             }
+            if partition.hi_offset >= 0 {
+                ends.push((id, partition.hi_offset));
+            }
         }
+        // The receiver lives as long as the loop; after it, nothing listens.
+        let _ = self.events.send(ConsumerEvent::Ends(ends));
     }
 }
 
@@ -59,9 +69,11 @@ impl ConsumerContext for SignalingContext {
     ) {
         let event = match rebalance {
             rdkafka::consumer::Rebalance::Assign(list) => {
-                Rebalance::Assigned(self.partitions(list))
+                ConsumerEvent::Assigned(self.partitions(list))
             }
-            rdkafka::consumer::Rebalance::Revoke(list) => Rebalance::Revoked(self.partitions(list)),
+            rdkafka::consumer::Rebalance::Revoke(list) => {
+                ConsumerEvent::Revoked(self.partitions(list))
+            }
             rdkafka::consumer::Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "rebalance error");
                 return;
@@ -133,7 +145,7 @@ pub fn subscribe(
     member: Option<&str>,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<(OrderConsumer, mpsc::UnboundedReceiver<Rebalance>)> {
+) -> anyhow::Result<(OrderConsumer, mpsc::UnboundedReceiver<ConsumerEvent>)> {
     let (events, receiver) = mpsc::unbounded_channel();
     let context = SignalingContext {
         topic: kafka.topic.clone(),

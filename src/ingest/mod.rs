@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::batch::{Batch, Received};
 use self::commit::{Attempt, Committer, Predecessor, Stall};
-use self::consumer::{OrderConsumer, Rebalance};
+use self::consumer::{ConsumerEvent, OrderConsumer};
 use self::dead_letter::{replay_of, DeadLetters, ReadBack};
 use self::orphans::{Orphans, Progress};
 use crate::cache::OrderCache;
@@ -85,7 +85,7 @@ pub struct Ingest {
     side: Arc<BaseConsumer<BrokerReports>>,
     /// Why the brokers turn the service away or cannot be reached, if they do.
     broker_reports: BrokerReports,
-    events: mpsc::UnboundedReceiver<Rebalance>,
+    events: mpsc::UnboundedReceiver<ConsumerEvent>,
     committer: Arc<Committer>,
     cache: Arc<OrderCache>,
     metrics: Arc<Metrics>,
@@ -98,6 +98,10 @@ pub struct Ingest {
     dlq_ends: HashMap<i32, i64>,
     /// Assigned partitions whose offsets could not be read yet.
     unloaded: Vec<i32>,
+    /// Partitions whose broker lost the messages below their position, with
+    /// the partition's earliest offset and end: each starts again from its
+    /// beginning once nothing of it waits to be committed.
+    lost: HashMap<i32, (i64, i64)>,
     /// The batch being gathered.
     batch: Batch,
     /// Closed batches not committed yet, oldest first: letters being sent,
@@ -171,6 +175,7 @@ impl Ingest {
             partitions: HashMap::new(),
             dlq_ends: HashMap::new(),
             unloaded: Vec::new(),
+            lost: HashMap::new(),
             batch: Batch::default(),
             closed: VecDeque::new(),
             writing: VecDeque::new(),
@@ -226,7 +231,7 @@ impl Ingest {
             let finished = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some(event) = self.events.recv() => until(stop, self.on_rebalance(event)).await,
+                Some(event) = self.events.recv() => until(stop, self.on_event(event)).await,
                 () = sleep_until(self.retry_at.unwrap_or_else(far_future)), if self.retry_at.is_some() => {
                     until(stop, self.retry()).await
                 }
@@ -239,7 +244,10 @@ impl Ingest {
                 () = sleep_until(self.orphans_at) => until(stop, self.look_for_orphans()).await,
                 // Taken in hand at once: shutdown must not drop the batch it returns.
                 joined = writing_ends(&mut self.writing), if !self.writing.is_empty() => match self.written(joined).await {
-                    Ok(started) => until(stop, self.start_commit(started)).await,
+                    Ok(started) => until(stop, async {
+                        self.start_commit(started).await;
+                        self.start_lost_again().await;
+                    }).await,
                     Err(stall) => {
                         self.stall(stall);
                         true
@@ -251,7 +259,7 @@ impl Ingest {
                         // message is never judged against a stale assignment.
                         let mut finished = true;
                         while let Ok(event) = self.events.try_recv() {
-                            finished &= until(stop, self.on_rebalance(event)).await;
+                            finished &= until(stop, self.on_event(event)).await;
                         }
                         let (partition, offset) = (message.partition(), message.offset());
                         if self.accept(partition, offset) {
@@ -336,8 +344,8 @@ impl Ingest {
             loop {
                 tokio::select! {
                     event = self.events.recv() => match event {
-                        Some(Rebalance::Revoked(_)) | None => break,
-                        Some(Rebalance::Assigned(_)) => {}
+                        Some(ConsumerEvent::Revoked(_)) | None => break,
+                        Some(_) => {}
                     },
                     _ = consumer.recv() => {}
                 }
@@ -377,7 +385,7 @@ impl Ingest {
         let targets: Vec<(i32, Offset)> = self
             .partitions
             .iter()
-            .filter(|(_, s)| !s.positioned)
+            .filter(|(p, s)| !s.positioned && !self.lost.contains_key(p))
             .map(|(&p, s)| (p, s.next.map_or(Offset::Beginning, Offset::Offset)))
             .collect();
         let (consumer, side) = (self.consumer.clone(), self.side.clone());
@@ -431,7 +439,10 @@ impl Ingest {
             self.start_again(partition, next, earliest, end).await;
         }
         // A panicked seek task leaves partitions unpositioned: try again too.
-        pending |= self.partitions.values().any(|s| !s.positioned);
+        pending |= self
+            .partitions
+            .iter()
+            .any(|(p, s)| !s.positioned && !self.lost.contains_key(p));
         self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
     }
 
@@ -441,8 +452,9 @@ impl Ingest {
     /// for consumed: the stored position moves back to the `earliest` offset
     /// (only offsets that move forward are ever saved otherwise), and the
     /// partition is consumed again from there. Until PostgreSQL takes the
-    /// change, the partition stays unpositioned and this is retried.
-    async fn start_again(&mut self, partition: i32, next: i64, earliest: i64, end: i64) {
+    /// change, the partition stays unpositioned and this is retried. Whether
+    /// PostgreSQL took it.
+    async fn start_again(&mut self, partition: i32, next: i64, earliest: i64, end: i64) -> bool {
         let kafka = &self.settings.kafka;
         let rewind = self.committer.store.rewind_offset(
             &kafka.group_id,
@@ -465,21 +477,103 @@ impl Ingest {
                 if let Some(state) = self.partitions.get_mut(&partition) {
                     state.next = Some(earliest);
                 }
+                true
             }
-            Err(e) => tracing::warn!(
-                partition,
-                error = %e,
-                "the stored position is past the end of the partition and could not be moved back yet"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    partition,
+                    error = %e,
+                    "the stored position is past the end of the partition and could not be moved back yet"
+                );
+                false
+            }
         }
     }
 
-    async fn on_rebalance(&mut self, event: Rebalance) {
+    /// A partition consumed up to a position past its end, as last fetched,
+    /// lost its messages on the broker while this instance consumed it (the
+    /// topic was deleted and created again, or the broker's storage was
+    /// lost): its new messages arrive below that position, and would be
+    /// passed over as consumed (or, on a broker that resets the position,
+    /// dropped as already seen). The broker confirms the end; the partition
+    /// then takes nothing more until it starts again (see `start_lost_again`).
+    async fn look_for_lost(&mut self, ends: Vec<(i32, i64)>) {
+        let past_the_end: Vec<i32> = ends
+            .into_iter()
+            .filter(|&(p, end)| {
+                !self.lost.contains_key(&p)
+                    && self
+                        .partitions
+                        .get(&p)
+                        .is_some_and(|s| s.positioned && s.next.is_some_and(|next| next > end))
+            })
+            .map(|(p, _)| p)
+            .collect();
+        if past_the_end.is_empty() {
+            // A loss found before may still wait for PostgreSQL.
+            return self.start_lost_again().await;
+        }
+        let (side, topic) = (self.side.clone(), self.settings.kafka.topic.clone());
+        let marks = tokio::task::spawn_blocking(move || {
+            past_the_end
+                .into_iter()
+                .filter_map(|p| {
+                    let marks = side.fetch_watermarks(&topic, p, Duration::from_secs(1));
+                    marks.ok().map(|marks| (p, marks))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (p, (earliest, end)) in marks {
+            let Some(state) = self.partitions.get_mut(&p) else {
+                continue;
+            };
+            if state.next.is_some_and(|next| next > end) {
+                state.positioned = false;
+                self.lost.insert(p, (earliest, end));
+            }
+        }
+        self.start_lost_again().await;
+    }
+
+    /// Moves the stored position of each lost partition back to its
+    /// beginning and consumes it again from there, once everything taken from
+    /// it before the loss is committed. No commit may be in flight: one
+    /// started earlier stores every partition's position as it was then, and
+    /// would move the position forward again.
+    async fn start_lost_again(&mut self) {
+        if self.lost.is_empty() || !self.writing.is_empty() || !self.closed.is_empty() {
+            return;
+        }
+        let partitions: Vec<i32> = self.lost.keys().copied().collect();
+        let Ok(stored) = self.stored_offsets(&partitions).await else {
+            // Tried again after the next commit, or at the next statistics.
+            return;
+        };
+        for p in partitions {
+            let next = self.partitions.get(&p).and_then(|s| s.next);
+            let (Some(next), Some(&(earliest, end))) = (next, self.lost.get(&p)) else {
+                continue;
+            };
+            // Messages taken before the loss are still in the batch in hand.
+            if stored.get(&p).map(|s| s.next_offset) != Some(next) {
+                continue;
+            }
+            if self.start_again(p, next, earliest, end).await {
+                self.lost.remove(&p);
+                self.reposition_at = Some(Instant::now());
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: ConsumerEvent) {
         match event {
-            Rebalance::Revoked(revoked) => {
+            ConsumerEvent::Revoked(revoked) => {
                 tracing::info!(partitions = ?revoked, "partitions revoked");
                 for p in &revoked {
                     self.partitions.remove(p);
+                    self.lost.remove(p);
                     self.metrics
                         .consumer_lag
                         .remove_label_values(&[&p.to_string()])
@@ -492,7 +586,8 @@ impl Ingest {
                     closed.drop_partitions(&revoked);
                 }
             }
-            Rebalance::Assigned(assigned) => {
+            ConsumerEvent::Ends(ends) => self.look_for_lost(ends).await,
+            ConsumerEvent::Assigned(assigned) => {
                 tracing::info!(partitions = ?assigned, "partitions assigned");
                 if let Some((since, true)) = self.unassigned_since {
                     tracing::info!(

@@ -808,6 +808,72 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     drop(broker);
 }
 
+/// How a running service's broker loses the messages below its positions.
+enum Loss {
+    /// Stopped, its storage wiped, started again empty.
+    Storage,
+    /// The orders topic deleted and created again, the group kept. (This
+    /// broker's storage fails for good when a topic it serves is deleted,
+    /// so it is restarted in between.)
+    TopicCreatedAgain,
+}
+
+/// The broker loses its messages while the service consumes: the positions
+/// it holds, in memory and in PostgreSQL, are past the end of the new topic,
+/// whose messages arrive below them. They must not be passed over as
+/// consumed (nor dropped as already seen): the service finds the ends below
+/// its positions, says so, and consumes the partitions again from their
+/// beginning, with no restart.
+async fn messages_lost_while_consumed(loss: Loss) {
+    let (storage, broker, env, service) = on_own_broker(&[]).await;
+    let orders = helpers::generated_orders(74, 80);
+    helpers::produce_orders(&env, &orders[..60]).await;
+    env.wait_for_committed(60, Duration::from_secs(60)).await;
+    let broker = match loss {
+        Loss::Storage => lose_data(&storage, broker, &env).await,
+        Loss::TopicCreatedAgain => {
+            // On this broker the dead-letter topic goes with it.
+            env.delete_topic(&env.topic).await;
+            let broker = tokio::task::spawn_blocking(move || broker.restart(Duration::ZERO))
+                .await
+                .unwrap();
+            env.create_topic(&env.topic, PARTITIONS).await;
+            env.create_topic(&env.dlq_topic, 1).await;
+            broker
+        }
+    };
+    let key = Some("rejected");
+    env.produce(&[(key, b"{after the loss")]).await;
+    helpers::produce_orders(&env, &orders[60..]).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 80, Duration::from_secs(90))
+        .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters WHERE payload_preview = '{after the loss'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    env.wait_for_committed(21, Duration::from_secs(30)).await;
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("past the end of the partition").count(),
+        PARTITIONS as usize,
+        "{logs}"
+    );
+    assert_eq!(service.metric("orders_stored_total").await, 80.0, "{logs}");
+    drop(broker);
+}
+
+#[tokio::test]
+async fn broker_data_lost_while_the_service_consumes() {
+    messages_lost_while_consumed(Loss::Storage).await;
+}
+
+#[tokio::test]
+async fn topic_created_again_while_the_service_consumes() {
+    messages_lost_while_consumed(Loss::TopicCreatedAgain).await;
+}
+
 /// The dead-letter position stored before the broker lost its data is past
 /// the end of the new dead-letter topic. A crash between a letter sent there
 /// and its record must not send it again: the letters are read back from the
