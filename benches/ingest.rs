@@ -343,6 +343,7 @@ async fn write_path(url: &str, orders: &[(String, Vec<u8>)]) -> Phase {
                 partition,
                 next_offset: last + 1,
                 dlq_next_offset: None,
+                last_digest: Some([0; 16]),
             })
             .collect();
         tx.save_offsets("bench", "bench", &offsets).await.unwrap();

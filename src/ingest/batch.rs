@@ -1,7 +1,7 @@
 //! Messages gathered between two database commits, already decided: valid
 //! orders to store, and rejected messages to dead-letter.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
@@ -22,6 +22,8 @@ pub struct Received<'a> {
     pub broker_time: Option<i64>,
     /// The letter it was replayed from, if it is a replay.
     pub replay_of: Option<&'a str>,
+    /// [`digest`] of the payload.
+    pub digest: [u8; 16],
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct Batch {
     pub rejected: Vec<DeadLetter>,
     /// The next offset to consume per partition once this batch is committed.
     next_offsets: BTreeMap<i32, i64>,
+    /// Per partition, the digest of its last message here.
+    last_digests: HashMap<i32, [u8; 16]>,
     /// Dead letters already acknowledged by the broker, by (partition, offset),
     /// so a retried batch does not send them again.
     pub acknowledged: HashSet<(i32, i64)>,
@@ -87,6 +91,7 @@ impl Batch {
             offset,
             broker_time,
             replay_of,
+            digest,
         } = message;
         match parse_order(payload, limits) {
             Ok(order) => {
@@ -115,7 +120,7 @@ impl Batch {
                         payload.to_vec()
                     },
                     omitted_bytes: too_large.then_some(payload.len()),
-                    digest: digest(payload),
+                    digest,
                     partition,
                     offset,
                     stage: rejection.stage().as_str(),
@@ -133,6 +138,7 @@ impl Batch {
             }
         }
         self.next_offsets.insert(partition, offset + 1);
+        self.last_digests.insert(partition, digest);
         self.broker_times.extend(broker_time);
         self.first_at.get_or_insert_with(Instant::now);
         self.messages += 1;
@@ -169,6 +175,11 @@ impl Batch {
     /// Per partition, the next offset to read once this batch is committed.
     pub fn next_offsets(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
         self.next_offsets.iter().map(|(&p, &next)| (p, next))
+    }
+
+    /// The digest of `partition`'s last message here.
+    pub fn last_digest(&self, partition: i32) -> Option<[u8; 16]> {
+        self.last_digests.get(&partition).copied()
     }
 
     /// Per source partition, the dead-letter offset after its last letter
@@ -233,6 +244,7 @@ impl Batch {
         self.in_flight.forget(revoked);
         for p in revoked {
             self.next_offsets.remove(p);
+            self.last_digests.remove(p);
             self.dlq_next.remove(p);
         }
         self.messages = self.valid.len() + self.rejected.len();

@@ -63,6 +63,20 @@ struct PartitionState {
     dlq_from: i64,
     /// Whether the consumer was moved to `next`; until then its messages are dropped.
     positioned: bool,
+    /// The digest of the message before `next`, as consumed.
+    last_digest: Option<[u8; 16]>,
+    /// Set when positioned one before `next`: the digest the message there
+    /// must have, compared before anything is accepted.
+    check: Option<[u8; 16]>,
+}
+
+/// How a partition was found to hold other messages than those consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Its end is below the stored position.
+    PastTheEnd,
+    /// The message before the stored position is another one.
+    OtherMessage,
 }
 
 impl PartitionState {
@@ -99,9 +113,12 @@ pub struct Ingest {
     /// Assigned partitions whose offsets could not be read yet.
     unloaded: Vec<i32>,
     /// Partitions whose broker lost the messages below their position, with
-    /// the partition's earliest offset and end: each starts again from its
-    /// beginning once nothing of it waits to be committed.
-    lost: HashMap<i32, (i64, i64)>,
+    /// the partition's earliest offset and end and how it was found: each
+    /// starts again from its beginning once nothing of it waits to be committed.
+    lost: HashMap<i32, ((i64, i64), Cause)>,
+    /// Partitions whose message before the stored position is not the one
+    /// consumed there, found by `accept`.
+    foreign: Vec<i32>,
     /// The batch being gathered.
     batch: Batch,
     /// Closed batches not committed yet, oldest first: letters being sent,
@@ -176,6 +193,7 @@ impl Ingest {
             dlq_ends: HashMap::new(),
             unloaded: Vec::new(),
             lost: HashMap::new(),
+            foreign: Vec::new(),
             batch: Batch::default(),
             closed: VecDeque::new(),
             writing: VecDeque::new(),
@@ -262,18 +280,25 @@ impl Ingest {
                             finished &= until(stop, self.on_event(event)).await;
                         }
                         let (partition, offset) = (message.partition(), message.offset());
-                        if self.accept(partition, offset) {
+                        let payload = message.payload().unwrap_or_default();
+                        let digest = dead_letter::digest(payload);
+                        if self.accept(partition, offset, digest) {
                             self.metrics.messages_consumed.inc();
                             let received = Received {
                                 key: message.key(),
-                                payload: message.payload().unwrap_or_default(),
+                                payload,
                                 partition,
                                 offset,
                                 broker_time: message.timestamp().to_millis(),
                                 replay_of: replay_of(&message),
+                                digest,
                             };
                             // Closed at the top of the loop once full.
                             self.batch.push(received, &self.settings.validation);
+                        }
+                        if !self.foreign.is_empty() {
+                            let foreign = std::mem::take(&mut self.foreign);
+                            finished &= until(stop, self.confirm_lost(foreign, Cause::OtherMessage)).await;
                         }
                         finished
                     }
@@ -367,14 +392,39 @@ impl Ingest {
 
     /// Whether a fetched message is new to this consumer: its partition is
     /// ours, positioned at the stored offset, and the message is not below it.
-    fn accept(&mut self, partition: i32, offset: i64) -> bool {
-        match self.partitions.get_mut(&partition) {
-            Some(state) if state.positioned && state.next.is_none_or(|next| offset >= next) => {
-                state.next = Some(offset + 1);
-                true
-            }
-            _ => false,
+    /// The message before the stored offset, read again to be compared, is
+    /// never new; if it is another one, the partition goes to `foreign`.
+    fn accept(&mut self, partition: i32, offset: i64, digest: [u8; 16]) -> bool {
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        if !state.positioned {
+            return false;
         }
+        let next = state.next.unwrap_or(0);
+        if let Some(expected) = state.check {
+            if offset == next - 1 {
+                if digest == expected {
+                    state.check = None;
+                } else {
+                    // Kept: positioned again, it is compared again.
+                    state.positioned = false;
+                    self.foreign.push(partition);
+                }
+                return false;
+            }
+            // Past it: that message is gone (retention, compaction), and
+            // nothing is left to compare.
+            if offset >= next {
+                state.check = None;
+            }
+        }
+        if offset < next {
+            return false;
+        }
+        state.next = Some(offset + 1);
+        state.last_digest = Some(digest);
+        true
     }
 
     /// Seeks every newly assigned partition to the offset stored in PostgreSQL
@@ -382,26 +432,35 @@ impl Ingest {
     /// until the fetcher has started; those are retried shortly. Seeks block,
     /// so they run off the async threads.
     async fn reposition(&mut self) {
-        let targets: Vec<(i32, Offset)> = self
+        // A partition whose last message consumed has a digest starts one
+        // before its position, to compare that message (see `accept`).
+        let targets: Vec<(i32, Option<i64>, Offset)> = self
             .partitions
             .iter()
             .filter(|(p, s)| !s.positioned && !self.lost.contains_key(p))
-            .map(|(&p, s)| (p, s.next.map_or(Offset::Beginning, Offset::Offset)))
+            .map(|(&p, s)| {
+                let seek = match s.next {
+                    None => Offset::Beginning,
+                    Some(next) if next > 0 && s.check.is_some() => Offset::Offset(next - 1),
+                    Some(next) => Offset::Offset(next),
+                };
+                (p, s.next, seek)
+            })
             .collect();
         let (consumer, side) = (self.consumer.clone(), self.side.clone());
         let topic = self.settings.kafka.topic.clone();
         let seeks = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
-                .map(|(partition, target)| {
+                .map(|(partition, next, target)| {
                     let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
-                    let marks = match (&seek, target) {
-                        (Ok(()), Offset::Offset(_)) => side
+                    let marks = match (&seek, next) {
+                        (Ok(()), Some(_)) => side
                             .fetch_watermarks(&topic, partition, Duration::from_secs(1))
                             .ok(),
                         _ => None,
                     };
-                    (partition, target, seek, marks)
+                    (partition, next, target, seek, marks)
                 })
                 .collect::<Vec<_>>()
         })
@@ -409,10 +468,10 @@ impl Ingest {
         .unwrap_or_default();
         let mut pending = false;
         let mut past_the_end = Vec::new();
-        for (partition, target, seek, marks) in seeks {
+        for (partition, next, target, seek, marks) in seeks {
             match (seek, self.partitions.get_mut(&partition)) {
-                (Ok(()), Some(state)) => match (target, marks) {
-                    (Offset::Offset(next), Some((earliest, end))) if next > end => {
+                (Ok(()), Some(state)) => match (next, marks) {
+                    (Some(next), Some((earliest, end))) if next > end => {
                         past_the_end.push((partition, next, earliest, end));
                     }
                     _ => {
@@ -422,7 +481,7 @@ impl Ingest {
                             "positioned at the offset stored in PostgreSQL"
                         );
                         state.positioned = true;
-                        if let (Offset::Offset(next), Some((earliest, _))) = (target, marks) {
+                        if let (Some(next), Some((earliest, _))) = (next, marks) {
                             report_expired(&self.metrics, partition, next, earliest);
                         }
                     }
@@ -436,7 +495,8 @@ impl Ingest {
             }
         }
         for (partition, next, earliest, end) in past_the_end {
-            self.start_again(partition, next, earliest, end).await;
+            self.start_again(partition, next, (earliest, end), Cause::PastTheEnd)
+                .await;
         }
         // A panicked seek task leaves partitions unpositioned: try again too.
         pending |= self
@@ -446,15 +506,20 @@ impl Ingest {
         self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
     }
 
-    /// The position stored for `partition` (`next`) is past the partition's
-    /// `end`: the topic was created again, or the broker lost its data, and
-    /// its messages are not the ones consumed before. They must not be taken
-    /// for consumed: the stored position moves back to the `earliest` offset
-    /// (only offsets that move forward are ever saved otherwise), and the
-    /// partition is consumed again from there. Until PostgreSQL takes the
-    /// change, the partition stays unpositioned and this is retried. Whether
-    /// PostgreSQL took it.
-    async fn start_again(&mut self, partition: i32, next: i64, earliest: i64, end: i64) -> bool {
+    /// The messages below the position of `partition` (`next`) are not the
+    /// ones consumed before (see [`Cause`]): the topic was created again, or
+    /// the broker lost its data. They must not be taken for consumed: the
+    /// stored position moves back to the partition's earliest offset (only
+    /// offsets that move forward are ever saved otherwise), and the partition
+    /// is consumed again from there. Whether PostgreSQL took the change;
+    /// until it does, the partition stays unpositioned and this is retried.
+    async fn start_again(
+        &mut self,
+        partition: i32,
+        next: i64,
+        (earliest, end): (i64, i64),
+        cause: Cause,
+    ) -> bool {
         let kafka = &self.settings.kafka;
         let rewind = self.committer.store.rewind_offset(
             &kafka.group_id,
@@ -463,31 +528,40 @@ impl Ingest {
             next,
             earliest,
         );
-        match self.committer.store.answered(rewind).await {
-            Ok(()) => {
-                tracing::error!(
-                    partition,
-                    stored = next,
-                    end,
-                    from = earliest,
-                    "the position stored in PostgreSQL is past the end of the partition: the \
-                     topic was created again or the broker lost its data; its messages are \
-                     consumed again from its beginning"
-                );
-                if let Some(state) = self.partitions.get_mut(&partition) {
-                    state.next = Some(earliest);
-                }
-                true
-            }
-            Err(e) => {
-                tracing::warn!(
-                    partition,
-                    error = %e,
-                    "the stored position is past the end of the partition and could not be moved back yet"
-                );
-                false
-            }
+        if let Err(e) = self.committer.store.answered(rewind).await {
+            tracing::warn!(
+                partition,
+                error = %e,
+                "the stored position belongs to messages the broker no longer has and could not be moved back yet"
+            );
+            return false;
         }
+        match cause {
+            Cause::PastTheEnd => tracing::error!(
+                partition,
+                stored = next,
+                end,
+                from = earliest,
+                "the position stored in PostgreSQL is past the end of the partition: the \
+                 topic was created again or the broker lost its data; its messages are \
+                 consumed again from its beginning"
+            ),
+            Cause::OtherMessage => tracing::error!(
+                partition,
+                stored = next,
+                end,
+                from = earliest,
+                "the message before the position stored in PostgreSQL is not the one consumed \
+                 there: the topic was created again or the broker lost its data, and it grew \
+                 past that position; its messages are consumed again from its beginning"
+            ),
+        }
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.next = Some(earliest);
+            state.last_digest = None;
+            state.check = None;
+        }
+        true
     }
 
     /// A partition consumed up to a position past its end, as last fetched,
@@ -495,8 +569,7 @@ impl Ingest {
     /// topic was deleted and created again, or the broker's storage was
     /// lost): its new messages arrive below that position, and would be
     /// passed over as consumed (or, on a broker that resets the position,
-    /// dropped as already seen). The broker confirms the end; the partition
-    /// then takes nothing more until it starts again (see `start_lost_again`).
+    /// dropped as already seen). The broker confirms the end.
     async fn look_for_lost(&mut self, ends: Vec<(i32, i64)>) {
         let past_the_end: Vec<i32> = ends
             .into_iter()
@@ -509,13 +582,19 @@ impl Ingest {
             })
             .map(|(p, _)| p)
             .collect();
-        if past_the_end.is_empty() {
-            // A loss found before may still wait for PostgreSQL.
+        self.confirm_lost(past_the_end, Cause::PastTheEnd).await;
+    }
+
+    /// Confirms with the broker that `partitions` lost their messages (for
+    /// `PastTheEnd`, that their end is below their position); those take
+    /// nothing more until they start again (see `start_lost_again`).
+    async fn confirm_lost(&mut self, partitions: Vec<i32>, cause: Cause) {
+        if partitions.is_empty() {
             return self.start_lost_again().await;
         }
         let (side, topic) = (self.side.clone(), self.settings.kafka.topic.clone());
         let marks = tokio::task::spawn_blocking(move || {
-            past_the_end
+            partitions
                 .into_iter()
                 .filter_map(|p| {
                     let marks = side.fetch_watermarks(&topic, p, Duration::from_secs(1));
@@ -525,15 +604,25 @@ impl Ingest {
         })
         .await
         .unwrap_or_default();
-        for (p, (earliest, end)) in marks {
+        for (p, marks) in marks {
             let Some(state) = self.partitions.get_mut(&p) else {
                 continue;
             };
-            if state.next.is_some_and(|next| next > end) {
+            if cause == Cause::OtherMessage || state.next.is_some_and(|next| next > marks.1) {
                 state.positioned = false;
-                self.lost.insert(p, (earliest, end));
+                self.lost.insert(p, (marks, cause));
             }
         }
+        // Another message found, but the broker did not answer: seek and compare again.
+        if self
+            .partitions
+            .iter()
+            .any(|(p, s)| !s.positioned && !self.lost.contains_key(p))
+        {
+            self.reposition_at
+                .get_or_insert_with(|| Instant::now() + REPOSITION_RETRY);
+        }
+        // A loss found before may still wait for PostgreSQL.
         self.start_lost_again().await;
     }
 
@@ -553,14 +642,14 @@ impl Ingest {
         };
         for p in partitions {
             let next = self.partitions.get(&p).and_then(|s| s.next);
-            let (Some(next), Some(&(earliest, end))) = (next, self.lost.get(&p)) else {
+            let (Some(next), Some(&(marks, cause))) = (next, self.lost.get(&p)) else {
                 continue;
             };
             // Messages taken before the loss are still in the batch in hand.
             if stored.get(&p).map(|s| s.next_offset) != Some(next) {
                 continue;
             }
-            if self.start_again(p, next, earliest, end).await {
+            if self.start_again(p, next, marks, cause).await {
                 self.lost.remove(&p);
                 self.reposition_at = Some(Instant::now());
             }
@@ -670,6 +759,8 @@ impl Ingest {
                     dead_lettered: sent.offsets,
                     dlq_from: sent.from,
                     positioned: false,
+                    last_digest: stored.get(&p).and_then(|s| s.last_digest),
+                    check: stored.get(&p).and_then(|s| s.last_digest),
                 },
             );
         }
@@ -1143,16 +1234,23 @@ fn stored_positions(
             raise_end(&mut ends, d, end);
         }
     }
-    batch
+    let in_batch = batch
         .next_offsets()
-        .chain(idle.iter().copied())
-        .map(|(partition, next_offset)| PartitionOffset {
+        .map(|(p, next)| (p, next, batch.last_digest(p)));
+    let idle = idle.iter().map(|&(p, next)| {
+        let digest = partitions.get(&p).and_then(|state| state.last_digest);
+        (p, next, digest)
+    });
+    in_batch
+        .chain(idle)
+        .map(|(partition, next_offset, last_digest)| PartitionOffset {
             partition,
             next_offset,
             dlq_next_offset: partitions.get(&partition).map(|state| {
                 let end = partition_of(partition).and_then(|d| ends.get(&d).copied());
                 state.dlq_position(next_offset, end.unwrap_or(state.dlq_from))
             }),
+            last_digest,
         })
         .collect()
 }
@@ -1277,6 +1375,8 @@ mod tests {
             dead_lettered: dead_lettered.iter().copied().collect(),
             dlq_from,
             positioned: true,
+            last_digest: Some([1; 16]),
+            check: None,
         }
     }
 
@@ -1301,6 +1401,7 @@ mod tests {
             offset: 5,
             broker_time: None,
             replay_of: None,
+            digest: [2; 16],
         };
         batch.push(received, &limits);
         batch.dead_lettered_at(0, 120);
@@ -1314,12 +1415,14 @@ mod tests {
                 PartitionOffset {
                     partition: 0,
                     next_offset: 6,
-                    dlq_next_offset: Some(121)
+                    dlq_next_offset: Some(121),
+                    last_digest: Some([2; 16]),
                 },
                 PartitionOffset {
                     partition: 1,
                     next_offset: 33,
-                    dlq_next_offset: Some(121)
+                    dlq_next_offset: Some(121),
+                    last_digest: Some([1; 16]),
                 },
             ]
         );

@@ -113,8 +113,8 @@ impl Store {
         topic: &str,
         partitions: &[i32],
     ) -> Result<HashMap<i32, StoredOffset>, sqlx::Error> {
-        let query = sqlx::query_as::<_, (i32, i64, Option<i64>)>(
-            "SELECT partition, next_offset, dlq_next_offset FROM consumer_offsets
+        let query = sqlx::query_as::<_, (i32, i64, Option<i64>, Option<Vec<u8>>)>(
+            "SELECT partition, next_offset, dlq_next_offset, last_digest FROM consumer_offsets
              WHERE group_id = $1 AND topic = $2 AND partition = ANY($3)",
         )
         .bind(group_id)
@@ -126,12 +126,13 @@ impl Store {
         };
         Ok(rows
             .into_iter()
-            .map(|(p, next_offset, dlq_next_offset)| {
+            .map(|(p, next_offset, dlq_next_offset, last_digest)| {
                 (
                     p,
                     StoredOffset {
                         next_offset,
                         dlq_next_offset,
+                        last_digest: last_digest.and_then(|d| d.try_into().ok()),
                     },
                 )
             })
@@ -144,4 +145,6 @@ impl Store {
 pub struct StoredOffset {
     pub next_offset: i64,
     pub dlq_next_offset: Option<i64>,
+    /// The digest of the message before `next_offset`, if recorded.
+    pub last_digest: Option<[u8; 16]>,
 }

@@ -26,6 +26,8 @@ pub struct PartitionOffset {
     pub next_offset: i64,
     /// Where this partition's dead letters continue, if known.
     pub dlq_next_offset: Option<i64>,
+    /// The digest of the message before `next_offset`, if known.
+    pub last_digest: Option<[u8; 16]>,
 }
 
 /// What became of each order handed to [`BatchTx::insert_orders`], by index.
@@ -61,7 +63,7 @@ impl Store {
         to: i64,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "UPDATE consumer_offsets SET next_offset = $5, updated_at = now()
+            "UPDATE consumer_offsets SET next_offset = $5, last_digest = NULL, updated_at = now()
              WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
         )
         .bind(group_id)
@@ -268,13 +270,25 @@ impl BatchTx {
         let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
         let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
         let dlq_next: Vec<Option<i64>> = offsets.iter().map(|o| o.dlq_next_offset).collect();
+        let digests: Vec<Option<Vec<u8>>> = offsets
+            .iter()
+            .map(|o| o.last_digest.map(|d| d.to_vec()))
+            .collect();
         // GREATEST skips NULLs: an unknown dead-letter position keeps the stored one.
+        // The digest goes with the position it describes (every SET reads the old row).
         sqlx::query_scalar(
             "WITH saved AS (
-                INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, dlq_next_offset)
-                SELECT $1, $2, p, o, d FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS t(p, o, d)
+                INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, dlq_next_offset, last_digest)
+                SELECT $1, $2, p, o, d, g
+                FROM UNNEST($3::int[], $4::bigint[], $5::bigint[], $6::bytea[]) AS t(p, o, d, g)
                 ON CONFLICT (group_id, topic, partition) DO UPDATE
-                SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
+                SET last_digest = CASE
+                        WHEN EXCLUDED.next_offset > consumer_offsets.next_offset THEN EXCLUDED.last_digest
+                        WHEN EXCLUDED.next_offset = consumer_offsets.next_offset
+                            THEN coalesce(EXCLUDED.last_digest, consumer_offsets.last_digest)
+                        ELSE consumer_offsets.last_digest
+                    END,
+                    next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
                     dlq_next_offset = GREATEST(consumer_offsets.dlq_next_offset, EXCLUDED.dlq_next_offset),
                     updated_at = now()
              )
@@ -285,6 +299,7 @@ impl BatchTx {
         .bind(&partitions)
         .bind(&next)
         .bind(&dlq_next)
+        .bind(&digests)
         .fetch_one(&mut *self.tx)
         .await
     }

@@ -84,16 +84,21 @@ impl Broker {
 
     /// Restarts the broker as `scripts/stack up` does: with its groups'
     /// membership forgotten while it is stopped.
-    pub fn restart_forgetting_groups(mut self) -> Self {
+    pub fn restart_forgetting_groups(self) -> Self {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker-forget-groups.sql");
+        self.restart_after_sql(&std::fs::read_to_string(&file).unwrap())
+    }
+
+    /// Restarts the broker after running `sql` on its storage while it is stopped.
+    pub fn restart_after_sql(mut self, sql: &str) -> Self {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/broker-forget-groups.sql");
         let status = Command::new("sqlite3")
             .arg(self.dir.join("tansu.db"))
-            .stdin(std::fs::File::open(&sql).unwrap())
+            .arg(sql)
             .status()
             .expect("sqlite3 (scripts/stack test installs it)");
-        assert!(status.success(), "{sql:?}: {status:?}");
+        assert!(status.success(), "{sql}: {status:?}");
         Self::start(std::mem::take(&mut self.dir), self.port)
     }
 }

@@ -808,13 +808,61 @@ async fn broker_data_lost_while_postgres_kept_the_positions() {
     drop(broker);
 }
 
+/// The broker loses its data while the service is stopped, and the new topic
+/// grows past the positions PostgreSQL keeps before the service starts
+/// again: no position is past the end, so only the message before each
+/// position, read again and compared with the one consumed there, tells that
+/// the messages below it are others. They must be consumed from the
+/// beginning, not passed over; and once that is done, a restart compares the
+/// right message again and consumes nothing twice.
+#[tokio::test]
+async fn broker_data_lost_and_the_new_topic_grown_past_the_positions() {
+    let (storage, broker, env, service) = on_own_broker(&[]).await;
+    let orders = helpers::generated_orders(75, 101);
+    helpers::produce_orders(&env, &orders[..20]).await;
+    env.wait_for_committed(20, Duration::from_secs(60)).await;
+    assert!(service.terminate().success());
+
+    let broker = lose_data(&storage, broker, &env).await;
+    helpers::produce_orders(&env, &orders[20..100]).await;
+    let service = env.spawn();
+    env.wait_for_count("SELECT count(*) FROM orders", 100, Duration::from_secs(60))
+        .await;
+    env.wait_for_committed(80, Duration::from_secs(30)).await;
+    let logs = service.log_text();
+    assert_eq!(
+        logs.matches("is not the one consumed there").count(),
+        PARTITIONS as usize,
+        "{logs}"
+    );
+    assert_eq!(service.metric("orders_stored_total").await, 80.0, "{logs}");
+    env.assert_no_dead_letters();
+
+    assert!(service.terminate().success());
+    let service = env.spawn();
+    service.wait_ready().await;
+    helpers::produce_orders(&env, &orders[100..]).await;
+    env.wait_for_committed(81, Duration::from_secs(30)).await;
+    env.wait_for_count("SELECT count(*) FROM orders", 101, Duration::from_secs(30))
+        .await;
+    let logs = service.log_text();
+    assert!(!logs.contains("not the one consumed"), "{logs}");
+    assert_eq!(service.metric("orders_stored_total").await, 1.0, "{logs}");
+    assert_eq!(
+        service.metric("orders_duplicates_total").await,
+        0.0,
+        "{logs}"
+    );
+    drop(broker);
+}
+
 /// How a running service's broker loses the messages below its positions.
 enum Loss {
     /// Stopped, its storage wiped, started again empty.
     Storage,
-    /// The orders topic deleted and created again, the group kept. (This
-    /// broker's storage fails for good when a topic it serves is deleted,
-    /// so it is restarted in between.)
+    /// The topics deleted and created again, the group kept. (Deleting a
+    /// topic a group reads stops this broker's storage for good, so they are
+    /// deleted in its storage while it is stopped.)
     TopicCreatedAgain,
 }
 
@@ -832,11 +880,10 @@ async fn messages_lost_while_consumed(loss: Loss) {
     let broker = match loss {
         Loss::Storage => lose_data(&storage, broker, &env).await,
         Loss::TopicCreatedAgain => {
-            // On this broker the dead-letter topic goes with it.
-            env.delete_topic(&env.topic).await;
-            let broker = tokio::task::spawn_blocking(move || broker.restart(Duration::ZERO))
-                .await
-                .unwrap();
+            let broker =
+                tokio::task::spawn_blocking(move || broker.restart_after_sql("DELETE FROM topic"))
+                    .await
+                    .unwrap();
             env.create_topic(&env.topic, PARTITIONS).await;
             env.create_topic(&env.dlq_topic, 1).await;
             broker

@@ -217,21 +217,6 @@ impl TestEnv {
         }
     }
 
-    /// Deletes `name` (on the local broker, with every other topic of its cluster).
-    pub async fn delete_topic(&self, name: &str) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .unwrap();
-        for result in admin
-            .delete_topics(&[name], &AdminOptions::new())
-            .await
-            .unwrap()
-        {
-            result.expect("topic deleted");
-        }
-    }
-
     /// Settings for a service instance of this test, as environment variables.
     pub fn service_env(&self) -> Vec<(String, String)> {
         [

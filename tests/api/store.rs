@@ -266,11 +266,11 @@ async fn a_migration_waiting_for_a_lock_never_holds_the_table_up_for_long() {
         .await
         .expect("every migration but the last");
     const APPLIED: &str = "SELECT count(*) FROM information_schema.columns
-         WHERE table_name = 'dead_letters' AND column_name = 'payload_digest'";
+         WHERE table_name = 'consumer_offsets' AND column_name = 'last_digest'";
     assert_eq!(env.count(APPLIED).await, 0, "the last migration adds it");
-    // The last migration alters dead_letters, which this transaction has read.
+    // The last migration alters consumer_offsets, which this transaction has read.
     let mut holder = env.db.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM dead_letters")
+    sqlx::query("SELECT count(*) FROM consumer_offsets")
         .execute(&mut *holder)
         .await
         .unwrap();
@@ -283,7 +283,7 @@ async fn a_migration_waiting_for_a_lock_never_holds_the_table_up_for_long() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
         for _ in 0..5 {
-            sqlx::query("SELECT count(*) FROM dead_letters")
+            sqlx::query("SELECT count(*) FROM consumer_offsets")
                 .execute(&mut *reader)
                 .await
                 .expect("a read behind the waiting migration is never held past 10 s");
