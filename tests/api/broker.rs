@@ -1,6 +1,7 @@
 //! A broker of a test's own, on storage of its own: restarting, freezing or
 //! reconfiguring it disturbs no other test.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -90,14 +91,18 @@ impl Broker {
     }
 
     /// Restarts the broker after running `sql` on its storage while it is stopped.
-    pub fn restart_after_sql(mut self, sql: &str) -> Self {
+    fn restart_after_sql(mut self, sql: &str) -> Self {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let status = Command::new("sqlite3")
+        let mut sqlite = Command::new("sqlite3")
             .arg(self.dir.join("tansu.db"))
-            .arg(sql)
-            .status()
+            .stdin(Stdio::piped())
+            .spawn()
             .expect("sqlite3 (scripts/stack test installs it)");
+        let mut input = sqlite.stdin.take().unwrap();
+        input.write_all(sql.as_bytes()).unwrap();
+        drop(input);
+        let status = sqlite.wait().unwrap();
         assert!(status.success(), "{sql}: {status:?}");
         Self::start(std::mem::take(&mut self.dir), self.port)
     }
