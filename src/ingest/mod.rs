@@ -447,32 +447,31 @@ impl Ingest {
                 (p, s.next, seek)
             })
             .collect();
-        let (consumer, side) = (self.consumer.clone(), self.side.clone());
-        let topic = self.settings.kafka.topic.clone();
+        let (consumer, topic) = (self.consumer.clone(), self.settings.kafka.topic.clone());
         let seeks = tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
                 .map(|(partition, next, target)| {
                     let seek = consumer.seek(&topic, partition, target, Duration::from_secs(1));
-                    let marks = match (&seek, next) {
-                        (Ok(()), Some(_)) => side
-                            .fetch_watermarks(&topic, partition, Duration::from_secs(1))
-                            .ok(),
-                        _ => None,
-                    };
-                    (partition, next, target, seek, marks)
+                    (partition, next, target, seek)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
+        let sought: Vec<i32> = seeks
+            .iter()
+            .filter(|(_, next, _, seek)| next.is_some() && seek.is_ok())
+            .map(|&(p, ..)| p)
+            .collect();
+        let marks = self.watermarks(sought).await;
         let mut pending = false;
-        let mut past_the_end = Vec::new();
-        for (partition, next, target, seek, marks) in seeks {
+        for (partition, next, target, seek) in seeks {
+            let marks = marks.get(&partition).copied();
             match (seek, self.partitions.get_mut(&partition)) {
                 (Ok(()), Some(state)) => match (next, marks) {
-                    (Some(next), Some((earliest, end))) if next > end => {
-                        past_the_end.push((partition, next, earliest, end));
+                    (Some(next), Some(marks)) if next > marks.1 => {
+                        self.lost.insert(partition, (marks, Cause::PastTheEnd));
                     }
                     _ => {
                         tracing::debug!(
@@ -494,10 +493,7 @@ impl Ingest {
                 }
             }
         }
-        for (partition, next, earliest, end) in past_the_end {
-            self.start_again(partition, next, (earliest, end), Cause::PastTheEnd)
-                .await;
-        }
+        self.start_lost_again().await;
         // A panicked seek task leaves partitions unpositioned: try again too.
         pending |= self
             .partitions
@@ -506,40 +502,50 @@ impl Ingest {
         self.reposition_at = pending.then(|| Instant::now() + REPOSITION_RETRY);
     }
 
-    /// The messages below the position of `partition` (`next`) are not the
-    /// ones consumed before (see [`Cause`]): the topic was created again, or
-    /// the broker lost its data. They must not be taken for consumed: the
-    /// stored position moves back to the partition's earliest offset (only
-    /// offsets that move forward are ever saved otherwise), and the partition
-    /// is consumed again from there. Whether PostgreSQL took the change;
-    /// until it does, the partition stays unpositioned and this is retried.
+    /// The messages below the position of `partition` stored in PostgreSQL
+    /// (`stored`) are not the ones consumed before (see [`Cause`]): the topic
+    /// was created again, or the broker lost its data. They must not be taken
+    /// for consumed: the stored position moves back to the partition's
+    /// earliest offset (only offsets that move forward are ever saved
+    /// otherwise), and the partition is consumed again from there. Whether
+    /// PostgreSQL took the change; until it does, the partition stays
+    /// unpositioned and this is retried.
     async fn start_again(
         &mut self,
         partition: i32,
-        next: i64,
+        stored: Option<i64>,
         (earliest, end): (i64, i64),
         cause: Cause,
     ) -> bool {
         let kafka = &self.settings.kafka;
-        let rewind = self.committer.store.rewind_offset(
-            &kafka.group_id,
-            &kafka.topic,
-            partition,
-            next,
-            earliest,
-        );
-        if let Err(e) = self.committer.store.answered(rewind).await {
-            tracing::warn!(
+        if let Some(next) = stored {
+            let rewind = self.committer.store.rewind_offset(
+                &kafka.group_id,
+                &kafka.topic,
                 partition,
-                error = %e,
-                "the stored position belongs to messages the broker no longer has and could not be moved back yet"
+                next,
+                earliest,
             );
-            return false;
+            match self.committer.store.answered(rewind).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(partition, "the stored position moved meanwhile; read again");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        partition,
+                        error = %e,
+                        "the stored position belongs to messages the broker no longer has and could not be moved back yet"
+                    );
+                    return false;
+                }
+            }
         }
         match cause {
             Cause::PastTheEnd => tracing::error!(
                 partition,
-                stored = next,
+                stored,
                 end,
                 from = earliest,
                 "the position stored in PostgreSQL is past the end of the partition: the \
@@ -548,7 +554,7 @@ impl Ingest {
             ),
             Cause::OtherMessage => tracing::error!(
                 partition,
-                stored = next,
+                stored,
                 end,
                 from = earliest,
                 "the message before the position stored in PostgreSQL is not the one consumed \
@@ -592,18 +598,7 @@ impl Ingest {
         if partitions.is_empty() {
             return self.start_lost_again().await;
         }
-        let (side, topic) = (self.side.clone(), self.settings.kafka.topic.clone());
-        let marks = tokio::task::spawn_blocking(move || {
-            partitions
-                .into_iter()
-                .filter_map(|p| {
-                    let marks = side.fetch_watermarks(&topic, p, Duration::from_secs(1));
-                    marks.ok().map(|marks| (p, marks))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let marks = self.watermarks(partitions).await;
         for (p, marks) in marks {
             let Some(state) = self.partitions.get_mut(&p) else {
                 continue;
@@ -626,34 +621,70 @@ impl Ingest {
         self.start_lost_again().await;
     }
 
+    /// The earliest offset and end of each of `partitions` that the broker
+    /// told; a partition it did not answer for is left out. Asked off the
+    /// async threads: the calls block.
+    async fn watermarks(&self, partitions: Vec<i32>) -> HashMap<i32, (i64, i64)> {
+        if partitions.is_empty() {
+            return HashMap::new();
+        }
+        let (side, topic) = (self.side.clone(), self.settings.kafka.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .filter_map(|p| {
+                    let marks = side.fetch_watermarks(&topic, p, Duration::from_secs(1));
+                    marks.ok().map(|marks| (p, marks))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// Moves the stored position of each lost partition back to its
-    /// beginning and consumes it again from there, once everything taken from
-    /// it before the loss is committed. No commit may be in flight: one
-    /// started earlier stores every partition's position as it was then, and
-    /// would move the position forward again.
+    /// beginning and consumes it again from there, once no write in hand can
+    /// store its position as it was before the loss (see
+    /// [`Self::holds_old_position`]); the position PostgreSQL then holds is the
+    /// one moved back.
     async fn start_lost_again(&mut self) {
-        if self.lost.is_empty() || !self.writing.is_empty() || !self.closed.is_empty() {
+        let ready: Vec<i32> = self
+            .lost
+            .keys()
+            .copied()
+            .filter(|&p| !self.holds_old_position(p))
+            .collect();
+        if ready.is_empty() {
             return;
         }
-        let partitions: Vec<i32> = self.lost.keys().copied().collect();
-        let Ok(stored) = self.stored_offsets(&partitions).await else {
+        let Ok(stored) = self.stored_offsets(&ready).await else {
             // Tried again after the next commit, or at the next statistics.
             return;
         };
-        for p in partitions {
-            let next = self.partitions.get(&p).and_then(|s| s.next);
-            let (Some(next), Some(&(marks, cause))) = (next, self.lost.get(&p)) else {
+        for p in ready {
+            let Some(&(marks, cause)) = self.lost.get(&p) else {
                 continue;
             };
-            // Messages taken before the loss are still in the batch in hand.
-            if stored.get(&p).map(|s| s.next_offset) != Some(next) {
-                continue;
-            }
+            let next = stored.get(&p).map(|s| s.next_offset);
             if self.start_again(p, next, marks, cause).await {
                 self.lost.remove(&p);
                 self.reposition_at = Some(Instant::now());
             }
         }
+    }
+
+    /// Whether a batch in hand may still store the position `partition` had
+    /// before its loss: one holding its messages, or a write whose positions
+    /// include it. Batches closed after the loss leave it out (see
+    /// [`Self::positions`]); those before it commit first, in order.
+    fn holds_old_position(&self, partition: i32) -> bool {
+        let holds = |batch: &Batch| batch.next_offsets().any(|(p, _)| p == partition);
+        holds(&self.batch)
+            || self.closed.iter().any(holds)
+            || self
+                .writing
+                .iter()
+                .any(|w| w.positions.contains(&partition))
     }
 
     async fn on_event(&mut self, event: ConsumerEvent) {
@@ -924,6 +955,7 @@ impl Ingest {
             return;
         };
         let offsets = self.positions(&batch);
+        let positions = offsets.iter().map(|o| o.partition).collect();
         let after = self.writing.back_mut().and_then(|w| w.committed.take());
         let (committed, successor) = oneshot::channel();
         let committer = self.committer.clone();
@@ -936,6 +968,7 @@ impl Ingest {
             task,
             started,
             orders,
+            positions,
             committed: Some(successor),
         });
     }
@@ -1112,7 +1145,8 @@ impl Ingest {
 
     /// The positions `closing` stores with its orders: its partitions', and
     /// those of owned partitions with nothing gathered, so that every
-    /// dead-letter position keeps up with the topic.
+    /// dead-letter position keeps up with the topic. A lost partition's
+    /// position is left to its rewind.
     fn positions(&self, closing: &Batch) -> Vec<PartitionOffset> {
         let gathering: HashSet<i32> = self.batch.next_offsets().map(|(p, _)| p).collect();
         let in_closing: HashSet<i32> = closing.next_offsets().map(|(p, _)| p).collect();
@@ -1120,6 +1154,7 @@ impl Ingest {
             .partitions
             .iter()
             .filter(|(p, _)| !gathering.contains(p) && !in_closing.contains(p))
+            .filter(|(p, _)| !self.lost.contains_key(p))
             .map(|(&p, state)| (p, state.next.unwrap_or(0)))
             .collect();
         stored_positions(closing, &idle, &self.partitions, &self.dlq_ends, |p| {
@@ -1303,6 +1338,8 @@ struct Writing {
     /// Its orders, by [`Batch::order_hashes`]: a batch holding one of them
     /// is not written beside it.
     orders: HashSet<u64>,
+    /// The partitions whose positions it stores.
+    positions: HashSet<i32>,
     /// Whether it committed, for the write started behind it.
     committed: Option<Predecessor>,
 }

@@ -52,8 +52,8 @@ impl Store {
         }
     }
 
-    /// Moves the stored position of `partition` back from `from` to `to`,
-    /// unless another instance has moved it meanwhile.
+    /// Moves the stored position of `partition` back from `from` to `to`.
+    /// Whether it did: not if it was moved meanwhile.
     pub async fn rewind_offset(
         &self,
         group_id: &str,
@@ -61,7 +61,7 @@ impl Store {
         partition: i32,
         from: i64,
         to: i64,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         sqlx::query(
             "UPDATE consumer_offsets SET next_offset = $5, last_digest = NULL, updated_at = now()
              WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
@@ -73,7 +73,7 @@ impl Store {
         .bind(to)
         .execute(self.pool())
         .await
-        .map(drop)
+        .map(|done| done.rows_affected() == 1)
     }
 }
 
