@@ -90,6 +90,14 @@ impl Broker {
         self.restart_after_sql(&std::fs::read_to_string(&file).unwrap())
     }
 
+    /// Restarts the broker with every message of every topic gone, as after
+    /// a storage restored from an empty backup; its topics and groups stay.
+    pub fn restart_losing_messages(self) -> Self {
+        self.restart_after_sql(
+            "DELETE FROM header; DELETE FROM record; UPDATE watermark SET low = 0, high = 0;",
+        )
+    }
+
     /// Restarts the broker after running `sql` on its storage while it is stopped.
     fn restart_after_sql(mut self, sql: &str) -> Self {
         let _ = self.child.kill();

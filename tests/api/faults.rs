@@ -856,19 +856,35 @@ async fn broker_data_lost_and_the_new_topic_grown_past_the_positions() {
     drop(broker);
 }
 
-/// The broker loses its data while the service consumes: the positions it
-/// holds, in memory and in PostgreSQL, are past the end of the new topic,
-/// whose messages arrive below them. They must not be passed over as
-/// consumed: the service says so and consumes the partitions again from
-/// their beginning, with no restart (the group is lost with the data, so a
-/// rebalance comes first here).
-#[tokio::test]
-async fn broker_data_lost_while_the_service_consumes() {
+/// How a running service's broker loses the messages below its positions.
+enum Loss {
+    /// Stopped, its storage wiped, started again empty: the group is lost
+    /// too, so a rebalance comes first.
+    Storage,
+    /// Its messages deleted, its topics and group kept: no rebalance, so only
+    /// the partitions' ends, read while consuming, tell. (Deleting a topic
+    /// under a live group stops this broker's storage for good, so the
+    /// messages are deleted in its storage while it is stopped.)
+    Messages,
+}
+
+/// The broker loses its messages while the service consumes: the positions
+/// it holds, in memory and in PostgreSQL, are past the new ends, and the new
+/// messages arrive below them. They must not be passed over as consumed (nor
+/// dropped as already seen): the service finds the ends below its positions,
+/// says so, and consumes the partitions again from their beginning, with no
+/// restart.
+async fn messages_lost_while_consumed(loss: Loss) {
     let (storage, broker, env, service) = on_own_broker(&[]).await;
     let orders = helpers::generated_orders(74, 80);
     helpers::produce_orders(&env, &orders[..60]).await;
     env.wait_for_committed(60, Duration::from_secs(60)).await;
-    let broker = lose_data(&storage, broker, &env).await;
+    let broker = match loss {
+        Loss::Storage => lose_data(&storage, broker, &env).await,
+        Loss::Messages => tokio::task::spawn_blocking(move || broker.restart_losing_messages())
+            .await
+            .unwrap(),
+    };
     let key = Some("rejected");
     env.produce(&[(key, b"{after the loss")]).await;
     helpers::produce_orders(&env, &orders[60..]).await;
@@ -889,6 +905,16 @@ async fn broker_data_lost_while_the_service_consumes() {
     );
     assert_eq!(service.metric("orders_stored_total").await, 80.0, "{logs}");
     drop(broker);
+}
+
+#[tokio::test]
+async fn broker_data_lost_while_the_service_consumes() {
+    messages_lost_while_consumed(Loss::Storage).await;
+}
+
+#[tokio::test]
+async fn broker_messages_lost_under_a_live_group_while_the_service_consumes() {
+    messages_lost_while_consumed(Loss::Messages).await;
 }
 
 /// The dead-letter position stored before the broker lost its data is past

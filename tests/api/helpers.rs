@@ -840,12 +840,17 @@ pub fn signal(child: &Child, name: &str) {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        // Whether it had ended on its own (a crash), before it is killed.
+        let ended = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
         // A failed test shows what its instances said, whatever it asserted.
         if std::thread::panicking() {
             let logs = self.logs.lock().map(|l| l.join("\n")).unwrap_or_default();
-            eprintln!("--- log of the instance ---\n{logs}");
+            let ended = ended.map_or("running until the end of the test".to_owned(), |status| {
+                format!("ended by itself: {status}")
+            });
+            eprintln!("--- log of the instance ({ended}) ---\n{logs}");
         }
     }
 }
