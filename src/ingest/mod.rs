@@ -80,6 +80,12 @@ enum Cause {
 }
 
 impl PartitionState {
+    /// Whether its position is past `end`, the end of the partition on the
+    /// broker: the broker lost messages consumed here.
+    fn past(&self, end: i64) -> bool {
+        self.next.is_some_and(|next| next > end)
+    }
+
     /// The dead-letter position to store once the offsets below `next` are
     /// committed, `end` being the end known of its dead-letter partition. A
     /// restart reads back from there, so it must not pass a letter whose
@@ -469,8 +475,8 @@ impl Ingest {
         for (partition, next, target, seek) in seeks {
             let marks = marks.get(&partition).copied();
             match (seek, self.partitions.get_mut(&partition)) {
-                (Ok(()), Some(state)) => match (next, marks) {
-                    (Some(next), Some(marks)) if next > marks.1 => {
+                (Ok(()), Some(state)) => match marks {
+                    Some(marks) if state.past(marks.1) => {
                         self.lost.insert(partition, (marks, Cause::PastTheEnd));
                     }
                     _ => {
@@ -584,7 +590,7 @@ impl Ingest {
                     && self
                         .partitions
                         .get(&p)
-                        .is_some_and(|s| s.positioned && s.next.is_some_and(|next| next > end))
+                        .is_some_and(|s| s.positioned && s.past(end))
             })
             .map(|(p, _)| p)
             .collect();
@@ -603,7 +609,7 @@ impl Ingest {
             let Some(state) = self.partitions.get_mut(&p) else {
                 continue;
             };
-            if cause == Cause::OtherMessage || state.next.is_some_and(|next| next > marks.1) {
+            if cause == Cause::OtherMessage || state.past(marks.1) {
                 state.positioned = false;
                 self.lost.insert(p, (marks, cause));
             }
@@ -1148,15 +1154,7 @@ impl Ingest {
     /// dead-letter position keeps up with the topic. A lost partition's
     /// position is left to its rewind.
     fn positions(&self, closing: &Batch) -> Vec<PartitionOffset> {
-        let gathering: HashSet<i32> = self.batch.next_offsets().map(|(p, _)| p).collect();
-        let in_closing: HashSet<i32> = closing.next_offsets().map(|(p, _)| p).collect();
-        let idle: Vec<(i32, i64)> = self
-            .partitions
-            .iter()
-            .filter(|(p, _)| !gathering.contains(p) && !in_closing.contains(p))
-            .filter(|(p, _)| !self.lost.contains_key(p))
-            .map(|(&p, state)| (p, state.next.unwrap_or(0)))
-            .collect();
+        let idle = idle_positions(&self.partitions, [&self.batch, closing], &self.lost);
         stored_positions(closing, &idle, &self.partitions, &self.dlq_ends, |p| {
             self.committer.dead_letters.partition_of(p)
         })
@@ -1251,6 +1249,24 @@ impl Ingest {
             tracing::debug!(error = %e, "kafka offset commit failed; PostgreSQL holds the offsets");
         }
     }
+}
+
+/// The positions of owned partitions that neither batch in hand holds
+/// messages of, lost ones left out.
+fn idle_positions<V>(
+    partitions: &HashMap<i32, PartitionState>,
+    in_hand: [&Batch; 2],
+    lost: &HashMap<i32, V>,
+) -> Vec<(i32, i64)> {
+    let busy: HashSet<i32> = in_hand
+        .iter()
+        .flat_map(|batch| batch.next_offsets().map(|(p, _)| p))
+        .collect();
+    partitions
+        .iter()
+        .filter(|(p, _)| !busy.contains(p) && !lost.contains_key(p))
+        .map(|(&p, state)| (p, state.next.unwrap_or(0)))
+        .collect()
 }
 
 /// The positions a batch stores: for its partitions and the idle ones
@@ -1427,20 +1443,35 @@ mod tests {
         assert_eq!(state(&[], 40).dlq_position(0, 30), 40, "never backwards");
     }
 
+    fn message(partition: i32, offset: i64) -> Received<'static> {
+        Received {
+            key: None,
+            payload: b"not json",
+            partition,
+            offset,
+            broker_time: None,
+            replay_of: None,
+            digest: [2; 16],
+        }
+    }
+
+    #[test]
+    fn idle_positions_leave_out_batches_in_hand_and_lost_partitions() {
+        let limits = crate::domain::Limits::default();
+        let (mut gathering, mut closing) = (Batch::default(), Batch::default());
+        gathering.push(message(0, 5), &limits);
+        closing.push(message(1, 7), &limits);
+        let partitions: HashMap<i32, PartitionState> = (0..4).map(|p| (p, state(&[], 0))).collect();
+        let lost = HashMap::from([(2, ())]);
+        let idle = idle_positions(&partitions, [&gathering, &closing], &lost);
+        assert_eq!(idle, vec![(3, 0)]);
+    }
+
     #[test]
     fn every_owned_partition_stores_a_position_that_follows_the_topic() {
         let mut batch = Batch::default();
         let limits = crate::domain::Limits::default();
-        let received = Received {
-            key: None,
-            payload: b"not json",
-            partition: 0,
-            offset: 5,
-            broker_time: None,
-            replay_of: None,
-            digest: [2; 16],
-        };
-        batch.push(received, &limits);
+        batch.push(message(0, 5), &limits);
         batch.dead_lettered_at(0, 120);
         let partitions = HashMap::from([(0, state(&[], 10)), (1, state(&[], 10))]);
         let ends = HashMap::from([(0, 110)]);
