@@ -13,6 +13,13 @@ pub fn tansu() -> Command {
     Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
 }
 
+/// tansu 0.6.0's storage, its messages deleted.
+const LOSE_MESSAGES: &str =
+    "DELETE FROM header; DELETE FROM record; UPDATE watermark SET low = 0, high = 0;";
+/// tansu 0.6.0's storage, its groups (members and committed offsets) deleted.
+const LOSE_GROUPS: &str =
+    "DELETE FROM consumer_offset; DELETE FROM consumer_group_detail; DELETE FROM consumer_group;";
+
 pub struct Broker {
     child: Child,
     dir: PathBuf,
@@ -93,9 +100,25 @@ impl Broker {
     /// Restarts the broker with every message of every topic gone, as after
     /// a storage restored from an empty backup; its topics and groups stay.
     pub fn restart_losing_messages(self) -> Self {
-        self.restart_after_sql(
-            "DELETE FROM header; DELETE FROM record; UPDATE watermark SET low = 0, high = 0;",
-        )
+        self.restart_after_sql(LOSE_MESSAGES)
+    }
+
+    /// Restarts the broker with every message and every group (members and
+    /// committed offsets) gone, as after its storage was lost and the topics
+    /// made again, except that they keep their ids: a consumer fetching by an
+    /// id this broker does not know is killed inside librdkafka (the README's
+    /// local-broker section).
+    pub fn restart_losing_messages_and_groups(self) -> Self {
+        self.restart_after_sql(&format!("{LOSE_MESSAGES} {LOSE_GROUPS}"))
+    }
+
+    /// [`Self::restart_losing_messages_and_groups`], its producers' state
+    /// (their ids and sequences) lost too.
+    pub fn restart_losing_all_but_the_topics(self) -> Self {
+        self.restart_after_sql(&format!(
+            "{LOSE_MESSAGES} {LOSE_GROUPS} \
+             DELETE FROM producer_detail; DELETE FROM producer_epoch; DELETE FROM producer;"
+        ))
     }
 
     /// Restarts the broker after running `sql` on its storage while it is stopped.

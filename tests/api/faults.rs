@@ -858,8 +858,11 @@ async fn broker_data_lost_and_the_new_topic_grown_past_the_positions() {
 
 /// How a running service's broker loses the messages below its positions.
 enum Loss {
-    /// Stopped, its storage wiped, started again empty: the group is lost
-    /// too, so a rebalance comes first.
+    /// Its messages and groups lost: a rebalance comes first. (Its storage wiped and the topics made again
+    /// gives them new ids, and this broker's answer to a fetch by the old one
+    /// kills the consumer inside librdkafka, as the README says; a restart
+    /// finds the loss, which `broker_data_lost_while_postgres_kept_the_positions`
+    /// tests.)
     Storage,
     /// Its messages deleted, its topics and group kept: no rebalance, so only
     /// the partitions' ends, read while consuming, tell. (Deleting a topic
@@ -875,12 +878,16 @@ enum Loss {
 /// says so, and consumes the partitions again from their beginning, with no
 /// restart.
 async fn messages_lost_while_consumed(loss: Loss) {
-    let (storage, broker, env, service) = on_own_broker(&[]).await;
+    let (_storage, broker, env, service) = on_own_broker(&[]).await;
     let orders = helpers::generated_orders(74, 80);
     helpers::produce_orders(&env, &orders[..60]).await;
     env.wait_for_committed(60, Duration::from_secs(60)).await;
     let broker = match loss {
-        Loss::Storage => lose_data(&storage, broker, &env).await,
+        Loss::Storage => {
+            tokio::task::spawn_blocking(move || broker.restart_losing_messages_and_groups())
+                .await
+                .unwrap()
+        }
         Loss::Messages => tokio::task::spawn_blocking(move || broker.restart_losing_messages())
             .await
             .unwrap(),
@@ -915,6 +922,46 @@ async fn broker_data_lost_while_the_service_consumes() {
 #[tokio::test]
 async fn broker_messages_lost_under_a_live_group_while_the_service_consumes() {
     messages_lost_while_consumed(Loss::Messages).await;
+}
+
+/// The broker loses its producers' state with its messages and groups while
+/// the service runs. Its dead-letter producer is then answered
+/// `UNKNOWN_PRODUCER_ID` to every try on this broker (the README's
+/// local-broker section), so ingest pauses at the next rejected message and
+/// says so; restarted the same way, the service sends that letter under a
+/// new producer id and resumes: every order stored, one letter and one
+/// record for the rejected message.
+#[tokio::test]
+async fn broker_producer_state_lost_then_the_service_restarted() {
+    let (_storage, broker, env) = own_broker().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let spawn = || env.spawn_with(&[("HTTP_ADDR", addr.as_str())]);
+    let service = spawn();
+    service.wait_ready().await;
+    let orders = helpers::generated_orders(75, 40);
+    let key = Some("rejected");
+    env.produce(&[(key, b"{before the loss")]).await;
+    helpers::produce_orders(&env, &orders[..20]).await;
+    env.wait_for_committed(21, Duration::from_secs(60)).await;
+    let broker = tokio::task::spawn_blocking(move || broker.restart_losing_all_but_the_topics())
+        .await
+        .unwrap();
+    env.produce(&[(key, b"{after the loss")]).await;
+    helpers::produce_orders(&env, &orders[20..]).await;
+    wait_paused_by(&service, "not acknowledged").await;
+    service.kill();
+
+    let service = spawn();
+    env.wait_for_count("SELECT count(*) FROM orders", 40, Duration::from_secs(90))
+        .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters WHERE payload_preview = '{after the loss'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+    drop((service, broker));
 }
 
 /// The dead-letter position stored before the broker lost its data is past
