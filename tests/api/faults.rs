@@ -858,12 +858,12 @@ async fn broker_data_lost_and_the_new_topic_grown_past_the_positions() {
 
 /// How a running service's broker loses the messages below its positions.
 enum Loss {
-    /// Its messages and groups lost: a rebalance comes first. (Its storage wiped and the topics made again
-    /// gives them new ids, and this broker's answer to a fetch by the old one
-    /// kills the consumer inside librdkafka, as the README says; a restart
-    /// finds the loss, which `broker_data_lost_while_postgres_kept_the_positions`
-    /// tests.)
-    Storage,
+    /// Its messages and groups lost: a rebalance comes first. (A wiped
+    /// storage with the topics made again gives them new ids, and this
+    /// broker's answer to a fetch by an old one kills the consumer inside
+    /// librdkafka, as the README says; a restart then finds the loss, which
+    /// `broker_data_lost_while_postgres_kept_the_positions` tests.)
+    MessagesAndGroups,
     /// Its messages deleted, its topics and group kept: no rebalance, so only
     /// the partitions' ends, read while consuming, tell. (Deleting a topic
     /// under a live group stops this broker's storage for good, so the
@@ -882,16 +882,13 @@ async fn messages_lost_while_consumed(loss: Loss) {
     let orders = helpers::generated_orders(74, 80);
     helpers::produce_orders(&env, &orders[..60]).await;
     env.wait_for_committed(60, Duration::from_secs(60)).await;
-    let broker = match loss {
-        Loss::Storage => {
-            tokio::task::spawn_blocking(move || broker.restart_losing_messages_and_groups())
-                .await
-                .unwrap()
-        }
-        Loss::Messages => tokio::task::spawn_blocking(move || broker.restart_losing_messages())
-            .await
-            .unwrap(),
+    let restart = match loss {
+        Loss::MessagesAndGroups => Broker::restart_losing_messages_and_groups,
+        Loss::Messages => Broker::restart_losing_messages,
     };
+    let broker = tokio::task::spawn_blocking(move || restart(broker))
+        .await
+        .unwrap();
     let key = Some("rejected");
     env.produce(&[(key, b"{after the loss")]).await;
     helpers::produce_orders(&env, &orders[60..]).await;
@@ -916,7 +913,7 @@ async fn messages_lost_while_consumed(loss: Loss) {
 
 #[tokio::test]
 async fn broker_data_lost_while_the_service_consumes() {
-    messages_lost_while_consumed(Loss::Storage).await;
+    messages_lost_while_consumed(Loss::MessagesAndGroups).await;
 }
 
 #[tokio::test]
