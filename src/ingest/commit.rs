@@ -13,7 +13,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::batch::{Batch, Refusal, UnansweredCommit};
 use super::dead_letter::{DeadLetter, DeadLetters, SendError};
-use super::PartitionState;
+use super::positions::PartitionState;
 use crate::domain::{parse_order, Limits, SAMPLE_ORDER};
 use crate::store::{
     classify, described, ErrorClass, Incoming, InsertOutcome, NewLetter, PartitionOffset, Store,
