@@ -16,6 +16,13 @@
 //! partition revoked while it is written finds them when its new owner reads
 //! the dead-letter topic back, and its orders, if consumed again, are
 //! absorbed as duplicates.
+//!
+//! A message's way: `consumer` fetches it, `positions` accepts it if it is new
+//! to its partition, `batch` decides it (valid order or letter), `writes`
+//! hands closed batches to `commit` (letters, then the transaction) and does
+//! what follows; `dead_letter` sends and reads back letters, `pause` holds
+//! ingest while the environment fails, `group` follows the consumer group
+//! (assignments, leaving, `orphans`), and `broker_probe` times the broker.
 
 mod batch;
 mod broker_probe;
