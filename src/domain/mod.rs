@@ -79,7 +79,7 @@ mod tests {
         type Edit = fn(&mut Value);
         let cases: Vec<(Edit, &str)> = vec![
             (|o| o["order_uid"] = json!(""), "order_uid: must not be empty"),
-            (|o| o["order_uid"] = json!("a/b"), "order_uid: contains '/'; only letters, digits, '_' and '-' are allowed"),
+            (|o| o["order_uid"] = json!("a/b"), "order_uid: contains '/'; only ASCII letters, digits, '_' and '-' are allowed"),
             (|o| o["order_uid"] = json!("x".repeat(65)), "order_uid: is 65 characters long, the limit is 64"),
             (|o| o["track_number"] = json!(""), "track_number: must not be empty"),
             (|o| o["entry"] = json!(""), "entry: must not be empty"),

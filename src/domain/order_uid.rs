@@ -22,7 +22,7 @@ fn valid_uid<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String
 
 impl OrderUid {
     /// The rule as a person reads it, for error messages and the web page.
-    pub const RULE: &'static str = "1 to 64 characters, each a letter, a digit, '_' or '-'";
+    pub const RULE: &'static str = "1 to 64 characters, each an ASCII letter, a digit, '_' or '-'";
 
     pub fn parse(candidate: &str) -> Result<Self, String> {
         if candidate.is_empty() {
@@ -33,7 +33,7 @@ impl OrderUid {
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
         {
             return Err(format!(
-                "contains {bad:?}; only letters, digits, '_' and '-' are allowed"
+                "contains {bad:?}; only ASCII letters, digits, '_' and '-' are allowed"
             ));
         }
         // Every character is ASCII now, so bytes are characters.
@@ -161,20 +161,20 @@ mod tests {
             (&"x".repeat(65), "is 65 characters long, the limit is 64"),
             (
                 "../etc/passwd",
-                "contains '.'; only letters, digits, '_' and '-' are allowed",
+                "contains '.'; only ASCII letters, digits, '_' and '-' are allowed",
             ),
             (
                 "a b",
-                "contains ' '; only letters, digits, '_' and '-' are allowed",
+                "contains ' '; only ASCII letters, digits, '_' and '-' are allowed",
             ),
             (
                 "zé",
-                "contains 'é'; only letters, digits, '_' and '-' are allowed",
+                "contains 'é'; only ASCII letters, digits, '_' and '-' are allowed",
             ),
             // 66 bytes but 33 characters: the reason is the character, not a length.
             (
                 &"é".repeat(33),
-                "contains 'é'; only letters, digits, '_' and '-' are allowed",
+                "contains 'é'; only ASCII letters, digits, '_' and '-' are allowed",
             ),
         ] {
             assert_eq!(

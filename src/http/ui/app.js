@@ -1,7 +1,7 @@
 "use strict";
 // Every value from an order is put on the page with textContent, never parsed as HTML.
 const RULE = /^[A-Za-z0-9_-]{1,64}$/;
-const RULE_TEXT = "1 to 64 characters, each a letter, a digit, '_' or '-'";
+const RULE_TEXT = "1 to 64 characters, each an ASCII letter, a digit, '_' or '-'";
 const $ = (id) => document.getElementById(id);
 const num = new Intl.NumberFormat();
 
