@@ -4,13 +4,13 @@
 
 mod broker;
 mod browser;
-mod cache_and_http;
+mod cache;
 mod dead_letters;
 mod faults;
 mod helpers;
 mod hostile;
+mod http;
 mod ingest;
-
 mod observability;
 mod pooler;
 mod postgres_server;
