@@ -19,6 +19,7 @@ use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
+use percent_encoding::{utf8_percent_encode, CONTROLS};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
@@ -130,7 +131,8 @@ async fn no_route(uri: Uri) -> Response {
 /// The path and query of `uri` without the path's trailing slashes, if it has
 /// any. Only a path that then starts with a letter or digit qualifies, as
 /// every route does: `//host/` must not become `//host`, which a browser
-/// would read as another site.
+/// would read as another site. Bytes a `Location` may not carry raw (the
+/// request line may: `/order/п/`) are percent-encoded.
 fn without_trailing_slashes(uri: &Uri) -> Option<String> {
     let path = uri.path();
     let trimmed = path.trim_end_matches('/');
@@ -141,9 +143,10 @@ fn without_trailing_slashes(uri: &Uri) -> Option<String> {
     if trimmed.len() == path.len() || !routable {
         return None;
     }
+    let encoded = |part| utf8_percent_encode(part, CONTROLS);
     Some(match uri.query() {
-        Some(query) => format!("{trimmed}?{query}"),
-        None => trimmed.to_owned(),
+        Some(query) => format!("{}?{}", encoded(trimmed), encoded(query)),
+        None => encoded(trimmed).to_string(),
     })
 }
 
@@ -185,6 +188,10 @@ mod tests {
             Some("/api/orders?limit=5&before=x")
         );
         assert_eq!(redirect("/order/a%2Fb/").as_deref(), Some("/order/a%2Fb"));
+        assert_eq!(
+            redirect("/order/п//?q=é").as_deref(),
+            Some("/order/%D0%BF?q=%C3%A9")
+        );
     }
 
     #[test]

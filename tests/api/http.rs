@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use reqwest::header;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     eventually, generated_orders, sample_with_uid, store_orders, Service, TestEnv,
@@ -96,6 +97,18 @@ async fn order_route_statuses_headers_and_encodings() {
         .unwrap();
     assert_eq!(elsewhere.status(), 404);
     assert_eq!(elsewhere.headers()["x-route"], "none");
+    // A client may send UTF-8 raw in the request line; the Location is ASCII.
+    let mut raw = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
+    let request = "GET /order/п/?q=é HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 308"), "{answer}");
+    assert!(
+        answer.contains("\r\nlocation: /order/%d0%bf?q=%c3%a9\r\n"),
+        "{answer}"
+    );
 
     let head = service
         .client
