@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::middleware;
 use axum::routing::get;
@@ -132,7 +133,7 @@ pub(super) async fn list(
     ),
     responses(
         (status = 200, description = "The letter", body = LetterDetail),
-        (status = 400, description = "Partition or offset is not a whole number", body = ErrorBody),
+        (status = 400, description = "Partition or offset is not a whole number, or the path not UTF-8", body = ErrorBody),
         (status = 404, description = "No letter at this position", body = ErrorBody),
         (status = 503, description = "PostgreSQL is unavailable", body = ErrorBody),
         (status = 504, description = "Storage did not answer within HTTP_REQUEST_TIMEOUT_MS", body = ErrorBody),
@@ -140,8 +141,12 @@ pub(super) async fn list(
 )]
 pub(super) async fn one(
     State(state): State<Shared>,
-    Path((topic, partition, offset)): Path<(String, String, String)>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Json<LetterDetail>, ApiError> {
+    // Percent-escapes that decode to something other than UTF-8 get a JSON
+    // answer, as any other bad position, not the framework's plain text.
+    let Path((topic, partition, offset)) =
+        path.map_err(|_| bad("the path is not valid percent-encoded UTF-8".into()))?;
     let (Ok(partition), Ok(offset)) = (partition.parse::<i32>(), offset.parse::<i64>()) else {
         return Err(bad(
             "a dead letter is named /api/dead-letters/{topic}/{partition}/{offset}, with whole numbers"

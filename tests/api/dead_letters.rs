@@ -179,8 +179,13 @@ async fn dead_letters_are_recorded_searchable_and_served_as_data() {
         (format!("/api/dead-letters/{topic}/0/999999"), 404),
         ("/api/dead-letters/no-such-topic/0/0".to_owned(), 404),
         (format!("/api/dead-letters/{topic}/zero/1"), 400),
+        (format!("/api/dead-letters/{topic}/0/%d1"), 400),
+        ("/api/dead-letters/%ff/0/1".to_owned(), 400),
     ] {
-        assert_eq!(service.get(&path).await.status(), status, "{path}");
+        let response = service.get(&path).await;
+        assert_eq!(response.status(), status, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"].is_string(), "{path}: {body}");
     }
 
     // The order's 404 says why it is not here.
