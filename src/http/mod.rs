@@ -85,6 +85,7 @@ fn router(state: AppState, limit: Arc<tokio::sync::Semaphore>) -> Router {
         .merge(feed::router())
         .merge(ui::router())
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(
             CompressionLayer::new().gzip(true).br(true).compress_when(
                 SizeAbove::new(COMPRESS_MIN_BYTES)
@@ -124,6 +125,17 @@ async fn no_route(uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         [("x-route", "none")],
         axum::Json(serde_json::json!({ "error": "no such route; see /openapi.json" })),
+    )
+        .into_response()
+}
+
+/// A method the route does not take: a JSON 405 too (axum adds `Allow`).
+async fn wrong_method() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(
+            serde_json::json!({ "error": "method not allowed; see Allow and /openapi.json" }),
+        ),
     )
         .into_response()
 }

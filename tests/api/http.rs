@@ -97,6 +97,17 @@ async fn order_route_statuses_headers_and_encodings() {
         .unwrap();
     assert_eq!(elsewhere.status(), 404);
     assert_eq!(elsewhere.headers()["x-route"], "none");
+    // A method no route takes is refused in JSON, naming the methods it takes.
+    let posted = service
+        .client
+        .post(service.url("/order/http-route-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 405);
+    assert_eq!(posted.headers()[header::ALLOW], "GET,HEAD");
+    let refusal: serde_json::Value = posted.json().await.unwrap();
+    assert!(refusal["error"].is_string(), "{refusal}");
     // A client may send UTF-8 raw in the request line; the Location is ASCII.
     let mut raw = tokio::net::TcpStream::connect(&service.addr).await.unwrap();
     let request = "GET /order/п/?q=é HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
