@@ -87,10 +87,7 @@ async fn reads_fall_through_the_tiers() {
 #[tokio::test]
 async fn what_redis_holds_under_an_order_key_is_checked_before_it_is_served() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(91, 3);
-    let loader = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(loader.terminate().success());
+    let orders = env.stored_beforehand(91, 3).await;
 
     let key_prefix = prefix();
     let key = |uid: &str| format!("{key_prefix}order:{uid}");
@@ -164,10 +161,7 @@ async fn what_redis_holds_under_an_order_key_is_checked_before_it_is_served() {
 #[tokio::test]
 async fn warm_up_loads_the_most_recent_orders() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(81, 40);
-    let first = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(first.terminate().success());
+    env.stored_beforehand(81, 40).await;
 
     let service = env.spawn_with(&[("CACHE_WARMUP_ORDERS", "25")]);
     service.wait_ready().await;
@@ -195,10 +189,7 @@ async fn warm_up_loads_the_most_recent_orders() {
 #[tokio::test]
 async fn warm_up_waits_for_postgres_away_at_the_start() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(82, 30);
-    let first = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(first.terminate().success());
+    env.stored_beforehand(82, 30).await;
 
     let proxy = TcpProxy::start(env.postgres_addr()).await;
     proxy.cut();
@@ -236,10 +227,7 @@ async fn warm_up_waits_for_postgres_away_at_the_start() {
 #[tokio::test]
 async fn orders_the_database_will_not_hand_over_make_the_instance_unready() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(83, 5);
-    let first = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(first.terminate().success());
+    let orders = env.stored_beforehand(83, 5).await;
     let role = &env.service_role;
     env.execute(&format!("REVOKE SELECT ON orders FROM {role}"))
         .await;
@@ -274,10 +262,7 @@ async fn orders_the_database_will_not_hand_over_make_the_instance_unready() {
 #[tokio::test]
 async fn warm_up_goes_on_after_the_database_fell_silent_mid_page() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(83, 30);
-    let first = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(first.terminate().success());
+    env.stored_beforehand(83, 30).await;
 
     let lock = env.lock_table("orders").await;
     let (proxy, service) = env

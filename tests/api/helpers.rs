@@ -1141,6 +1141,18 @@ pub async fn store_orders(env: &TestEnv, orders: &[(String, Vec<u8>)]) {
     .await;
 }
 
+impl TestEnv {
+    /// `n` generated orders stored by an instance that has stopped since,
+    /// as (uid, bytes): what a restarted instance finds in PostgreSQL.
+    pub async fn stored_beforehand(&self, seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+        let orders = generated_orders(seed, n);
+        let loader = self.spawn();
+        store_orders(self, &orders).await;
+        assert!(loader.terminate().success());
+        orders
+    }
+}
+
 pub async fn produce_orders(env: &TestEnv, orders: &[(String, Vec<u8>)]) {
     let messages: Vec<(Option<&str>, &[u8])> = orders
         .iter()

@@ -266,10 +266,7 @@ async fn every_message_is_stored_absorbed_or_dead_lettered() {
 #[tokio::test]
 async fn redelivered_orders_are_absorbed_as_duplicates() {
     let env = TestEnv::new().await;
-    let orders = generated_orders(21, 50);
-    let service = env.spawn();
-    store_orders(&env, &orders).await;
-    assert!(service.terminate().success());
+    env.stored_beforehand(21, 50).await;
 
     sqlx::query("UPDATE consumer_offsets SET next_offset = 0")
         .execute(&env.db)
