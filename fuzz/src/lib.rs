@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, Request, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use order_service::cache::{MemoryTier, OrderCache};
 use order_service::configuration::HttpSettings;
 use order_service::domain::{parse_order, Limits, SAMPLE_ORDER};
@@ -18,10 +18,11 @@ use percent_encoding::percent_decode_str;
 use tower::ServiceExt;
 
 /// What an answer may be besides a redirect (PostgreSQL is unreachable: 503).
-const STATUSES: [StatusCode; 4] = [
+const STATUSES: [StatusCode; 5] = [
     StatusCode::OK,
     StatusCode::BAD_REQUEST,
     StatusCode::NOT_FOUND,
+    StatusCode::METHOD_NOT_ALLOWED,
     StatusCode::SERVICE_UNAVAILABLE,
 ];
 
@@ -72,8 +73,9 @@ fn target() -> &'static Target {
     })
 }
 
-/// An answer to `GET uri`, read whole.
+/// An answer to a request, read whole.
 pub struct Answer {
+    pub method: Method,
     pub uri: Uri,
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -82,7 +84,16 @@ pub struct Answer {
 
 /// `GET uri`; `None` when `uri` is not one a client could send.
 pub fn get(uri: &str) -> Option<Answer> {
-    let request = Request::get(uri).body(Body::empty()).ok()?;
+    request(Method::GET, uri)
+}
+
+/// `method uri` without a body; `None` when `uri` is not one a client could send.
+pub fn request(method: Method, uri: &str) -> Option<Answer> {
+    let request = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(Body::empty())
+        .ok()?;
     let uri = request.uri().clone();
     let target = target();
     let (status, headers, body) = target.runtime.block_on(async {
@@ -92,6 +103,7 @@ pub fn get(uri: &str) -> Option<Answer> {
         (parts.status, parts.headers, body)
     });
     Some(Answer {
+        method,
         uri,
         status,
         headers,
@@ -101,14 +113,25 @@ pub fn get(uri: &str) -> Option<Answer> {
 
 impl Answer {
     /// The checks every answer passes: the security headers, a known status,
-    /// and a redirect (a path with trailing slashes) only to the same path
-    /// without them, on this site. True when the answer was such a redirect.
+    /// `Allow` on a 405, no body to a HEAD, and a redirect (a path with
+    /// trailing slashes) only to the same path without them, on this site.
+    /// True when the answer was such a redirect.
     pub fn check_common(&self) -> bool {
+        let (method, status, uri) = (&self.method, self.status, &self.uri);
         assert_eq!(self.headers["x-content-type-options"], "nosniff");
         assert!(self.headers.contains_key("content-security-policy"));
-        if self.status != StatusCode::PERMANENT_REDIRECT {
-            let (status, uri) = (self.status, &self.uri);
-            assert!(STATUSES.contains(&status), "{status} for {uri}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            let allow = self.headers[header::ALLOW].to_str().unwrap();
+            assert!(
+                !allow.contains(method.as_str()),
+                "{allow} for {method} {uri}"
+            );
+        }
+        if method == Method::HEAD {
+            assert!(self.body.is_empty(), "a body for HEAD {uri}");
+        }
+        if status != StatusCode::PERMANENT_REDIRECT {
+            assert!(STATUSES.contains(&status), "{status} for {method} {uri}");
             return false;
         }
         let location = self.headers[header::LOCATION].to_str().unwrap();
@@ -123,8 +146,8 @@ impl Answer {
     /// The body as JSON, or a failure naming the request.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            let (status, uri, body) = (self.status, &self.uri, &self.body);
-            panic!("{status} for {uri}: not JSON ({e}): {body:?}")
+            let (method, status, uri, body) = (&self.method, self.status, &self.uri, &self.body);
+            panic!("{status} for {method} {uri}: not JSON ({e}): {body:?}")
         })
     }
 }
