@@ -162,6 +162,10 @@ pub fn subscribe(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // librdkafka's default, stated: an upstream that writes in Kafka
+        // transactions gets the orders of committed ones stored, never those
+        // of aborted or open ones.
+        .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "10")
         .set("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
         // A crashed instance's partitions move to the others after this long.
