@@ -67,7 +67,8 @@ section! {
         /// Connections in the service's pool
         max_connections: u32 = 8 => DATABASE_MAX_CONNECTIONS "N" if positive;
         /// Longest wait for a PostgreSQL session, from the pool or newly opened,
-        /// in ms
+        /// in ms; a session given back to the pool in the middle of a statement
+        /// that does not answer within it is closed
         connect_timeout_ms: u64 = 3000 => DATABASE_CONNECT_TIMEOUT_MS "MS" if positive;
     }
 }
@@ -87,8 +88,8 @@ section! {
         /// Longest wait for PostgreSQL to finish a batch's write, in ms; then
         /// ingest pauses and retries on new sessions. The server ends a
         /// batch's statements and its idle transaction after the same time;
-        /// a warm-up page, a `dead-letters` page or a session back in the
-        /// pool unanswered as long is given up too
+        /// a warm-up page or a `dead-letters` page unanswered as long is
+        /// given up too
         write_timeout_ms: u64 = 30_000 => INGEST_WRITE_TIMEOUT_MS "MS" if positive;
         /// Time allowed on SIGTERM/SIGINT to finish the batch in hand and
         /// leave the group, in ms

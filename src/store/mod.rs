@@ -132,6 +132,7 @@ impl Store {
         let recycled = Arc::new(Recycled::default());
         let keeps = recycled.clone();
         let session = session_limits(write_timeout);
+        let patience = pool.get_acquire_timeout();
         let pool = pool
             .after_connect(move |conn, _| {
                 let session = session.clone();
@@ -147,10 +148,12 @@ impl Store {
             // A session given back in the middle of a statement (a write or a
             // read abandoned for want of an answer) is then pinged by the pool
             // with no bound, holding its place for as long as the server stays
-            // silent: past `write_timeout` it is dropped instead, so the pool
-            // can open a new one once the server answers again.
+            // silent: unanswered as long as a session may take to open
+            // (DATABASE_CONNECT_TIMEOUT_MS), it is closed instead, so the pool
+            // opens a new one as soon as the server answers again. A healthy
+            // server answers at once, or once the abandoned statement ends.
             .after_release(move |conn, _| {
-                Box::pin(async move { answered(write_timeout, conn.ping()).await.map(|()| true) })
+                Box::pin(async move { answered(patience, conn.ping()).await.map(|()| true) })
             })
             .connect_lazy_with(options);
         Self {

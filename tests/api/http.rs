@@ -598,17 +598,19 @@ async fn http2_is_served_only_when_allowed() {
     }
 }
 
-/// PostgreSQL falls silent (connections open, nothing answers) under
-/// searches: each answers 504 at HTTP_REQUEST_TIMEOUT_MS, and the sessions they
-/// abandoned do not keep their places in the pool: once the database answers
-/// again, so do the searches.
+/// PostgreSQL falls silent (connections open, nothing answers; its sessions
+/// stay silent for good, as when its host is lost) under searches: each
+/// answers 504 at HTTP_REQUEST_TIMEOUT_MS, and the session they abandoned
+/// does not keep its place in the pool (of one, so every search needs it):
+/// within seconds of the database answering again, so do the searches, with
+/// the default INGEST_WRITE_TIMEOUT_MS of 30 s.
 #[tokio::test]
 async fn searches_recover_after_the_database_fell_silent() {
     let env = TestEnv::new().await;
     let (proxy, service) = env
         .spawn_behind_proxy(&[
             ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
-            ("DATABASE_MAX_CONNECTIONS", "2"),
+            ("DATABASE_MAX_CONNECTIONS", "1"),
         ])
         .await;
     service.wait_ready().await;
