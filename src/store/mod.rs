@@ -94,6 +94,11 @@ struct Recycled {
 }
 
 impl Recycled {
+    /// Every session open now is closed when next taken from the pool.
+    fn all_open_now(&self) {
+        *crate::lock(&self.at) = Some(Instant::now());
+    }
+
     fn keeps(&self, age: Duration) -> bool {
         let at = *crate::lock(&self.at);
         at.is_none_or(|at| {
@@ -134,6 +139,7 @@ impl Store {
         let session = session_limits(write_timeout);
         let patience = pool.get_acquire_timeout();
         let pool = pool
+            .test_before_acquire(false)
             .after_connect(move |conn, _| {
                 let session = session.clone();
                 Box::pin(async move {
@@ -141,9 +147,26 @@ impl Store {
                     Ok(())
                 })
             })
-            .before_acquire(move |_, meta| {
-                let keep = keeps.keeps(meta.age);
-                Box::pin(async move { Ok(keep) })
+            // An idle session whose server fell silent for good (its host
+            // lost, a failover that kept the address) would be pinged by the
+            // pool for the whole wait, one such session per wait, so a pool
+            // of eight took 24 s to recover: one that does not answer within
+            // a third of the wait is closed, and so is every session opened
+            // before it (they most likely went with it), leaving the rest of
+            // the wait to open a new one.
+            .before_acquire(move |conn, meta| {
+                let recycled = keeps.clone();
+                Box::pin(async move {
+                    if !recycled.keeps(meta.age) {
+                        return Ok(false);
+                    }
+                    let answer = answered(patience / 3, conn.ping()).await;
+                    if let Err(e) = &answer {
+                        tracing::warn!(error = %e, "a pooled PostgreSQL session failed its ping; it and every session opened before it are closed");
+                        recycled.all_open_now();
+                    }
+                    Ok(answer.is_ok())
+                })
             })
             // A session given back in the middle of a statement (a write or a
             // read abandoned for want of an answer) is then pinged by the pool
@@ -195,7 +218,7 @@ impl Store {
 
     /// Every session open now is closed when next taken from the pool.
     pub fn recycle_sessions(&self) {
-        *crate::lock(&self.recycled.at) = Some(Instant::now());
+        self.recycled.all_open_now();
     }
 }
 

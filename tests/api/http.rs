@@ -804,3 +804,43 @@ async fn live_feeds_past_their_share_are_refused_and_other_requests_served() {
     )
     .await;
 }
+
+/// Sessions idle in the pool when PostgreSQL fell silent for good (its host
+/// lost: nothing answers on them, ever) are found out by the first request
+/// after it answers again, which closes them all and answers from a new
+/// session: six of them cost that request one ping, not a failed request
+/// each (18 s of 503s before).
+#[tokio::test]
+async fn idle_sessions_that_fell_silent_cost_one_ping() {
+    let env = TestEnv::new().await;
+    let (proxy, service) = env.spawn_behind_proxy(&[]).await;
+    service.wait_ready().await;
+    let search = "/api/orders?customer_id=nobody";
+    // Six searches held at once by a lock: six sessions, idle afterwards.
+    let lock = env.lock_table("orders").await;
+    let searches = futures::future::join_all((0..6).map(|_| service.get(search)));
+    let release = async {
+        eventually(
+            Duration::from_secs(30),
+            || async {
+                let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'orders'::regclass";
+                (env.count(waiting).await == 6).then_some(())
+            },
+            || "six searches never waited on the lock".into(),
+        )
+        .await;
+        lock.rollback().await.unwrap();
+    };
+    let (answers, ()) = futures::future::join(searches, release).await;
+    assert!(answers.iter().all(|a| a.status() == 200));
+
+    proxy.silence();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+    assert_eq!(service.get(search).await.status(), 200);
+    service
+        .wait_for_log("failed its ping", Duration::from_secs(10))
+        .await;
+    let logs = service.log_text();
+    assert_eq!(logs.matches("failed its ping").count(), 1, "{logs}");
+}
