@@ -268,7 +268,7 @@ async fn warm_up_goes_on_after_the_database_fell_silent_mid_page() {
     let (proxy, service) = env
         .spawn_behind_proxy(&[("INGEST_WRITE_TIMEOUT_MS", "2000")])
         .await;
-    env.wait_for_lock_waiter().await;
+    env.wait_for_lock_waiters(1).await;
     proxy.silence();
     lock.rollback().await.unwrap();
     service

@@ -414,7 +414,7 @@ async fn a_database_silent_mid_read_ends_the_command_with_its_reason() {
             .spawn()
             .unwrap();
         let pid = child.id().to_string();
-        env.wait_for_lock_waiter().await;
+        env.wait_for_lock_waiters(1).await;
         proxy.silence();
         lock.rollback().await.unwrap();
         let finished = tokio::task::spawn_blocking(move || child.wait_with_output());

@@ -646,7 +646,7 @@ async fn a_search_abandoned_mid_statement_gives_its_session_back() {
     let search = "/api/orders?customer_id=nobody";
     let lock = env.lock_table("orders").await;
     let fall_silent = async {
-        env.wait_for_lock_waiter().await;
+        env.wait_for_lock_waiters(1).await;
         proxy.silence();
         lock.rollback().await.unwrap();
     };
@@ -822,15 +822,7 @@ async fn idle_sessions_that_fell_silent_cost_one_ping() {
     let lock = env.lock_table("orders").await;
     let searches = futures::future::join_all((0..6).map(|_| service.get(search)));
     let release = async {
-        eventually(
-            Duration::from_secs(30),
-            || async {
-                let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'orders'::regclass";
-                (env.count(waiting).await == 6).then_some(())
-            },
-            || "six searches never waited on the lock".into(),
-        )
-        .await;
+        env.wait_for_lock_waiters(6).await;
         lock.rollback().await.unwrap();
     };
     let (answers, ()) = futures::future::join(searches, release).await;

@@ -116,6 +116,38 @@ async fn batches_in_every_compression_codec_are_read() {
     env.assert_no_dead_letters();
 }
 
+/// A tombstone (a key with no value at all, as compacted topics carry) is
+/// not an order: it is dead-lettered as empty with its key, its position is
+/// committed, and the orders around it are stored.
+#[tokio::test]
+async fn a_tombstone_is_dead_lettered_as_empty() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let orders = generated_orders(70, 2);
+    produce_orders(&env, &orders[..1]).await;
+    env.produce_tombstone("deleted-key").await;
+    produce_orders(&env, &orders[1..]).await;
+
+    let letters = env.dead_letters(1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1, "{}", service.log_text());
+    let letter = &letters[0];
+    assert_eq!(letter.header("dlq-stage"), "parse");
+    assert_eq!(letter.reasons(), ["message is empty"]);
+    assert_eq!(letter.key.as_deref(), Some("deleted-key"));
+    assert!(letter.payload.is_empty());
+    env.wait_for_count(COUNT_ORDERS, 2, Duration::from_secs(30))
+        .await;
+    env.wait_for_committed(3, Duration::from_secs(30)).await;
+    let (key, payload_bytes): (Vec<u8>, i64) =
+        sqlx::query_as("SELECT message_key, payload_bytes FROM dead_letters")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!((key.as_slice(), payload_bytes), (&b"deleted-key"[..], 0));
+    assert_eq!(service.metric("ingest_consumer_paused").await, 0.0);
+}
+
 /// Every kind of message at once: each ends stored, absorbed as a duplicate,
 /// or in the dead-letter topic with its reason and origin.
 #[tokio::test]
@@ -564,7 +596,7 @@ async fn a_write_abandoned_mid_statement_gives_its_session_back() {
     let lock = env.lock_table("orders").await;
     let orders = generated_orders(67, 100);
     produce_orders(&env, &orders).await;
-    env.wait_for_lock_waiter().await;
+    env.wait_for_lock_waiters(1).await;
     proxy.silence();
     lock.rollback().await.unwrap();
     service

@@ -261,17 +261,7 @@ impl TestEnv {
 
     /// Produces with producer settings of the test's own (a compression codec).
     pub async fn produce_with(&self, config: &[(&str, &str)], messages: &[(Option<&str>, &[u8])]) {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &self.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            // Room for the hostile 10 MB messages.
-            .set("message.max.bytes", (16 << 20).to_string());
-        for (key, value) in config {
-            client.set(*key, *value);
-        }
-        let producer: FutureProducer = client.create().unwrap();
+        let producer = self.producer(config);
         let sends = messages.iter().map(|(key, payload)| {
             let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(*payload);
             if let Some(key) = key {
@@ -282,6 +272,30 @@ impl TestEnv {
         for result in futures::future::join_all(sends).await {
             result.expect("message delivered");
         }
+    }
+
+    /// Produces a tombstone: a message with a key and no value at all (not
+    /// an empty one), as compacted topics use to delete a key.
+    pub async fn produce_tombstone(&self, key: &str) {
+        let record = FutureRecord::<str, [u8]>::to(&self.topic).key(key);
+        self.producer(&[])
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("tombstone delivered");
+    }
+
+    fn producer(&self, config: &[(&str, &str)]) -> FutureProducer {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // Room for the hostile 10 MB messages.
+            .set("message.max.bytes", (16 << 20).to_string());
+        for (key, value) in config {
+            client.set(*key, *value);
+        }
+        client.create().unwrap()
     }
 
     /// Runs `sql` as the owner role, on a session that is writable whatever
@@ -580,9 +594,9 @@ impl TestEnv {
         lock
     }
 
-    /// Waits until a session of this test's database waits on a lock: a
-    /// statement in flight.
-    pub async fn wait_for_lock_waiter(&self) {
+    /// Waits until `n` sessions of this test's database wait on a lock:
+    /// statements in flight.
+    pub async fn wait_for_lock_waiters(&self, n: i64) {
         let waiting = || async {
             let waiters: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = \
@@ -591,10 +605,10 @@ impl TestEnv {
             .fetch_one(&self.db)
             .await
             .unwrap();
-            (waiters > 0).then_some(())
+            (waiters >= n).then_some(())
         };
         eventually(Duration::from_secs(30), waiting, || {
-            "no session waited on the lock".to_owned()
+            format!("fewer than {n} sessions waited on the lock")
         })
         .await;
     }
