@@ -6,6 +6,9 @@ use order_service::cli::{Cli, Command};
 use order_service::producer;
 use order_service::{app, dead_letters, store, telemetry, validate};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let settings = match cli.settings() {
