@@ -5,7 +5,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinHandle};
@@ -259,15 +259,16 @@ impl Ingest {
         self.cache.stored(stored);
     }
 
-    /// Tells Kafka too, for lag tools. PostgreSQL stays the source of truth.
+    /// Tells Kafka too, for lag tools: librdkafka commits the offsets stored
+    /// here once a second. PostgreSQL stays the source of truth.
     fn commit_to_kafka(&self, batch: &Batch) {
         let mut list = TopicPartitionList::new();
         for (partition, next) in batch.next_offsets() {
             list.add_partition_offset(&self.settings.kafka.topic, partition, Offset::Offset(next))
                 .ok();
         }
-        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
-            tracing::debug!(error = %e, "kafka offset commit failed; PostgreSQL holds the offsets");
+        if let Err(e) = self.consumer.store_offsets(&list) {
+            tracing::debug!(error = %e, "cannot store offsets for kafka; PostgreSQL holds them");
         }
     }
 }

@@ -326,6 +326,30 @@ async fn redelivered_orders_are_absorbed_as_duplicates() {
     env.assert_no_dead_letters();
 }
 
+/// The broker hears the offsets of stored orders too, within about a second
+/// and without a commit per batch, so lag tools read the group's progress
+/// there; PostgreSQL stays the source of truth.
+#[tokio::test]
+async fn the_group_commits_what_is_stored_on_the_broker() {
+    let env = TestEnv::new().await;
+    let service = env.spawn();
+    store_orders(&env, &generated_orders(31, 200)).await;
+    env.wait_for_committed(200, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let committed = env.committed_on_broker(4).await;
+        if committed == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker holds {committed} of 200 offsets:\n{}",
+            service.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Two instances share the partitions; one joins mid-stream, then the first
 /// leaves. Every order is stored exactly once and either instance serves any.
 #[tokio::test]

@@ -449,6 +449,35 @@ impl TestEnv {
         assert!(letters.is_empty(), "{letters:#?}");
     }
 
+    /// The offsets the group has committed on the broker, added up over
+    /// the orders topic's `partitions` (0 for a partition with none).
+    pub async fn committed_on_broker(&self, partitions: i32) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group)
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition(&self.topic, p);
+        }
+        tokio::task::spawn_blocking(move || {
+            let committed = consumer
+                .committed_offsets(list, Duration::from_secs(10))
+                .unwrap();
+            committed
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(n) => n,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .await
+        .unwrap()
+    }
+
     fn reader(&self, topic: &str, partitions: i32, report_ends: bool) -> BaseConsumer {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
