@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 use order_service::producer::{Generator, InvalidKind};
 
 use crate::helpers::{
-    generated_orders, produce_orders, sample_with_uid, store_orders, Service, TcpProxy, TestEnv,
+    eventually, generated_orders, produce_orders, sample_with_uid, store_orders, Service, TcpProxy,
+    TestEnv,
 };
 
 const COUNT_ORDERS: &str = "SELECT count(*) FROM orders";
@@ -335,19 +336,17 @@ async fn the_group_commits_what_is_stored_on_the_broker() {
     let service = env.spawn();
     store_orders(&env, &generated_orders(31, 200)).await;
     env.wait_for_committed(200, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let committed = env.committed_on_broker(4).await;
-        if committed == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker holds {committed} of 200 offsets:\n{}",
-            service.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        || async { (env.committed_on_broker(4).await == 200).then_some(()) },
+        || {
+            format!(
+                "the broker never held the 200 offsets:\n{}",
+                service.log_text()
+            )
+        },
+    )
+    .await;
 }
 
 /// Two instances share the partitions; one joins mid-stream, then the first
