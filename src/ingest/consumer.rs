@@ -160,8 +160,8 @@ pub fn subscribe(
     let consumer: OrderConsumer = config
         .set("group.id", &kafka.group_id)
         // Offsets live in PostgreSQL. Kafka is told them too, for lag tools:
-        // librdkafka commits those the service stores once a second rather
-        // than a request per batch, which each broker writes down.
+        // librdkafka commits those the service stores once a second, rather
+        // than a commit request per batch for the broker to write down.
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")

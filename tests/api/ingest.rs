@@ -327,9 +327,9 @@ async fn redelivered_orders_are_absorbed_as_duplicates() {
     env.assert_no_dead_letters();
 }
 
-/// The broker hears the offsets of stored orders too, within about a second
-/// and without a commit per batch, so lag tools read the group's progress
-/// there; PostgreSQL stays the source of truth.
+/// The broker hears the offsets of stored orders too (librdkafka commits
+/// them once a second), so lag tools read the group's progress there;
+/// PostgreSQL stays the source of truth.
 #[tokio::test]
 async fn the_group_commits_what_is_stored_on_the_broker() {
     let env = TestEnv::new().await;
