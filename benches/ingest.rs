@@ -649,7 +649,7 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
         .unwrap();
     let mut sent: HashMap<String, Instant> = HashMap::new();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let cpu = (broker_pid().map_or(0, total_ticks), total_ticks(child.id()));
+    let cpu = CpuUse::now(child.id());
     let start = Instant::now();
     let total = rate * seconds;
     let mut deliveries = futures::stream::FuturesUnordered::new();
@@ -678,13 +678,12 @@ async fn latency(bench: &Bench, label: &str, rate: u64, seconds: u64) -> (f64, f
         r.unwrap().unwrap();
         acks.push(took.as_secs_f64() * 1000.0);
     }
-    let share = |from: u64, to: u64| {
-        (to - from) as f64 / process::ticks_per_second() / start.elapsed().as_secs_f64() * 100.0
-    };
+    let (to, seconds) = (CpuUse::now(child.id()), start.elapsed().as_secs_f64());
+    let share = |ticks: u64| ticks as f64 / process::ticks_per_second() / seconds * 100.0;
     println!(
         "  CPU while sending: the broker {:.0} % of a core, the service {:.0} %",
-        share(cpu.0, broker_pid().map_or(0, total_ticks)),
-        share(cpu.1, total_ticks(child.id()))
+        share(to.broker - cpu.broker),
+        share(to.client - cpu.client)
     );
     acks.sort_by(f64::total_cmp);
     println!(
