@@ -2,22 +2,26 @@
 //! bytes, and headers that say why and where they came from.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sync_wrapper::SyncWrapper;
 use tokio::sync::OnceCell;
 
 use crate::configuration::KafkaSettings;
 use crate::kafka_errors::BrokerReports;
+use crate::lock;
 
 /// Most `dlq-reason` headers on one dead letter; an order with a thousand bad
 /// items gets the first ones and a count of the rest.
@@ -96,13 +100,36 @@ pub const SLIM_KEY_BYTES: usize = 4096;
 /// its batch, [`DeadLetters::already_sent`] reads them back, so replaying the
 /// batch sends none twice.
 pub struct DeadLetters {
-    producer: FutureProducer<BrokerReports>,
+    /// Taken out for each use: [`DeadLetters::renew`] puts a new one in.
+    sender: Mutex<Sender>,
+    /// What the producer is made from, for its renewal.
+    producer_config: ClientConfig,
+    broker_reports: BrokerReports,
     /// The brokers and how to reach them, for the reader of letters sent.
     client: ClientConfig,
     topic: String,
     source_topic: String,
     partitions: OnceCell<i32>,
 }
+
+/// The producer, and what its statistics say of its producer id.
+#[derive(Clone)]
+struct Sender {
+    producer: FutureProducer<LetterReports>,
+    id: Arc<Mutex<ProducerId>>,
+}
+
+/// The producer id and epoch the statistics last gave, and when they last
+/// moved.
+#[derive(Default)]
+struct ProducerId {
+    current: Option<(i64, i64)>,
+    moved_at: Option<Instant>,
+}
+
+/// How recent a move of the producer id must be to count as still moving
+/// (the statistics come every second).
+const RECENT_MOVE: Duration = Duration::from_secs(10);
 
 impl DeadLetters {
     /// The producer tells `broker_reports` why the brokers turn it away or
@@ -113,8 +140,8 @@ impl DeadLetters {
         broker_reports: BrokerReports,
     ) -> anyhow::Result<Self> {
         let client = kafka.client_config();
-        let producer = client
-            .clone()
+        let mut producer_config = client.clone();
+        producer_config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
@@ -129,15 +156,46 @@ impl DeadLetters {
             // the timed-out copy may still land, so a resend could double it.
             // The commit waits on the same delivery instead, however long.
             .set("message.timeout.ms", "0")
-            .create_with_context(broker_reports)
-            .context("cannot create the dead-letter producer")?;
+            // The statistics tell whether the producer id moved to a new epoch.
+            .set("statistics.interval.ms", "1000");
+        let sender = sender(&producer_config, &broker_reports)?;
         Ok(Self {
-            producer,
+            sender: Mutex::new(sender),
+            producer_config,
+            broker_reports,
             client,
             topic: kafka.dlq_topic.clone(),
             source_topic: kafka.topic.clone(),
             partitions: OnceCell::new(),
         })
+    }
+
+    fn producer(&self) -> FutureProducer<LetterReports> {
+        lock(&self.sender).producer.clone()
+    }
+
+    /// Whether the producer keeps moving its id to new epochs. Its recovery
+    /// from a broker that answers `UNKNOWN_PRODUCER_ID` (one that lost its
+    /// producers' state) is such a move; a broker that knows producer ids
+    /// only from their first `InitProducerId` (tansu) answers every try of
+    /// the new epoch the same, and the producer moves again, about ten times
+    /// a second, while its letters wait for good.
+    pub fn moving_epochs(&self) -> bool {
+        let id = lock(&self.sender).id.clone();
+        let moved_at = lock(&id).moved_at;
+        moved_at.is_some_and(|at| at.elapsed() < RECENT_MOVE)
+    }
+
+    /// Replaces the producer with a new one, which gets a new producer id.
+    /// The old one's letters are dropped unanswered: letters it sent may
+    /// still have landed, so the caller reads the topic back before any is
+    /// sent again.
+    pub async fn renew(&self) -> anyhow::Result<()> {
+        let sender = sender(&self.producer_config, &self.broker_reports)?;
+        let old = std::mem::replace(&mut *lock(&self.sender), sender);
+        // Dropping the last handle purges its queue and waits up to 500 ms.
+        tokio::task::spawn_blocking(move || drop(old)).await?;
+        Ok(())
     }
 
     pub fn topic(&self) -> &str {
@@ -149,7 +207,7 @@ impl DeadLetters {
         let count = self
             .partitions
             .get_or_try_init(|| async {
-                let (producer, topic) = (self.producer.clone(), self.topic.clone());
+                let (producer, topic) = (self.producer(), self.topic.clone());
                 blocking(move || {
                     let metadata = producer
                         .client()
@@ -247,7 +305,7 @@ impl DeadLetters {
             record = record.key(key);
         }
         let delivery = self
-            .producer
+            .producer()
             .send_result(record)
             .map_err(|(e, _)| SendError::Kafka(e))?;
         let key = (letter.partition, letter.offset);
@@ -264,6 +322,48 @@ impl DeadLetters {
             .boxed(),
         );
         Ok(())
+    }
+}
+
+fn sender(config: &ClientConfig, broker_reports: &BrokerReports) -> anyhow::Result<Sender> {
+    let id = Arc::<Mutex<ProducerId>>::default();
+    let context = LetterReports {
+        broker_reports: broker_reports.clone(),
+        id: id.clone(),
+    };
+    let producer = config
+        .create_with_context(context)
+        .context("cannot create the dead-letter producer")?;
+    Ok(Sender { producer, id })
+}
+
+/// The dead-letter producer's context: the brokers' reports, and its
+/// producer id from its statistics.
+struct LetterReports {
+    broker_reports: BrokerReports,
+    id: Arc<Mutex<ProducerId>>,
+}
+
+impl ClientContext for LetterReports {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.broker_reports.error(error, reason);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.broker_reports.log(level, fac, message);
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        // An id of -1 is none yet.
+        let Some(eos) = statistics.eos.filter(|eos| eos.producer_id >= 0) else {
+            return;
+        };
+        let mut id = lock(&self.id);
+        let now = Some((eos.producer_id, eos.producer_epoch));
+        if id.current.is_some_and(|before| Some(before) != now) {
+            id.moved_at = Some(Instant::now());
+        }
+        id.current = now;
     }
 }
 

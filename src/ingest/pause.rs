@@ -8,6 +8,7 @@ use rdkafka::consumer::Consumer;
 use tokio::time::Instant;
 
 use super::commit::Stall;
+use super::consumer::ConsumerEvent;
 use super::Ingest;
 
 impl Ingest {
@@ -44,6 +45,38 @@ impl Ingest {
         self.health.set_stalled(Some(cause));
     }
 
+    /// Letters still unanswered while the dead-letter producer keeps moving
+    /// its id to new epochs wait for good on a broker that cannot follow
+    /// (see [`super::dead_letter::DeadLetters::moving_epochs`]). A new
+    /// producer gets a new id; the partitions held are then taken up again as
+    /// after a rebalance: the batches in hand dropped, the dead-letter topic
+    /// read back (a letter that did land is not sent again), and the
+    /// partitions consumed again from their stored positions.
+    async fn renew_dead_letters(&mut self) -> Result<(), Stall> {
+        let held: Vec<i32> = self
+            .partitions
+            .keys()
+            .chain(&self.unloaded)
+            .copied()
+            .collect();
+        tracing::warn!(
+            partitions = ?held,
+            "dead letters unanswered while their producer keeps moving to new epochs; \
+             starting a new dead-letter producer and taking the partitions up again"
+        );
+        self.committer
+            .dead_letters
+            .renew()
+            .await
+            .map_err(|e| Stall::DeadLetters {
+                topic: self.committer.dead_letters.topic().to_owned(),
+                error: format!("{e:#}"),
+            })?;
+        self.on_event(ConsumerEvent::Revoked(held.clone())).await;
+        self.on_event(ConsumerEvent::Assigned(held)).await;
+        Ok(())
+    }
+
     /// Adds the time paused since it was last counted to the metric.
     fn count_stalled_time(&mut self) {
         if let Some((_, counted)) = &mut self.stalled_since {
@@ -63,6 +96,15 @@ impl Ingest {
         // The closed batches come after those being written.
         if let Err(stall) = self.settle().await {
             return self.stall(stall);
+        }
+        let unanswered = self.closed.iter().any(|b| !b.in_flight.is_empty());
+        if unanswered && self.committer.dead_letters.moving_epochs() {
+            if let Err(stall) = self.renew_dead_letters().await {
+                return self.stall(stall);
+            }
+            // Tried again from the start, with the positions just loaded.
+            self.retry_at.get_or_insert_with(Instant::now);
+            return;
         }
         if !self.closed.is_empty() {
             if let Err(stall) = self.commit_closed().await {

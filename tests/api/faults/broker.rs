@@ -266,12 +266,49 @@ async fn broker_messages_lost_under_a_live_group_while_the_service_consumes() {
 }
 
 /// The broker loses its producers' state with its messages and groups while
-/// the service runs. Its dead-letter producer is then answered
-/// `UNKNOWN_PRODUCER_ID` to every try on this broker (the README's
-/// local-broker section), so ingest pauses at the next rejected message and
-/// says so; restarted the same way, the service sends that letter under a
-/// new producer id and resumes: every order stored, one letter and one
-/// record for the rejected message.
+/// the service runs. The dead-letter producer's recovery moves its id to a
+/// new epoch, which this broker answers `UNKNOWN_PRODUCER_ID` for good (the
+/// README's local-broker section): ingest pauses at the next rejected
+/// message, then starts a new dead-letter producer and resumes by itself.
+/// Every order stored, one letter and one record for the rejected message.
+#[tokio::test]
+async fn broker_producer_state_lost_while_the_service_consumes() {
+    let (_storage, broker, env) = own_broker().await;
+    let service = env.spawn();
+    service.wait_ready().await;
+    let orders = helpers::generated_orders(76, 40);
+    let key = Some("rejected");
+    env.produce(&[(key, b"{before the loss")]).await;
+    helpers::produce_orders(&env, &orders[..20]).await;
+    env.wait_for_committed(21, Duration::from_secs(60)).await;
+    let broker = tokio::task::spawn_blocking(move || broker.restart_losing_all_but_the_topics())
+        .await
+        .unwrap();
+    env.produce(&[(key, b"{after the loss")]).await;
+    helpers::produce_orders(&env, &orders[20..]).await;
+
+    service
+        .wait_for_log(
+            "starting a new dead-letter producer",
+            Duration::from_secs(90),
+        )
+        .await;
+    env.wait_for_count("SELECT count(*) FROM orders", 40, Duration::from_secs(90))
+        .await;
+    env.wait_for_count(
+        "SELECT count(*) FROM dead_letters WHERE payload_preview = '{after the loss'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+    service.wait_ready().await;
+    drop((service, broker));
+}
+
+/// The same loss, and the service killed while ingest is paused on it:
+/// restarted the same way, it sends that letter under a new producer id and
+/// resumes, with the same outcome.
 #[tokio::test]
 async fn broker_producer_state_lost_then_the_service_restarted() {
     let (_storage, broker, env) = own_broker().await;
@@ -523,6 +560,13 @@ async fn broker_frozen_past_the_producers_patience() {
     service.wait_ready().await;
     let scenario = format!("(l) broker frozen {} s", frozen.as_secs());
     reconcile(&env, &scenario, delivered, &service, Some(&service)).await;
+    // Letters in flight at the freeze wait past the commit's patience, but
+    // their producer id never moves: the producer is kept, not replaced.
+    let logs = service.log_text();
+    assert!(
+        !logs.contains("starting a new dead-letter producer"),
+        "{logs}"
+    );
     drop(broker);
 }
 
