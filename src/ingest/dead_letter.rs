@@ -174,16 +174,28 @@ impl DeadLetters {
         lock(&self.sender).producer.clone()
     }
 
-    /// Whether the producer keeps moving its id to new epochs. Its recovery
-    /// from a broker that answers `UNKNOWN_PRODUCER_ID` (one that lost its
-    /// producers' state) is such a move; a broker that knows producer ids
-    /// only from their first `InitProducerId` (tansu) answers every try of
-    /// the new epoch the same, and the producer moves again, about ten times
-    /// a second, while its letters wait for good.
-    pub fn moving_epochs(&self) -> bool {
-        let id = lock(&self.sender).id.clone();
-        let moved_at = lock(&id).moved_at;
-        moved_at.is_some_and(|at| at.elapsed() < RECENT_MOVE)
+    /// Why the producer will not deliver its letters however long it is
+    /// waited for, if so:
+    /// - it failed for good (librdkafka's fatal error, raised when an
+    ///   idempotent producer cannot keep its guarantees);
+    /// - its letters are `unanswered` while it keeps moving its id to new
+    ///   epochs. Its recovery from a broker that answers
+    ///   `UNKNOWN_PRODUCER_ID` (one that lost its producers' state) is such a
+    ///   move; a broker that knows producer ids only from their first
+    ///   `InitProducerId` (tansu) answers every try of the new epoch the
+    ///   same, and the producer moves again, about ten times a second.
+    pub fn stuck(&self, unanswered: bool) -> Option<String> {
+        let sender = lock(&self.sender).clone();
+        if let Some((_, reason)) = sender.producer.client().fatal_error() {
+            return Some(format!(
+                "the dead-letter producer failed for good: {reason}"
+            ));
+        }
+        let moved_at = lock(&sender.id).moved_at;
+        let moving = moved_at.is_some_and(|at| at.elapsed() < RECENT_MOVE);
+        (unanswered && moving).then(|| {
+            "dead letters unanswered while their producer keeps moving to new epochs".to_owned()
+        })
     }
 
     /// Replaces the producer with a new one, which gets a new producer id.
@@ -598,5 +610,43 @@ fn header_value<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header {
         key,
         value: Some(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+
+    use super::*;
+
+    /// A producer that failed for good is told apart and replaced by a sound one.
+    #[tokio::test]
+    async fn a_producer_failed_for_good_is_replaced() {
+        let letters = DeadLetters::new(
+            &KafkaSettings::default(),
+            1_000_000,
+            BrokerReports::default(),
+        )
+        .unwrap();
+        assert_eq!(letters.stuck(true), None);
+        let producer = letters.producer();
+        // SAFETY: the client is alive (held by `producer`), the reason a C string.
+        let raised = unsafe {
+            rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"sequence lost".as_ptr(),
+            )
+        };
+        assert_eq!(raised, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        drop(producer);
+        let cause = letters.stuck(false).unwrap();
+        assert!(
+            cause.starts_with("the dead-letter producer failed for good")
+                && cause.contains("sequence lost"),
+            "{cause}"
+        );
+        letters.renew().await.unwrap();
+        assert_eq!(letters.stuck(true), None);
     }
 }

@@ -45,14 +45,13 @@ impl Ingest {
         self.health.set_stalled(Some(cause));
     }
 
-    /// Letters still unanswered while the dead-letter producer keeps moving
-    /// its id to new epochs wait for good on a broker that cannot follow
-    /// (see [`super::dead_letter::DeadLetters::moving_epochs`]). A new
-    /// producer gets a new id; the partitions held are then taken up again as
-    /// after a rebalance: the batches in hand dropped, the dead-letter topic
-    /// read back (a letter that did land is not sent again), and the
+    /// A dead-letter producer that is stuck for good (see
+    /// [`super::dead_letter::DeadLetters::stuck`]) is replaced: the new one
+    /// gets a new producer id. The partitions held are then taken up again
+    /// as after a rebalance: the batches in hand dropped, the dead-letter
+    /// topic read back (a letter that did land is not sent again), and the
     /// partitions consumed again from their stored positions.
-    async fn renew_dead_letters(&mut self) -> Result<(), Stall> {
+    async fn renew_dead_letters(&mut self, cause: &str) -> Result<(), Stall> {
         let held: Vec<i32> = self
             .partitions
             .keys()
@@ -60,9 +59,9 @@ impl Ingest {
             .copied()
             .collect();
         tracing::warn!(
+            cause,
             partitions = ?held,
-            "dead letters unanswered while their producer keeps moving to new epochs; \
-             starting a new dead-letter producer and taking the partitions up again"
+            "starting a new dead-letter producer and taking the partitions up again"
         );
         self.committer
             .dead_letters
@@ -98,8 +97,8 @@ impl Ingest {
             return self.stall(stall);
         }
         let unanswered = self.closed.iter().any(|b| !b.in_flight.is_empty());
-        if unanswered && self.committer.dead_letters.moving_epochs() {
-            if let Err(stall) = self.renew_dead_letters().await {
+        if let Some(cause) = self.committer.dead_letters.stuck(unanswered) {
+            if let Err(stall) = self.renew_dead_letters(&cause).await {
                 return self.stall(stall);
             }
             // Tried again from the start, with the positions just loaded.
