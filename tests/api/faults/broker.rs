@@ -265,34 +265,26 @@ async fn broker_messages_lost_under_a_live_group_while_the_service_consumes() {
     messages_lost_while_consumed(Loss::Messages).await;
 }
 
-/// The broker loses its producers' state with its messages and groups while
-/// the service runs. The dead-letter producer's recovery moves its id to a
-/// new epoch, which this broker answers `UNKNOWN_PRODUCER_ID` for good (the
-/// README's local-broker section): ingest pauses at the next rejected
-/// message, then starts a new dead-letter producer and resumes by itself.
-/// Every order stored, one letter and one record for the rejected message.
-#[tokio::test]
-async fn broker_producer_state_lost_while_the_service_consumes() {
-    let (_storage, broker, env) = own_broker().await;
-    let service = env.spawn();
-    service.wait_ready().await;
-    let orders = helpers::generated_orders(76, 40);
+/// Sends a rejected message and 20 orders, waits for them to be committed,
+/// makes the broker lose its producers' state with its messages and groups,
+/// then sends another rejected message and 20 more orders.
+async fn producer_state_lost(env: &TestEnv, broker: Broker, seed: u64) -> Broker {
+    let orders = helpers::generated_orders(seed, 40);
     let key = Some("rejected");
     env.produce(&[(key, b"{before the loss")]).await;
-    helpers::produce_orders(&env, &orders[..20]).await;
+    helpers::produce_orders(env, &orders[..20]).await;
     env.wait_for_committed(21, Duration::from_secs(60)).await;
     let broker = tokio::task::spawn_blocking(move || broker.restart_losing_all_but_the_topics())
         .await
         .unwrap();
     env.produce(&[(key, b"{after the loss")]).await;
-    helpers::produce_orders(&env, &orders[20..]).await;
+    helpers::produce_orders(env, &orders[20..]).await;
+    broker
+}
 
-    service
-        .wait_for_log(
-            "starting a new dead-letter producer",
-            Duration::from_secs(90),
-        )
-        .await;
+/// After [`producer_state_lost`]: every order stored, and one letter and
+/// one record for the rejected message sent after the loss.
+async fn assert_every_message_after_the_loss_accounted_for(env: &TestEnv) {
     env.wait_for_count("SELECT count(*) FROM orders", 40, Duration::from_secs(90))
         .await;
     env.wait_for_count(
@@ -302,13 +294,31 @@ async fn broker_producer_state_lost_while_the_service_consumes() {
     )
     .await;
     assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+}
+
+/// The broker loses its producers' state while the service runs. The
+/// dead-letter producer's recovery moves its id to a new epoch, which this
+/// broker answers `UNKNOWN_PRODUCER_ID` for good (the README's local-broker
+/// section): ingest pauses at the next rejected message, then starts a new
+/// dead-letter producer and resumes by itself.
+#[tokio::test]
+async fn broker_producer_state_lost_while_the_service_consumes() {
+    let (_storage, broker, env, service) = on_own_broker(&[]).await;
+    let broker = producer_state_lost(&env, broker, 76).await;
+    service
+        .wait_for_log(
+            "starting a new dead-letter producer",
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_every_message_after_the_loss_accounted_for(&env).await;
     service.wait_ready().await;
     drop((service, broker));
 }
 
 /// The same loss, and the service killed while ingest is paused on it:
 /// restarted the same way, it sends that letter under a new producer id and
-/// resumes, with the same outcome.
+/// resumes.
 #[tokio::test]
 async fn broker_producer_state_lost_then_the_service_restarted() {
     let (_storage, broker, env) = own_broker().await;
@@ -316,29 +326,12 @@ async fn broker_producer_state_lost_then_the_service_restarted() {
     let spawn = || env.spawn_with(&[("HTTP_ADDR", addr.as_str())]);
     let service = spawn();
     service.wait_ready().await;
-    let orders = helpers::generated_orders(75, 40);
-    let key = Some("rejected");
-    env.produce(&[(key, b"{before the loss")]).await;
-    helpers::produce_orders(&env, &orders[..20]).await;
-    env.wait_for_committed(21, Duration::from_secs(60)).await;
-    let broker = tokio::task::spawn_blocking(move || broker.restart_losing_all_but_the_topics())
-        .await
-        .unwrap();
-    env.produce(&[(key, b"{after the loss")]).await;
-    helpers::produce_orders(&env, &orders[20..]).await;
+    let broker = producer_state_lost(&env, broker, 75).await;
     wait_paused_by(&service, "not acknowledged").await;
     service.kill();
 
     let service = spawn();
-    env.wait_for_count("SELECT count(*) FROM orders", 40, Duration::from_secs(90))
-        .await;
-    env.wait_for_count(
-        "SELECT count(*) FROM dead_letters WHERE payload_preview = '{after the loss'",
-        1,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(env.dead_letters(1, Duration::from_secs(10)).len(), 1);
+    assert_every_message_after_the_loss_accounted_for(&env).await;
     drop((service, broker));
 }
 
